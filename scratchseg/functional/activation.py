@@ -1,0 +1,3 @@
+"""activation ops (forward and backward side by side)."""
+
+__all__ = []

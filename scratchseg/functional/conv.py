@@ -1,0 +1,3 @@
+"""conv ops (forward and backward side by side)."""
+
+__all__ = []

@@ -1,0 +1,3 @@
+"""dropout ops (forward and backward side by side)."""
+
+__all__ = []

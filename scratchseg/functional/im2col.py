@@ -1,0 +1,3 @@
+"""im2col ops (forward and backward side by side)."""
+
+__all__ = []

@@ -1,0 +1,3 @@
+"""loss ops (forward and backward side by side)."""
+
+__all__ = []

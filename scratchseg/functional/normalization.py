@@ -1,0 +1,3 @@
+"""normalization ops (forward and backward side by side)."""
+
+__all__ = []

@@ -1,0 +1,3 @@
+"""pooling ops (forward and backward side by side)."""
+
+__all__ = []

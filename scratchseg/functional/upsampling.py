@@ -1,0 +1,3 @@
+"""upsampling ops (forward and backward side by side)."""
+
+__all__ = []
