@@ -386,23 +386,20 @@ def _index_array(index):
 
 # ------------------------------------------------------------------ tensor
 def _as_array(data, dtype=None):
-    """An array of the active backend (or the given array as it is)."""
+    """The array behind ``data``: arrays keep their device and dtype, anything else
+    (numbers, lists) becomes an array of the active backend with the default float dtype."""
     if isinstance(data, Tensor):
         data = data.data
-    xp = backend.get_array_module(data)
-    if hasattr(data, "__array__") or hasattr(data, "__cuda_array_interface__"):
-        arr = data if hasattr(data, "shape") and hasattr(data, "dtype") else xp.asarray(data)
-        if xp is numpy and backend.current() == "cupy" and not isinstance(arr, numpy.ndarray):
-            arr = numpy.asarray(arr)
-        return arr.astype(dtype, copy=False) if dtype is not None else arr
-    # Python numbers and (nested) lists go to the active backend.
-    xp = backend.xp()
-    arr = numpy.asarray(data)
-    if dtype is None and arr.dtype.kind == "f":
-        dtype = backend.get_default_dtype()
-    if dtype is not None:
-        arr = arr.astype(dtype)
-    return xp.asarray(arr)
+    if isinstance(data, numpy.ndarray) or backend.is_cupy_array(data):
+        arr = data
+    elif isinstance(data, numpy.generic):  # a NumPy scalar, e.g. what x.sum() returns
+        arr = numpy.asarray(data)
+    else:
+        arr = numpy.asarray(data)
+        if dtype is None and arr.dtype.kind == "f":
+            dtype = backend.get_default_dtype()
+        arr = backend.xp().asarray(arr)
+    return arr.astype(dtype, copy=False) if dtype is not None else arr
 
 
 class Tensor:
