@@ -50,6 +50,18 @@ def randn(*shape, dtype=None, requires_grad=False):
     return Tensor(backend.xp().asarray(data), requires_grad=requires_grad)
 
 
+_SUBMODULES = ("functional", "nn", "optim", "models", "data", "metrics", "gradcheck", "train", "checkpoint")
+
+
+def __getattr__(name):
+    """Import the larger submodules on first use (``scratchseg.nn``, ``scratchseg.models``, ...)."""
+    if name in _SUBMODULES:
+        import importlib
+
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module 'scratchseg' has no attribute {name!r}")
+
+
 __all__ = [
     "Tensor",
     "Function",
