@@ -1,0 +1,102 @@
+"""Data: a ``Task`` (dataset splits + labels + metric), the datasets, transforms, a batch loader.
+
+``make_task(spec, **options)`` builds a Task from a name as the command line
+gives it:
+
+* ``"shapes"`` or ``"shapes:n_train=200,size=48"``: the embedded synthetic set;
+* ``"folder:PATH"``: images/masks by file stem under ``PATH/{train,val,test}``;
+* ``"voc:PATH"``: the PASCAL VOC 2012 layout.
+
+    >>> task = make_task("shapes:n_train=2,n_val=1,n_test=0,size=16")
+    >>> task.num_classes, len(task.split("train")), task.ignore_index
+    (4, 2, None)
+"""
+
+from __future__ import annotations
+
+from . import folder, loader, shapes, task, transforms, voc
+from .loader import Loader
+from .task import ArrayDataset, DataError, Task, default_colors
+
+__all__ = ["Task", "ArrayDataset", "DataError", "Loader", "make_task", "parse_spec", "describe_datasets",
+           "default_colors", "folder", "loader", "shapes", "task", "transforms", "voc"]
+
+
+def _number(text):
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_spec(spec):
+    """Split ``"kind:rest"``; for ``shapes`` the rest is ``key=value`` options.
+
+    >>> parse_spec("shapes:n_train=10,size=24")
+    ('shapes', {'n_train': 10, 'size': 24})
+    >>> parse_spec("folder:/data/x")
+    ('folder', '/data/x')
+    """
+    kind, _, rest = str(spec).partition(":")
+    kind = kind.strip().lower()
+    if kind == "shapes":
+        options = {}
+        for part in (p for p in rest.split(",") if p.strip()):
+            key, eq, value = part.partition("=")
+            if not eq:
+                raise DataError(f"shapes option {part!r} is not key=value (e.g. shapes:n_train=200,size=48)")
+            options[key.strip()] = _number(value.strip())
+        return kind, options
+    if kind in ("folder", "voc"):
+        if not rest:
+            raise DataError(f"{kind}: needs a path, e.g. {kind}:/data/my_dataset")
+        return kind, rest
+    raise DataError(f"unknown dataset {spec!r}; expected 'shapes', 'folder:PATH' or 'voc:PATH' "
+                    "(see `scratchseg datasets`)")
+
+
+def make_task(spec="shapes", label_map=None, ignore_index=None, num_classes=None, val_split=None, **shape_options):
+    """Build the Task named by ``spec`` (see the module docstring)."""
+    kind, arg = parse_spec(spec)
+    if kind == "shapes":
+        if label_map or ignore_index is not None or num_classes is not None or val_split:
+            raise DataError("--label-map, --ignore-index, --num-classes and --val-split apply to folder: datasets, "
+                            "not to shapes")
+        return shapes.make_task(**dict(arg, **shape_options))
+    if kind == "folder":
+        return folder.make_task(arg, label_map=label_map, ignore_index=ignore_index, num_classes=num_classes,
+                                val_split=val_split)
+    if label_map or ignore_index is not None or num_classes is not None or val_split:
+        raise DataError("--label-map, --ignore-index, --num-classes and --val-split do not apply to voc: "
+                        "(VOC has 21 classes, ignore 255 and its own train/val lists)")
+    return voc.make_task(arg)
+
+
+def task_from_spec(spec):
+    """Rebuild a Task from the ``Task.spec`` dict saved in a checkpoint."""
+    kind = spec.get("kind")
+    if kind == "shapes":
+        return shapes.make_task(**spec["options"])
+    if kind == "folder":
+        return folder.make_task(spec["path"], label_map=spec.get("label_map"), ignore_index=spec.get("ignore_index"),
+                                num_classes=spec.get("num_classes"), val_split=spec.get("val_split"),
+                                channels=spec.get("channels"))
+    if kind == "voc":
+        return voc.make_task(spec["path"], limit=spec.get("limit"))
+    raise DataError(f"cannot rebuild a dataset of kind {kind!r}")
+
+
+def describe_datasets():
+    """The text `scratchseg datasets` prints."""
+    opts = ", ".join(f"{k}={v}" for k, v in shapes.DEFAULTS.items())
+    return "\n".join([
+        "shapes            synthetic circles / squares / triangles on textured noisy backgrounds,",
+        "                  4 classes, deterministic; options: shapes:" + opts,
+        "folder:PATH       PATH/{train,val,test}/images/<stem>.* + PATH/{train,val,test}/masks/<stem>.png,",
+        "                  optional PATH/classes.txt; --label-map 0:0,255:1, --ignore-index N,",
+        "                  --num-classes K, --val-split 24-29 | 0.2",
+        "voc:PATH          PASCAL VOC 2012: JPEGImages/, SegmentationClass/ (palette PNG),",
+        "                  ImageSets/Segmentation/{train,val}.txt; 21 classes, 255 = ignore",
+    ])
