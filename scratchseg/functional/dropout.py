@@ -52,7 +52,9 @@ class Dropout(Function):
 def _check(fn, input, p, generator):
     if not (hasattr(input, "shape") and hasattr(input, "dtype")):
         raise TypeError(f"{fn}(): input must be a Tensor or an array, got {type(input).__name__}")
-    if isinstance(p, bool) or not isinstance(p, Number) or not 0.0 <= p <= 1.0:
+    if isinstance(p, bool) or not isinstance(p, Number):
+        raise TypeError(f"{fn}(): dropout probability must be a number, got {p!r}")
+    if not 0.0 <= p <= 1.0:
         raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
     if generator is not None and not isinstance(generator, numpy.random.Generator):
         raise TypeError(f"{fn}(): generator must be a numpy.random.Generator or None, got {type(generator).__name__}")
