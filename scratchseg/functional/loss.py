@@ -1,3 +1,288 @@
-"""loss ops (forward and backward side by side)."""
+"""Losses: ``cross_entropy`` and ``nll_loss``, as ``torch.nn.functional``.
 
-__all__ = []
+Segmentation classifies every pixel, so both take scores of shape
+(N, C, d1, d2, ...) (or (N, C), or an unbatched (C,)) and one integer class
+per position, (N, d1, d2, ...). Internally everything is viewed as
+(N, C, S) with S = d1 * d2 * ... positions per image, and the class of each
+position is picked with ``take_along_axis``: no one-hot target is ever built.
+
+Notation, for one position with target class t and class weights w
+(all ones by default):
+
+    log p_c = x_c - max(x) - log sum_k exp(x_k - max(x))     (stable log-softmax)
+    loss    = w_t * (-log p_t)                                (0 where t == ignore_index)
+
+Reductions follow torch: ``'none'`` keeps one loss per position, ``'sum'``
+adds them, and ``'mean'`` divides the sum by the *total weight of the
+targets*, sum over non-ignored positions of w_t (the number of non-ignored
+positions when there are no weights). If every target is ignored, ``'mean'``
+is 0/0 = nan, as in torch.
+"""
+
+from __future__ import annotations
+
+from numbers import Integral, Real
+
+import numpy
+
+from .. import backend
+from ..autograd import Function, Tensor
+from ..backend import get_array_module
+
+__all__ = ["cross_entropy", "nll_loss"]
+
+_REDUCTIONS = ("mean", "sum", "none")
+
+
+# ----------------------------------------------------------------- helpers
+def _as_data(a):
+    return a.data if isinstance(a, Tensor) else a
+
+
+def _check_inputs(name, input, target, weight, ignore_index, reduction):
+    """Validate like torch and return (target, weight) as arrays on ``input``'s device."""
+    if not hasattr(input, "ndim") or not hasattr(input, "dtype"):
+        raise TypeError(f"{name} expects a Tensor or an array as input, got {type(input).__name__}")
+    if input.dtype.kind != "f":
+        raise TypeError(f"{name} expects floating point scores as input, got dtype {input.dtype}")
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction={reduction!r} is not valid; expected one of {', '.join(map(repr, _REDUCTIONS))}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, Integral):
+        raise TypeError(f"ignore_index must be an integer, got {ignore_index!r}")
+    device = backend.device_of(_as_data(input))
+    target = _as_data(target)
+    if not hasattr(target, "dtype"):
+        target = numpy.asarray(target)
+    if target.dtype.kind not in "iu":
+        raise TypeError(
+            f"{name} expects integer class indices as target, got dtype {target.dtype} "
+            "(class-probability targets are not supported; cast the label map with .astype(int64))"
+        )
+    target = backend.to_device(target, device)
+    if input.ndim < 1:
+        raise ValueError(f"{name} expects input of shape (N, C, d1, ...), (N, C) or (C,), got a 0-D input")
+    C = input.shape[0] if input.ndim == 1 else input.shape[1]
+    expected = () if input.ndim == 1 else (input.shape[0],) + tuple(input.shape[2:])
+    if tuple(target.shape) != expected:
+        raise ValueError(
+            f"{name}: target has shape {tuple(target.shape)}, expected {expected} "
+            f"for input of shape {tuple(input.shape)} (input is (N, C, d1, ...), target (N, d1, ...))"
+        )
+    if weight is not None:
+        weight = _as_data(weight)
+        if not hasattr(weight, "shape"):
+            weight = numpy.asarray(weight)
+        if tuple(weight.shape) != (C,):
+            raise ValueError(f"{name}: weight has shape {tuple(weight.shape)}, expected ({C},): one weight per class")
+        weight = backend.to_device(weight, device).astype(input.dtype, copy=False)
+    bad = (target != ignore_index) & ((target < 0) | (target >= C))
+    if target.size and bool(bad.any()):
+        value = int(target[bad].ravel()[0])
+        raise ValueError(
+            f"{name}: target contains label {value}, outside the valid class range [0, {C - 1}] "
+            f"for {C} classes (ignore_index={ignore_index})"
+        )
+    return target, weight
+
+
+def _positions(x, target, weight, ignore_index):
+    """The (N, C, S) view of the scores and, per position, the picked class and its weight.
+
+    Returns ``x3`` (N, C, S), ``t`` (N, 1, S) target with ignored positions set
+    to class 0, ``valid`` (N, 1, S) bool, and ``w_t`` (N, 1, S) = w[t] on valid
+    positions, 0 on ignored ones.
+    """
+    xp = get_array_module(x)
+    N, C = x.shape[0], x.shape[1]
+    x3 = x.reshape(N, C, -1)  # (N, C, S)
+    t = target.reshape(N, 1, -1)  # (N, 1, S)
+    valid = t != ignore_index
+    t = xp.where(valid, t, 0)
+    if weight is None:
+        w_t = valid.astype(x.dtype)
+    else:
+        w_t = weight[t] * valid  # (N, 1, S)
+    return x3, t, valid, w_t
+
+
+def _reduce(loss, w_t, reduction, out_shape):
+    """torch's reductions of the per-position ``loss`` (N, 1, S); returns (value, normaliser)."""
+    if reduction == "none":
+        return loss.reshape(out_shape), None
+    if reduction == "sum":
+        return loss.sum(), None
+    total = w_t.sum()  # sum of w_t over non-ignored positions
+    with numpy.errstate(invalid="ignore", divide="ignore"):
+        return loss.sum() / total, total
+
+
+def _upstream(ctx, dout):
+    """dL/dloss_position as an (N, 1, S) array or a scalar, for each reduction."""
+    xp = get_array_module(dout)
+    if ctx.reduction == "none":
+        return dout.reshape(ctx.N, 1, -1)  # (N, 1, S)
+    if ctx.reduction == "sum":
+        return dout
+    # mean: d(sum / total)/d(loss_i) = 1 / total; torch's gradient is 0 when total is 0
+    with numpy.errstate(invalid="ignore", divide="ignore"):
+        return xp.where(ctx.total > 0, dout / ctx.total, xp.zeros_like(dout))
+
+
+def _subtract_at_targets(dx, t, amount):
+    """dx[n, t[n, s], s] -= amount[n, s] for every position, in place on the contiguous (N, C, S) ``dx``."""
+    xp = get_array_module(dx)
+    N, C, S = dx.shape
+    n = xp.arange(N).reshape(N, 1)  # (N, 1)
+    s = xp.arange(S).reshape(1, S)  # (1, S)
+    flat = (n * C + t.reshape(N, S)) * S + s  # (N, S): one distinct entry per position
+    dx.reshape(-1)[flat.ravel()] -= xp.broadcast_to(amount, (N, 1, S)).ravel()
+
+
+# ------------------------------------------------------------ cross entropy
+class CrossEntropy(Function):
+    """Softmax cross-entropy with class weights, ignore_index and label smoothing.
+
+    Per position (t the target, w the class weights, W = sum_c w_c, eps the
+    label smoothing, C classes):
+
+        loss = (1 - eps) w_t (-log p_t) + (eps / C) sum_c w_c (-log p_c)
+
+    Gradient (p = softmax(x), g = upstream gradient of this position, already
+    divided by the total target weight for ``'mean'``):
+
+        dx_c = g [((1 - eps) w_t + (eps / C) W) p_c - (1 - eps) w_t [c == t] - (eps / C) w_c]
+
+    which for eps = 0 is the familiar  dx = g w_t (p - onehot(t)).
+    """
+
+    @staticmethod
+    def forward(ctx, x, target, weight, ignore_index, reduction, label_smoothing):
+        xp = get_array_module(x)
+        N, C = x.shape[0], x.shape[1]
+        x3, t, valid, w_t = _positions(x, target, weight, ignore_index)
+        z = x3 - x3.max(axis=1, keepdims=True)  # (N, C, S) shifted scores, max 0
+        z_t = xp.take_along_axis(z, t, axis=1)  # (N, 1, S)
+        eps = float(label_smoothing)
+        if eps:
+            wz = z.sum(axis=1, keepdims=True) if weight is None else (weight.reshape(1, C, 1) * z).sum(axis=1, keepdims=True)
+        p = xp.exp(z, out=z)  # (N, C, S), reuses z's memory
+        total_exp = p.sum(axis=1, keepdims=True)  # (N, 1, S)
+        lse = xp.log(total_exp)  # log sum_k exp(z_k)
+        loss = w_t * (lse - z_t)  # w_t (-log p_t), 0 where ignored
+        if eps:
+            W = C if weight is None else weight.sum()
+            smooth = valid * (W * lse - wz)  # sum_c w_c (-log p_c)
+            loss = (1 - eps) * loss + (eps / C) * smooth
+        p /= total_exp  # softmax
+        out, total = _reduce(loss, w_t, reduction, target.shape)
+        ctx.p, ctx.t, ctx.valid, ctx.w_t, ctx.weight = p, t, valid, w_t, weight
+        ctx.reduction, ctx.total, ctx.eps, ctx.N = reduction, total, eps, N
+        ctx.x_shape = x.shape
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        xp = get_array_module(dout)
+        if not ctx.needs_input_grad[0]:
+            return (None,) * 6
+        p, eps = ctx.p, ctx.eps
+        N, C = p.shape[0], p.shape[1]
+        g = _upstream(ctx, dout)  # (N, 1, S) or a scalar
+        on_target = (1 - eps) * ctx.w_t * g  # (N, 1, S): (1 - eps) w_t g
+        dx = xp.empty(p.shape, dtype=p.dtype)  # (N, C, S), C-contiguous for the flat update
+        if eps:
+            spread = (eps / C) * ctx.valid * g  # (N, 1, S): (eps / C) g on valid positions
+            W = C if ctx.weight is None else ctx.weight.sum()
+            xp.multiply(p, on_target + spread * W, out=dx)
+            dx -= spread * (1 if ctx.weight is None else ctx.weight.reshape(1, C, 1))
+        else:
+            xp.multiply(p, on_target, out=dx)
+        _subtract_at_targets(dx, ctx.t, on_target)
+        return dx.reshape(ctx.x_shape), None, None, None, None, None
+
+
+def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0):
+    """Softmax cross-entropy between scores and integer class targets, as ``torch.nn.functional.cross_entropy``.
+
+    Args:
+        input: scores (logits), (N, C), (N, C, d1, d2, ...) or unbatched (C,).
+        target: integer class indices in [0, C), or ``ignore_index``.
+        weight: optional (C,) class weights (a constant: no gradient).
+        ignore_index: positions with this target add nothing to the loss or
+            to the normaliser of ``'mean'``.
+        reduction: ``'mean'`` (divide by the total weight of the targets),
+            ``'sum'`` or ``'none'``.
+        label_smoothing: eps in [0, 1]; the target becomes
+            (1 - eps) onehot(t) + eps / C (torch's formula, weights included).
+
+    Shape:
+        - Input: (N, C, d1, ...) ; Target: (N, d1, ...)
+        - Output: () for ``'mean'``/``'sum'``, (N, d1, ...) for ``'none'``
+
+        >>> import numpy as np
+        >>> x, t = np.zeros((2, 5, 3, 4)), np.zeros((2, 3, 4), dtype=np.int64)
+        >>> cross_entropy(x, t).shape, cross_entropy(x, t, reduction="none").shape
+        ((), (2, 3, 4))
+        >>> round(float(cross_entropy(x, t).item()), 6) == round(float(np.log(5)), 6)
+        True
+    """
+    target, weight = _check_inputs("cross_entropy", input, target, weight, ignore_index, reduction)
+    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, Real) or not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"label_smoothing must be a number in [0.0, 1.0], got {label_smoothing!r}")
+    if input.ndim == 1:  # unbatched (C,): a batch of one
+        x = input.reshape(1, input.shape[0]) if isinstance(input, Tensor) else input.reshape(1, -1)
+        out = CrossEntropy.apply(x, target.reshape(1), weight, int(ignore_index), reduction, label_smoothing)
+        return out.reshape(()) if reduction == "none" else out
+    return CrossEntropy.apply(input, target, weight, int(ignore_index), reduction, label_smoothing)
+
+
+# ---------------------------------------------------------------- nll loss
+class NLLLoss(Function):
+    """Negative log-likelihood of log-probabilities ``x``: loss = -w_t x_t per position.
+
+    Gradient: dx_c = -g w_t [c == t] (g the upstream gradient per position,
+    divided by the total target weight for ``'mean'``).
+    """
+
+    @staticmethod
+    def forward(ctx, x, target, weight, ignore_index, reduction):
+        xp = get_array_module(x)
+        x3, t, valid, w_t = _positions(x, target, weight, ignore_index)
+        loss = -w_t * xp.take_along_axis(x3, t, axis=1)  # (N, 1, S)
+        out, total = _reduce(loss, w_t, reduction, target.shape)
+        ctx.t, ctx.w_t, ctx.reduction, ctx.total, ctx.N = t, w_t, reduction, total, x.shape[0]
+        ctx.x_shape, ctx.x3_shape, ctx.dtype = x.shape, x3.shape, x.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        xp = get_array_module(dout)
+        if not ctx.needs_input_grad[0]:
+            return (None,) * 5
+        g = _upstream(ctx, dout)
+        dx = xp.zeros(ctx.x3_shape, dtype=ctx.dtype)  # (N, C, S)
+        _subtract_at_targets(dx, ctx.t, ctx.w_t * g)
+        return dx.reshape(ctx.x_shape), None, None, None, None
+
+
+def nll_loss(input, target, weight=None, ignore_index=-100, reduction="mean"):
+    """Negative log-likelihood loss of log-probabilities, as ``torch.nn.functional.nll_loss``.
+
+    ``cross_entropy(x, t)`` equals ``nll_loss(log_softmax(x, 1), t)``; same
+    arguments, shapes and reductions as :func:`cross_entropy`.
+
+    Shape:
+        - Input: (N, C, d1, ...) ; Target: (N, d1, ...)
+        - Output: () for ``'mean'``/``'sum'``, (N, d1, ...) for ``'none'``
+
+        >>> import numpy as np
+        >>> logp = np.log(np.full((4, 3), 1 / 3))
+        >>> nll_loss(logp, np.array([0, 1, 2, 1]), reduction="none").shape
+        (4,)
+    """
+    target, weight = _check_inputs("nll_loss", input, target, weight, ignore_index, reduction)
+    if input.ndim == 1:
+        x = input.reshape(1, input.shape[0]) if isinstance(input, Tensor) else input.reshape(1, -1)
+        out = NLLLoss.apply(x, target.reshape(1), weight, int(ignore_index), reduction)
+        return out.reshape(()) if reduction == "none" else out
+    return NLLLoss.apply(input, target, weight, int(ignore_index), reduction)
