@@ -114,6 +114,12 @@ def test_conv2d_non_contiguous_inputs(rng):
             compare(ours, theirs)
 
 
+def test_one_element_tuples_mean_both_axes(rng):
+    x, w, b = make(rng, (1, 2, 7, 7), (3, 2, 3, 3))
+    out = F.conv2d(x, w, b, stride=(2,), padding=[1], dilation=(2,))
+    assert_close(out, TF.conv2d(to_torch(x), to_torch(w), to_torch(b), stride=(2,), padding=[1], dilation=(2,)))
+
+
 def test_conv2d_accepts_plain_arrays(rng):
     """Plain arrays need no gradient; only the Tensor that requires one gets it."""
     x, w, b = make(rng, (1, 2, 5, 5), (3, 2, 3, 3))

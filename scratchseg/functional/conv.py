@@ -219,6 +219,8 @@ def _is_int(v):
 def _pair(fn, name, value, minimum):
     """``value`` (an int or a pair of ints, each >= minimum) as a tuple of two ints."""
     pair = (value, value) if _is_int(value) else value
+    if isinstance(pair, (tuple, list)) and len(pair) == 1:  # (s,) means (s, s), as in torch
+        pair = (pair[0], pair[0])
     if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and all(_is_int(v) for v in pair)):
         raise ValueError(f"{fn}: {name} must be an int or a pair of ints, got {value!r}")
     if any(v < minimum for v in pair):
