@@ -1,0 +1,275 @@
+"""U-Net, the original and the padded variant.
+
+Ronneberger, Fischer & Brox, "U-Net: Convolutional Networks for Biomedical
+Image Segmentation", MICCAI 2015.
+
+The idea: a contracting path (3x3 convolutions, 2x2 max-pool, channels
+doubling) captures context; a symmetric expanding path (2x2 up-convolution
+halving the channels, then 3x3 convolutions) recovers resolution, and at every
+level the encoder's feature map is *concatenated* to the decoder's (the skip
+connections, in ``Up.forward``), so the fine detail lost by pooling comes back.
+
+Two flavours:
+
+* **original** (``padding=False``, ``batchnorm=False``): unpadded ("valid")
+  convolutions, so every 3x3 convolution trims a pixel on each side and the
+  encoder maps are larger than the decoder's: they are centre-cropped before
+  the concatenation. A 572x572 tile gives a 388x388 map -- the segmentation of
+  the tile's centre. Any other size is handled with the paper's
+  *overlap-tile* strategy (``tiling``, below).
+* **padded** (the default ``unet``): 'same' 3x3 convolutions with batchnorm,
+  so the output matches the input; the input is zero-padded to a multiple of
+  ``2**depth`` (so every pooling halves an even size and every concatenation
+  matches) and the output cropped back.
+
+``tiling`` (original only): ``'valid'`` is the paper's network as it is
+(output smaller by a fixed margin, 184 pixels at depth 4; an input whose
+poolings would meet an odd size raises); ``'same'`` mirrors the input by
+that margin (plus what makes the size a valid tile) so the output covers
+the input exactly, ``(N, K, H, W)``; ``'auto'`` (default) is ``'valid'``
+when the size is a valid tile (572 -> 388) and ``'same'`` otherwise.
+
+Sizes: ``base`` is the first level's channel count (64 in the paper). The
+default ``base=16`` trains on a CPU; ``create("unet_original", num_classes=2,
+in_channels=1, base=64)`` is the paper's network, 31,030,658 parameters.
+
+    >>> import scratchseg
+    >>> net = UNet(UNetConfig(num_classes=2, in_channels=1, base=2, padding=False, batchnorm=False))
+    >>> net(scratchseg.randn(1, 1, 188, 188)).shape   # a valid tile: 188 -> 4
+    (1, 2, 4, 4)
+    >>> valid_output_size(572, depth=4)
+    388
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy
+
+import scratchseg
+from scratchseg import functional as F
+from scratchseg import nn
+from scratchseg.backend import get_array_module
+
+from .upsampling import MODES, make_upsample
+
+__all__ = ["UNetConfig", "DoubleConv", "Up", "UNet", "valid_output_size", "mirror_pad", "unet", "unet_original"]
+
+
+@dataclass
+class UNetConfig:
+    num_classes: int = 2
+    in_channels: int = 3
+    base: int = 16  # channels of the first level; 64 in the paper
+    depth: int = 4  # number of 2x2 poolings
+    padding: bool = True  # 'same' 3x3 convolutions (False: the paper's valid ones)
+    batchnorm: bool = True
+    up_mode: str = "transposed"  # 'transposed' (2x2 up-conv), 'resize_conv' or 'bilinear'
+    tiling: str = "auto"  # valid networks only: 'auto', 'valid' or 'same'
+
+
+def valid_output_size(size, depth):
+    """Output size of the valid (unpadded) U-Net for an input size, or ``None``
+    when a pooling would meet an odd size or a map would vanish.
+
+    Shape:
+        down: s -> (s - 4) / 2 (two 3x3 valid convs, then 2x2 pool), ``depth`` times;
+        bottom: s -> s - 4; up: s -> 2 s - 4, ``depth`` times.
+
+    >>> valid_output_size(572, 4), valid_output_size(573, 4), valid_output_size(100, 4)
+    (388, None, None)
+    """
+    s = size
+    for _ in range(depth):
+        s -= 4
+        if s <= 0 or s % 2:
+            return None
+        s //= 2
+    s -= 4
+    if s <= 0:
+        return None
+    for _ in range(depth):
+        s = 2 * s - 4
+    return s
+
+
+def _smallest_valid_tile(size, depth):
+    """The smallest input size >= ``size`` that the valid U-Net accepts."""
+    t = size
+    while valid_output_size(t, depth) is None:  # valid sizes recur every 2**depth, so this ends soon
+        t += 1
+    return t
+
+
+def mirror_pad(x, top, bottom, left, right):
+    """Pad the last two dimensions by mirroring (reflection without repeating the edge),
+    repeated as often as needed when the pad is larger than the image.
+
+    The paper extrapolates the missing context at the image border this way.
+
+    Shape:
+        (N, C, H, W) -> (N, C, H + top + bottom, W + left + right)
+
+    >>> import numpy
+    >>> mirror_pad(scratchseg.tensor(numpy.arange(3.0).reshape(1, 1, 1, 3)), 0, 0, 4, 1).numpy()[0, 0, 0]
+    array([0., 1., 2., 1., 0., 1., 2., 1.])
+    """
+    xp = get_array_module(x.data if isinstance(x, scratchseg.Tensor) else x)
+
+    def reflect(n, before, after):
+        idx = numpy.arange(-before, n + after)
+        if n == 1:
+            return numpy.zeros_like(idx)
+        period = 2 * (n - 1)
+        idx = numpy.mod(idx, period)
+        return numpy.where(idx >= n, period - idx, idx)
+
+    H, W = x.shape[-2], x.shape[-1]
+    rows = xp.asarray(reflect(H, top, bottom))  # (H + top + bottom,)
+    cols = xp.asarray(reflect(W, left, right))  # (W + left + right,)
+    return x[:, :, rows][:, :, :, cols]
+
+
+class DoubleConv(nn.Module):
+    """(3x3 conv -> [batchnorm] -> ReLU) twice: one U-Net level.
+
+    Shape:
+        (N, in_ch, H, W) -> (N, out_ch, H - 4 + 4*padding, W - 4 + 4*padding)
+    """
+
+    def __init__(self, in_ch, out_ch, padding=True, batchnorm=True):
+        super().__init__()
+        p = 1 if padding else 0
+        # a conv bias right before batchnorm is redundant (BN subtracts the mean), so drop it
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=p, bias=not batchnorm)
+        self.bn1 = nn.BatchNorm2d(out_ch) if batchnorm else nn.Identity()
+        self.relu1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=p, bias=not batchnorm)
+        self.bn2 = nn.BatchNorm2d(out_ch) if batchnorm else nn.Identity()
+        self.relu2 = nn.ReLU()
+
+    def forward(self, x):
+        x = self.relu1(self.bn1(self.conv1(x)))
+        return self.relu2(self.bn2(self.conv2(x)))
+
+
+class Up(nn.Module):
+    """One expanding step: up-sample x2 (halving channels), crop the skip, concatenate, DoubleConv.
+
+    Shape:
+        x (N, in_ch, h, w), skip (N, in_ch/2, >= 2h, >= 2w) -> (N, in_ch/2, 2h - 4 + 4p, 2w - 4 + 4p)
+    """
+
+    def __init__(self, in_ch, out_ch, up_mode="transposed", padding=True, batchnorm=True):
+        super().__init__()
+        # the paper's "2x2 up-convolution that halves the number of feature channels"
+        options = {"kernel_size": 2} if up_mode == "transposed" else {}
+        self.upsample = make_upsample(up_mode, in_ch, out_ch, 2, **options)
+        self.conv = DoubleConv(2 * out_ch, out_ch, padding=padding, batchnorm=batchnorm)
+
+    def forward(self, x, skip):
+        x = self.upsample(x)  # (N, out_ch, 2h, 2w)
+        # valid convolutions leave the encoder map larger: take its centre (a no-op when padded)
+        skip = F.center_crop(skip, (x.shape[2], x.shape[3]))
+        x = scratchseg.cat([skip, x], dim=1)  # skip connection: (N, 2*out_ch, 2h, 2w)
+        return self.conv(x)
+
+
+class UNet(nn.Module):
+    """Encoder of ``depth + 1`` DoubleConv levels, decoder of ``depth`` Up steps, 1x1 classifier.
+
+    Shape:
+        padded: (N, in_channels, H, W) -> (N, num_classes, H, W), any H, W >= 1;
+        valid:  (N, in_channels, H, W) -> (N, num_classes, valid_output_size(H), valid_output_size(W))
+        for a valid tile, or (N, num_classes, H, W) with tiling 'same'/'auto' otherwise.
+    """
+
+    def __init__(self, config: UNetConfig):
+        super().__init__()
+        if config.up_mode not in MODES or config.up_mode == "trilinear":
+            raise ValueError(
+                f"U-Net up_mode must be 'transposed', 'resize_conv' or 'bilinear', got {config.up_mode!r}"
+            )
+        if config.tiling not in ("auto", "valid", "same"):
+            raise ValueError(f"U-Net tiling must be 'auto', 'valid' or 'same', got {config.tiling!r}")
+        if int(config.depth) < 1 or int(config.base) < 1:
+            raise ValueError(f"U-Net depth and base must be >= 1, got depth={config.depth}, base={config.base}")
+        self.config = config
+        widths = [config.base * 2**i for i in range(config.depth + 1)]  # e.g. 64, 128, 256, 512, 1024
+        kw = dict(padding=config.padding, batchnorm=config.batchnorm)
+        self.down = nn.ModuleList()
+        c = config.in_channels
+        for width in widths:
+            self.down.append(DoubleConv(c, width, **kw))
+            c = width
+        self.pool = nn.MaxPool2d(2)
+        self.up = nn.ModuleList([Up(widths[i + 1], widths[i], config.up_mode, **kw) for i in reversed(range(config.depth))])
+        self.head = nn.Conv2d(config.base, config.num_classes, 1)
+        # the paper's initialisation: Gaussian, std sqrt(2 / fan_in) (He et al.), so that without
+        # batchnorm the signal neither dies nor explodes through ~23 ReLU layers
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+                nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
+
+    def _forward(self, x):
+        skips = []
+        for i, level in enumerate(self.down):
+            x = level(x)
+            if i < self.config.depth:
+                skips.append(x)  # kept for the decoder's concatenation
+                x = self.pool(x)
+        for up, skip in zip(self.up, reversed(skips)):
+            x = up(x, skip)
+        return self.head(x)
+
+    def forward(self, x):
+        cfg = self.config
+        if x.ndim != 4 or x.shape[1] != cfg.in_channels:
+            raise ValueError(f"U-Net expects input of shape (N, {cfg.in_channels}, H, W), got {tuple(x.shape)}")
+        H, W = x.shape[2], x.shape[3]
+        if cfg.padding:
+            # pad to a multiple of 2**depth so every pool halves an even size, then crop back
+            m = 2**cfg.depth
+            ph, pw = -H % m, -W % m
+            if ph or pw:
+                x = F.pad(x, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2))
+            out = self._forward(x)
+            return out[:, :, ph // 2 : ph // 2 + H, pw // 2 : pw // 2 + W] if (ph or pw) else out
+
+        valid = valid_output_size(H, cfg.depth) is not None and valid_output_size(W, cfg.depth) is not None
+        if cfg.tiling == "valid" or (cfg.tiling == "auto" and valid):
+            if not valid:
+                raise ValueError(
+                    f"the valid U-Net (depth {cfg.depth}) cannot take a {H}x{W} input: every 2x2 pooling "
+                    f"must meet an even size; valid sizes near it are {_smallest_valid_tile(H, cfg.depth)} "
+                    f"and {_smallest_valid_tile(W, cfg.depth)} (or use tiling='same')"
+                )
+            return self._forward(x)
+        # overlap-tile: mirror the context the valid convolutions eat, plus what makes a valid tile
+        margin = self.margin()  # 92 at depth 4: (572 - 388) / 2
+        th = _smallest_valid_tile(H + 2 * margin, cfg.depth)
+        tw = _smallest_valid_tile(W + 2 * margin, cfg.depth)
+        x = mirror_pad(x, margin, th - H - margin, margin, tw - W - margin)
+        out = self._forward(x)  # (N, K, th - 2*margin, tw - 2*margin), pixel i = input pixel i
+        return out[:, :, :H, :W]
+
+    def margin(self):
+        """Pixels a valid network trims from each side (the same for every valid tile)."""
+        t = _smallest_valid_tile(1, self.config.depth)
+        return (t - valid_output_size(t, self.config.depth)) // 2
+
+
+def unet(num_classes, in_channels=3, **options):
+    """The padded U-Net (output size = input size); options: base, depth, batchnorm, up_mode."""
+    return UNet(UNetConfig(num_classes=num_classes, in_channels=in_channels, **options))
+
+
+def unet_original(num_classes, in_channels=3, **options):
+    """The paper's U-Net: valid convolutions, no batchnorm, biases everywhere; base=64 is full size."""
+    options.setdefault("padding", False)
+    options.setdefault("batchnorm", False)
+    return UNet(UNetConfig(num_classes=num_classes, in_channels=in_channels, **options))
+
+
+unet.config_class = unet_original.config_class = UNetConfig
