@@ -1,0 +1,353 @@
+"""The ``scratchseg`` command (also ``python -m scratchseg``).
+
+    scratchseg train                      # small U-Net on the synthetic shapes, into runs/
+    scratchseg train --data folder:DATA --ignore-index 11 --resize 0.5 --crop 128 --epochs 20
+    scratchseg train --resume runs/latest # continue a stopped run exactly
+    scratchseg eval runs/latest --split test
+    scratchseg predict runs/latest photo.png more/ --out predictions/
+    scratchseg models | datasets | gradcheck [--backend cupy]
+
+Every subcommand takes ``--backend numpy|cupy``, ``--kernels numba|numpy``
+and ``--seed``. Problems with the user's input (a missing folder, a bad mask
+value, a damaged checkpoint) print one ``error:`` line and exit with status 2;
+Ctrl-C during training saves ``last.npz`` and exits with 130; a NaN loss
+exits with 3.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+__all__ = ["main", "build_parser"]
+
+
+def _parse_options(items):
+    """``["base=8", "up_mode=bilinear"]`` -> ``{"base": 8, "up_mode": "bilinear"}`` (numbers, booleans parsed)."""
+    out = {}
+    for item in items or []:
+        for part in item.split(","):
+            if not part.strip():
+                continue
+            key, eq, value = part.partition("=")
+            if not eq:
+                raise ValueError(f"model option {part!r} is not key=value (e.g. --model-option base=16)")
+            value = value.strip()
+            low = value.lower()
+            if low in ("true", "false"):
+                parsed = low == "true"
+            elif low == "none":
+                parsed = None
+            else:
+                try:
+                    parsed = int(value)
+                except ValueError:
+                    try:
+                        parsed = float(value)
+                    except ValueError:
+                        parsed = value
+            out[key.strip()] = parsed
+    return out
+
+
+def _floats(text, what, count=None):
+    try:
+        values = [float(v) for v in str(text).split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"{what} must be comma-separated numbers, got {text!r}") from None
+    if count is not None and len(values) != count:
+        raise ValueError(f"{what} needs {count} numbers, got {text!r}")
+    return values
+
+
+def _common(p):
+    p.add_argument("--backend", choices=["numpy", "cupy"], default=None,
+                   help="array backend (default: numpy, or $SCRATCHSEG_BACKEND)")
+    p.add_argument("--kernels", choices=["numba", "numpy"], default=None,
+                   help="CPU kernels: compiled Numba (default) or the pure-NumPy reference")
+    p.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="scratchseg", description="Semantic segmentation from scratch.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    t = sub.add_parser("train", help="train a model (no arguments: small U-Net on shapes)")
+    _common(t)
+    t.add_argument("--data", default="shapes", help="shapes[:key=value,...] | folder:PATH | voc:PATH")
+    t.add_argument("--model", default=None, help="model name (see `scratchseg models`); default unet")
+    t.add_argument("--model-option", action="append", metavar="KEY=VALUE", help="model option, repeatable")
+    t.add_argument("--epochs", type=int)
+    t.add_argument("--batch-size", type=int)
+    t.add_argument("--optimizer", choices=["sgd", "adam", "adamw"])
+    t.add_argument("--lr", type=float)
+    t.add_argument("--momentum", type=float)
+    t.add_argument("--weight-decay", type=float)
+    t.add_argument("--schedule", choices=["poly", "step", "constant"])
+    t.add_argument("--power", type=float, help="poly schedule power (0.9)")
+    t.add_argument("--step-size", type=int, help="epochs between decays for --schedule step")
+    t.add_argument("--gamma", type=float, help="decay factor for --schedule step")
+    t.add_argument("--warmup-iters", type=int, help="linear warm-up iterations")
+    t.add_argument("--class-weights", help="'balanced' (median frequency) or K comma-separated numbers")
+    t.add_argument("--label-map", help="mask value -> class, e.g. 0:0,255:1 (target 'ignore' allowed)")
+    t.add_argument("--ignore-index", type=int, help="mask value that counts for nothing (e.g. 11 = void)")
+    t.add_argument("--num-classes", type=int, help="number of classes when the folder has no classes.txt")
+    t.add_argument("--val-split", help="hold out training samples: stems/ranges '24-29' or a fraction '0.2'")
+    t.add_argument("--resize", help="resize every image: HxW, N, or a factor such as 0.5")
+    t.add_argument("--crop", help="random training crop: N or HxW")
+    t.add_argument("--scale", help="random scale range for training, e.g. 0.5,2.0")
+    t.add_argument("--hflip", action="store_true", default=None, help="random horizontal flips")
+    t.add_argument("--out", help="folder for runs (default runs/)")
+    t.add_argument("--name", help="run folder name (default: time-model-data)")
+    t.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last.npz")
+    t.add_argument("--init", metavar="FILE", help="initial weights: .npz (scratchseg or plain) or a torch .pt/.pth")
+    t.add_argument("--freeze", metavar="PREFIXES", help="'backbone' or comma-separated module-name prefixes")
+    t.add_argument("--checkpoint-every", type=int, help="iterations between mid-epoch checkpoints (default 50)")
+    t.add_argument("--num-predictions", type=int, help="validation images drawn into predictions/ (default 4)")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    e = sub.add_parser("eval", help="evaluate a checkpoint on a split")
+    _common(e)
+    e.add_argument("checkpoint", help="run folder (uses best.npz) or checkpoint file")
+    e.add_argument("--split", default="val", help="val (default), test or train")
+    e.add_argument("--data", help="evaluate on another dataset spec (default: the one it was trained on)")
+    e.add_argument("--label-map")
+    e.add_argument("--ignore-index", type=int)
+    e.add_argument("--val-split")
+    e.add_argument("--batch-size", type=int, default=4)
+    e.add_argument("--json", metavar="FILE", help="also write the scores as JSON")
+
+    pr = sub.add_parser("predict", help="colour masks and overlays for image files or folders")
+    _common(pr)
+    pr.add_argument("checkpoint", help="run folder (uses best.npz) or checkpoint file")
+    pr.add_argument("inputs", nargs="+", help="image files and/or folders of images")
+    pr.add_argument("--out", default="predictions", help="output folder (default predictions/)")
+
+    m = sub.add_parser("models", help="list the models with their parameter counts")
+    _common(m)
+    m.add_argument("--num-classes", type=int, default=21)
+    m.add_argument("--in-channels", type=int, default=3)
+
+    d = sub.add_parser("datasets", help="list the dataset kinds, or summarise one")
+    _common(d)
+    d.add_argument("spec", nargs="?", help="e.g. folder:PATH to check and summarise it")
+    d.add_argument("--label-map")
+    d.add_argument("--ignore-index", type=int)
+    d.add_argument("--num-classes", type=int)
+    d.add_argument("--val-split")
+
+    g = sub.add_parser("gradcheck", help="check every built-in op's backward against finite differences")
+    _common(g)
+    return parser
+
+
+def _setup(args):
+    from . import backend
+    from . import random as _random
+
+    if args.backend:
+        backend.set_backend(args.backend)
+    if args.kernels:
+        backend.set_kernels(args.kernels)
+    if args.seed is not None:
+        _random.manual_seed(args.seed)
+
+
+def _train_config(args):
+    from .train import TrainConfig
+
+    cfg = TrainConfig()
+    if args.data:
+        cfg.data = args.data
+    if args.model:
+        cfg.model = args.model
+        cfg.model_options = {}  # the default options belong to the default model
+    if args.model_option:
+        cfg.model_options = dict(cfg.model_options, **_parse_options(args.model_option))
+    simple = ["epochs", "batch_size", "optimizer", "lr", "momentum", "weight_decay", "schedule", "power",
+              "step_size", "gamma", "warmup_iters", "label_map", "ignore_index", "num_classes", "val_split",
+              "out", "name", "init", "checkpoint_every", "num_predictions", "seed"]
+    for key in simple:
+        value = getattr(args, key, None)
+        if value is not None:
+            setattr(cfg, key, value)
+    if args.class_weights is not None:
+        cfg.class_weights = "balanced" if args.class_weights == "balanced" else _floats(args.class_weights,
+                                                                                          "--class-weights")
+    if args.resize is not None:
+        text = args.resize.strip()
+        cfg.resize = float(text) if "." in text and "x" not in text else text
+    if args.crop is not None:
+        cfg.crop = args.crop
+    if args.scale is not None:
+        cfg.scale = _floats(args.scale, "--scale", 2)
+    if args.hflip:
+        cfg.hflip = True
+    if args.freeze:
+        cfg.freeze = [p.strip() for p in args.freeze.split(",") if p.strip()]
+    if args.no_progress:
+        cfg.progress = False
+    return cfg
+
+
+def _cmd_train(args):
+    from .train import train
+
+    if args.resume:
+        given = [a for a in sys.argv[2:] if a.startswith("--") and a.split("=")[0] not in
+                 ("--resume", "--backend", "--kernels", "--no-progress")]
+        if given:
+            print(f"note: --resume continues with the run's own settings; ignoring {', '.join(given)}",
+                  file=sys.stderr)
+        result = train(resume=args.resume)
+    else:
+        result = train(_train_config(args))
+    return 0 if result else 1
+
+
+def _cmd_eval(args):
+    from .data import make_task, task_from_spec
+    from .data.task import Task
+    from .metrics import format_scores
+    from .train import evaluate, load_model, resolve_checkpoint
+
+    path = resolve_checkpoint(args.checkpoint)
+    model, meta = load_model(path)
+    if args.data:
+        task = make_task(args.data, label_map=args.label_map, ignore_index=args.ignore_index,
+                         num_classes=meta["num_classes"] if args.data.startswith("folder:") else None,
+                         val_split=args.val_split)
+        if task.num_classes != meta["num_classes"] or task.in_channels != meta["in_channels"]:
+            raise ValueError(f"{args.data} has {task.num_classes} classes and {task.in_channels} channels, but the "
+                             f"model in {path} was trained for {meta['num_classes']} and {meta['in_channels']}")
+    else:
+        task = task_from_spec(meta["task_spec"])
+    task = Task(name=task.name, splits=task.splits, class_names=meta.get("class_names", task.class_names),
+                colors=[tuple(c) for c in meta.get("colors", task.colors)], ignore_index=task.ignore_index,
+                in_channels=task.in_channels, mean=tuple(meta.get("mean", task.mean)),
+                std=tuple(meta.get("std", task.std)), spec=task.spec)
+    from .train import _eval_resize
+
+    scores = evaluate(model, task, args.split, args.batch_size, _eval_resize(meta.get("resize")))
+    print(f"{path} on {task.name} / {args.split} ({len(task.split(args.split))} images):")
+    print(format_scores(scores, task.class_names))
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as fh:
+            json.dump(scores, fh, indent=1)
+    return 0
+
+
+def _cmd_predict(args):
+    from .data.folder import IMAGE_EXTENSIONS, read_image
+    from .data.task import DataError, natural_key
+    from .train import _eval_resize, load_model, predict_array, resolve_checkpoint
+    from .viz import colorize, overlay, save_png
+
+    path = resolve_checkpoint(args.checkpoint)
+    model, meta = load_model(path)
+    files = []
+    for item in args.inputs:
+        if os.path.isdir(item):
+            found = [os.path.join(item, f) for f in sorted(os.listdir(item), key=natural_key)
+                     if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS]
+            if not found:
+                raise DataError(f"folder {item} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+            files.extend(found)
+        elif os.path.isfile(item):
+            files.append(item)
+        else:
+            raise DataError(f"input {item} does not exist")
+    colors = [tuple(c) for c in meta["colors"]]
+    os.makedirs(args.out, exist_ok=True)
+    for f in files:
+        image = read_image(f, meta["in_channels"])
+        pred = predict_array(model, image, meta["mean"], meta["std"], _eval_resize(meta.get("resize")))
+        stem = os.path.splitext(os.path.basename(f))[0]
+        colour = colorize(pred, colors)
+        save_png(os.path.join(args.out, f"{stem}_pred.png"), colour)
+        save_png(os.path.join(args.out, f"{stem}_overlay.png"), overlay(image, colour))
+        save_png(os.path.join(args.out, f"{stem}_mask.png"), pred.astype("uint8"))
+        counts = {meta["class_names"][k]: int((pred == k).sum()) for k in range(len(colors)) if (pred == k).any()}
+        print(f"{f}: " + ", ".join(f"{n} {100 * c / pred.size:.1f}%" for n, c in counts.items()))
+    print(f"wrote {len(files)} x (_pred.png colour mask, _overlay.png, _mask.png class indices) to {args.out}")
+    return 0
+
+
+def _cmd_models(args):
+    from . import models
+
+    print(f"{'model':<16} {'parameters':>12}   (num_classes={args.num_classes}, in_channels={args.in_channels}, "
+          "default options)")
+    for name in models.available():
+        try:
+            model = models.create(name, num_classes=args.num_classes, in_channels=args.in_channels)
+            count = f"{model.num_parameters():,}"
+        except Exception as exc:  # a broken entry should not hide the others
+            count = f"error: {exc}"
+        print(f"{name:<16} {count:>12}")
+    return 0
+
+
+def _cmd_datasets(args):
+    from .data import describe_datasets, make_task
+
+    if not args.spec:
+        print(describe_datasets())
+        return 0
+    task = make_task(args.spec, label_map=args.label_map, ignore_index=args.ignore_index,
+                     num_classes=args.num_classes, val_split=args.val_split)
+    for note in task.notes:
+        print(f"note: {note}")
+    print(task.describe())
+    for name, ds in task.splits.items():
+        if len(ds):
+            image = ds[0][0]
+            print(f"  {name}: {len(ds)} images, first {ds.names[0]} is {image.shape[1]}x{image.shape[0]} "
+                  f"with {image.shape[2]} channel(s)")
+    return 0
+
+
+def _cmd_gradcheck(args):
+    from . import backend, gradcheck
+
+    ok = gradcheck.check_builtin_ops(file=sys.stdout, backend=args.backend or backend.current())
+    return 0 if ok else 1
+
+
+def main(argv=None):
+    """Entry point of the ``scratchseg`` command; returns the exit status."""
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv:
+        argv = ["train"]  # `scratchseg` alone does the README's main job
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    from .backend import BackendError
+    from .checkpoint import CheckpointError
+    from .data.task import DataError
+    from .train import NonFiniteLossError, TrainingInterrupted
+
+    commands = {"train": _cmd_train, "eval": _cmd_eval, "predict": _cmd_predict, "models": _cmd_models,
+                "datasets": _cmd_datasets, "gradcheck": _cmd_gradcheck}
+    try:
+        _setup(args)
+        return commands[args.command](args)
+    except TrainingInterrupted as exc:
+        print(f"\n{exc}", file=sys.stderr)
+        return 130
+    except NonFiniteLossError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
+    except (DataError, CheckpointError, BackendError, FileNotFoundError, ValueError) as exc:
+        if os.environ.get("SCRATCHSEG_DEBUG"):
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
