@@ -188,7 +188,7 @@ class Conv2d(_ConvNd):
     def extra_repr(self):
         s = f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}"
         if self.padding != (0, 0):
-            s += f", padding={self.padding!r}" if isinstance(self.padding, str) else f", padding={self.padding}"
+            s += f", padding={self.padding}"
         if self.dilation != (1, 1):
             s += f", dilation={self.dilation}"
         if self.groups != 1:
@@ -292,7 +292,7 @@ class ConvTranspose2d(_ConvNd):
 class _BatchNorm(Module):
     _expected_dims = (4,)
 
-    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True):
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True, *, bias=True):
         super().__init__()
         if not isinstance(num_features, numbers.Integral) or isinstance(num_features, bool) or num_features <= 0:
             raise ValueError(f"num_features must be a positive integer, got {num_features!r}")
@@ -302,10 +302,14 @@ class _BatchNorm(Module):
             raise ValueError(f"eps must be positive, got {eps!r}")
         self.num_features, self.eps, self.momentum = int(num_features), float(eps), momentum
         self.affine, self.track_running_stats = bool(affine), bool(track_running_stats)
+        self.use_bias = self.affine and bool(bias)  # torch >= 2.5: affine scale without shift
         xp, dtype = backend.xp(), backend.get_default_dtype()
         if self.affine:
             self.weight = Parameter(xp.ones(num_features, dtype=dtype))
-            self.bias = Parameter(xp.zeros(num_features, dtype=dtype))
+            if self.use_bias:
+                self.bias = Parameter(xp.zeros(num_features, dtype=dtype))
+            else:
+                self.register_parameter("bias", None)
         else:
             self.register_parameter("weight", None)
             self.register_parameter("bias", None)
@@ -328,6 +332,7 @@ class _BatchNorm(Module):
         self.reset_running_stats()
         if self.affine:
             init.ones_(self.weight)
+        if self.bias is not None:
             init.zeros_(self.bias)
 
     def _check_input(self, input):
@@ -371,7 +376,7 @@ class _BatchNorm(Module):
     def extra_repr(self):
         return (
             f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
-            f"track_running_stats={self.track_running_stats}"
+            f"bias={self.use_bias}, track_running_stats={self.track_running_stats}"
         )
 
 
@@ -427,10 +432,11 @@ class Dropout(_DropoutNd):
     """Zero each element with probability p while training, scale the rest by 1/(1-p).
 
     Shape: any -> the same. The identity in evaluation mode.
-    (``inplace`` is accepted for torch compatibility; the output is always a new tensor.)
     """
 
     def forward(self, input):
+        if self.inplace:
+            return F.dropout(input, self.p, self.training, inplace=True)
         return F.dropout(input, self.p, self.training)
 
 
@@ -441,6 +447,8 @@ class Dropout2d(_DropoutNd):
     """
 
     def forward(self, input):
+        if self.inplace:
+            return F.dropout2d(input, self.p, self.training, inplace=True)
         return F.dropout2d(input, self.p, self.training)
 
 
@@ -529,17 +537,14 @@ class AdaptiveAvgPool2d(Module):
 
 # ----------------------------------------------------------- activations
 class ReLU(Module):
-    """out = max(x, 0). Shape: any -> the same.
-
-    (``inplace`` is accepted for torch compatibility; the output is always a new tensor.)
-    """
+    """out = max(x, 0). Shape: any -> the same."""
 
     def __init__(self, inplace=False):
         super().__init__()
         self.inplace = bool(inplace)
 
     def forward(self, input):
-        return F.relu(input)
+        return F.relu(input, inplace=True) if self.inplace else F.relu(input)
 
     def extra_repr(self):
         return "inplace=True" if self.inplace else ""
@@ -553,6 +558,8 @@ class LeakyReLU(Module):
         self.negative_slope, self.inplace = float(negative_slope), bool(inplace)
 
     def forward(self, input):
+        if self.inplace:
+            return F.leaky_relu(input, self.negative_slope, inplace=True)
         return F.leaky_relu(input, self.negative_slope)
 
     def extra_repr(self):
