@@ -122,7 +122,8 @@ def test_batch_norm_hypothesis(n, c, spatial, training, momentum, seed):
 
 
 def test_one_value_per_channel_error_like_torch():
-    with pytest.raises(ValueError, match=r"Expected more than 1 value per channel when training, got input size \(1, 3\)"):
+    message = r"Expected more than 1 value per channel when training, got input size \(1, 3\)"
+    with pytest.raises(ValueError, match=message):
         F.batch_norm(np.zeros((1, 3)), None, None, training=True)
     with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
         F.batch_norm(np.zeros((1, 3, 1, 1)), np.zeros(3), np.ones(3), training=True)

@@ -188,6 +188,7 @@ def test_avg_pool2d_hypothesis(h, w, kh, kw, sh, sw, ph, pw, ceil_mode, count_in
 
 
 # --------------------------------------------------------- adaptive pools
+ADAPTIVE_PAIRS = ((F.adaptive_avg_pool2d, TF.adaptive_avg_pool2d), (F.adaptive_max_pool2d, TF.adaptive_max_pool2d))
 ADAPTIVE_SIZES = [1, 2, (2, 3), (None, 4), (3, None), (7, 9), (10, 12), (4, 1)]
 
 
@@ -214,7 +215,7 @@ def test_adaptive_max_pool2d_matches_torch(size, rng):
 
 def test_adaptive_pools_float32_unbatched_noncontiguous(rng):
     x = rng.standard_normal((9, 3, 7)).astype(np.float32).transpose(1, 2, 0)  # (3, 7, 9)
-    for ours, theirs in ((F.adaptive_avg_pool2d, TF.adaptive_avg_pool2d), (F.adaptive_max_pool2d, TF.adaptive_max_pool2d)):
+    for ours, theirs in ADAPTIVE_PAIRS:
         out, dx, out_t, dx_t = run_both(lambda a: ours(a, (3, 4)), lambda a: theirs(a, (3, 4)), x, rng, np.float32)
         assert out.shape == (3, 3, 4) and out.dtype == np.float32
         assert_close(out, out_t)
@@ -226,7 +227,7 @@ def test_adaptive_pools_float32_unbatched_noncontiguous(rng):
 def test_adaptive_pools_hypothesis(h, w, oh, ow, seed):
     rng = np.random.default_rng(seed)
     x = distinct(rng, (1, 2, h, w))
-    for ours, theirs in ((F.adaptive_avg_pool2d, TF.adaptive_avg_pool2d), (F.adaptive_max_pool2d, TF.adaptive_max_pool2d)):
+    for ours, theirs in ADAPTIVE_PAIRS:
         out, dx, out_t, dx_t = run_both(lambda a: ours(a, (oh, ow)), lambda a: theirs(a, (oh, ow)), x, rng)
         assert_close(out, out_t)
         assert_close(dx, dx_t)

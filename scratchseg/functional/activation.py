@@ -309,7 +309,9 @@ def _softmax_args(fn, input, dim, dtype):
         raise TypeError(f"{fn}(): dim must be an int, got {dim!r}")
     ndim = max(input.ndim, 1)
     if not -ndim <= dim < ndim:
-        raise IndexError(f"{fn}(): dim {dim} is out of range for a {input.ndim}-D input (expected [{-ndim}, {ndim - 1}])")
+        raise IndexError(
+            f"{fn}(): dim {dim} is out of range for a {input.ndim}-D input (expected [{-ndim}, {ndim - 1}])"
+        )
     if dtype is not None:
         dtype = numpy.dtype(dtype)
         if dtype.kind != "f":

@@ -133,7 +133,9 @@ def dropout2d(input, p=0.5, training=True, inplace=False, *, generator=None):
     if not training:
         return _identity(input)
     if ndim < 2:
-        raise ValueError(f"dropout2d(): expected an input with at least 2 dimensions (N, C, ...), got shape {input.shape}")
+        raise ValueError(
+            f"dropout2d(): expected an input with at least 2 dimensions (N, C, ...), got shape {tuple(input.shape)}"
+        )
     mask_shape = tuple(input.shape[:2]) + (1,) * (ndim - 2)  # (N, C, 1, 1): one draw per channel
     mask = _keep_mask(mask_shape, p, generator, input.data if isinstance(input, Tensor) else input)
     return _apply(input, mask, p, inplace, "dropout2d")

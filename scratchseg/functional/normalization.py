@@ -133,7 +133,8 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     if numpy.dtype(input.dtype).kind != "f":
         raise TypeError(f"batch_norm(): input must have a floating dtype, got {input.dtype}")
     C = input.shape[1]
-    for name, value in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias)):
+    per_channel = (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias))
+    for name, value in per_channel:
         if value is None:
             continue
         if not _is_array(value):

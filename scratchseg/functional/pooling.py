@@ -309,7 +309,9 @@ class AvgPool2d(Function):
         return (dx,) + (None,) * 6
 
 
-def avg_pool2d(input, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True, divisor_override=None):
+def avg_pool2d(
+    input, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True, divisor_override=None
+):
     """2-D average pooling, as ``torch.nn.functional.avg_pool2d``.
 
     ``out = sum(window) / divisor``: the divisor is ``divisor_override`` if
