@@ -1,0 +1,389 @@
+"""Numba kernels for NumPy arrays: the CPU twins of the reference hot loops.
+
+Every public function here has the signature of its NumPy reference in
+``scratchseg.functional`` and returns the same numbers (tests/test_kernels.py
+holds them equal), plus an optional ``out=`` so a caller can hand in a
+reusable workspace instead of allocating a fresh large array per call.
+
+The compiled loops are ``@njit(parallel=True, cache=True)``: compiled once per
+dtype (float32, float64) and cached on disk, so a new process loads them in
+milliseconds.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numba
+import numpy as np  # host-only module: these kernels only ever see NumPy arrays
+from numba import njit, prange
+
+from . import tune_process
+
+tune_process()
+if os.environ.get("NUMBA_THREADING_LAYER") and numba.config.THREADING_LAYER == "default":
+    # numba was imported before kernels/ could set the variable: apply it now
+    # (it takes effect at the first parallel launch).
+    numba.config.THREADING_LAYER = os.environ["NUMBA_THREADING_LAYER"]
+
+__all__ = ["im2col", "col2im", "conv_output_size"]
+
+
+def conv_output_size(size, k, stride, padding, dilation):
+    """Output length of a convolution along one axis.
+
+    Shape:
+        >>> conv_output_size(128, 3, 1, 1, 1)     # (H + 2p - d*(k-1) - 1) // s + 1
+        128
+        >>> conv_output_size(128, 3, 2, 2, 2)
+        64
+    """
+    return (size + 2 * padding - dilation * (k - 1) - 1) // stride + 1
+
+
+def _pair(v, name):
+    if isinstance(v, (int, np.integer)):
+        return int(v), int(v)
+    v = tuple(int(a) for a in v)
+    if len(v) != 2:
+        raise ValueError(f"{name} must be an int or a pair of ints, got {v!r}")
+    return v
+
+
+@njit(cache=True, inline="always")
+def _valid_range(off, stride, size, n_out):
+    """[lo, hi): the output positions o with 0 <= o*stride + off < size."""
+    if off >= 0:
+        lo = 0
+    else:
+        lo = (-off + stride - 1) // stride
+    if off > size - 1:
+        hi = 0
+    else:
+        hi = (size - 1 - off) // stride + 1
+    if hi > n_out:
+        hi = n_out
+    if lo > hi:
+        lo = hi
+    return lo, hi
+
+
+@njit(parallel=True, cache=True)
+def _im2col_block(x, c0, Cg, n0, n1, ho0, ho1, kh, kw, sh, sw, ph, pw, dh, dw, Wo, cols):
+    # The columns of channels [c0, c0+Cg), samples [n0, n1), output rows [ho0, ho1):
+    # cols[(c, i, j), (n, ho, wo)] = x[n, c0+c, ho*sh - ph + i*dh, wo*sw - pw + j*dw] (0 outside)
+    H = x.shape[2]
+    W = x.shape[3]
+    Ho = ho1 - ho0
+    L = Ho * Wo
+    for r in prange(Cg * kh * kw):  # one row of cols per task: long contiguous writes
+        c = c0 + r // (kh * kw)
+        i = (r // kw) % kh
+        j = r % kw
+        hoff = i * dh - ph
+        woff = j * dw - pw
+        ho_lo, ho_hi = _valid_range(hoff, sh, H, ho1)
+        wo_lo, wo_hi = _valid_range(woff, sw, W, Wo)
+        for n in range(n0, n1):
+            base = (n - n0) * L - ho0 * Wo
+            for ho in range(ho0, ho1):
+                start = base + ho * Wo
+                if ho < ho_lo or ho >= ho_hi:
+                    cols[r, start:start + Wo] = 0
+                    continue
+                h = ho * sh + hoff
+                # slice copies: Numba turns them into vectorised loops (3x the
+                # speed of an element loop with a run-time stride)
+                cols[r, start:start + wo_lo] = 0
+                if sw == 1:
+                    cols[r, start + wo_lo:start + wo_hi] = x[n, c, h, wo_lo + woff:wo_hi + woff]
+                else:
+                    for wo in range(wo_lo, wo_hi):
+                        cols[r, start + wo] = x[n, c, h, wo * sw + woff]
+                cols[r, start + wo_hi:start + Wo] = 0
+    return cols
+
+
+@njit(parallel=True, cache=True)
+def _col2im_block(cols, c0, Cg, n0, n1, ho0, ho1, kh, kw, sh, sw, ph, pw, dh, dw, Wo, dx, accumulate):
+    # The adjoint of _im2col_block: dx[n, c0+c, h, w] (+)= sum of
+    # cols[(c, i, j), (n, ho, wo)] over the taps with ho*sh - ph + i*dh = h and
+    # wo*sw - pw + j*dw = w. One (n, c) plane per task: each thread owns the
+    # pixels it adds into, so there are no races.
+    H = dx.shape[2]
+    W = dx.shape[3]
+    L = (ho1 - ho0) * Wo
+    nb = n1 - n0
+    for t in prange(nb * Cg):
+        n = n0 + t // Cg
+        c = t % Cg
+        if not accumulate:
+            dx[n, c0 + c] = 0
+        base = (n - n0) * L - ho0 * Wo
+        for i in range(kh):
+            hoff = i * dh - ph
+            ho_lo, ho_hi = _valid_range(hoff, sh, H, ho1)
+            if ho_lo < ho0:
+                ho_lo = ho0
+            for j in range(kw):
+                r = (c * kh + i) * kw + j
+                woff = j * dw - pw
+                wo_lo, wo_hi = _valid_range(woff, sw, W, Wo)
+                for ho in range(ho_lo, ho_hi):
+                    h = ho * sh + hoff
+                    start = base + ho * Wo
+                    if sw == 1:  # a unit-stride loop LLVM vectorises (15x faster)
+                        for wo in range(wo_lo, wo_hi):
+                            dx[n, c0 + c, h, wo + woff] += cols[r, start + wo]
+                    else:
+                        for wo in range(wo_lo, wo_hi):
+                            dx[n, c0 + c, h, wo * sw + woff] += cols[r, start + wo]
+    return dx
+
+
+def _check_out(out, shape, dtype, what):
+    if out is None:
+        return np.empty(shape, dtype=dtype)
+    if out.shape != tuple(shape) or out.dtype != dtype or not out.flags.c_contiguous:
+        raise ValueError(
+            f"{what}: out must be a C-contiguous {dtype} array of shape {tuple(shape)}, "
+            f"got {out.dtype} {out.shape} (contiguous={out.flags.c_contiguous})"
+        )
+    return out
+
+
+def im2col(x, kh, kw, stride, padding, dilation, out=None):
+    """Unfold the kh x kw patches of ``x`` into columns (Numba, parallel over rows).
+
+    cols[(c, i, j), (n, ho, wo)] = x[n, c, ho*s0 - p0 + i*d0, wo*s1 - p1 + j*d1],
+    zero where that index falls in the padding.
+
+    Shape:
+        x: (N, C, H, W); cols: (C*kh*kw, N*Ho*Wo), C-contiguous, dtype of x, with
+        Ho = (H + 2*p0 - d0*(kh-1) - 1) // s0 + 1, Wo likewise.
+
+        >>> x = np.zeros((2, 3, 8, 8), np.float32)
+        >>> im2col(x, 3, 3, (1, 1), (1, 1), (1, 1)).shape   # (3*3*3, 2*8*8)
+        (27, 128)
+
+    ``out``: an optional C-contiguous workspace of exactly that shape and dtype.
+    """
+    sh, sw = _pair(stride, "stride")
+    ph, pw = _pair(padding, "padding")
+    dh, dw = _pair(dilation, "dilation")
+    N, C, H, W = x.shape
+    Ho = conv_output_size(H, kh, sh, ph, dh)
+    Wo = conv_output_size(W, kw, sw, pw, dw)
+    x = np.ascontiguousarray(x)
+    cols = _check_out(out, (C * kh * kw, N * Ho * Wo), x.dtype, "im2col")
+    if cols.size:
+        _im2col_block(x, 0, C, 0, N, 0, Ho, kh, kw, sh, sw, ph, pw, dh, dw, Wo, cols)
+    return cols
+
+
+def col2im(cols, x_shape, kh, kw, stride, padding, dilation, out=None):
+    """Fold columns back onto the image, adding overlapping taps: the adjoint of im2col.
+
+    dx[n, c, h, w] = sum over (i, j, ho, wo) with ho*s0 - p0 + i*d0 = h and
+    wo*s1 - p1 + j*d1 = w of cols[(c, i, j), (n, ho, wo)].
+
+    Shape:
+        cols: (C*kh*kw, N*Ho*Wo); returns (N, C, H, W) = x_shape, dtype of cols.
+
+        >>> cols = np.ones((27, 128), np.float64)
+        >>> col2im(cols, (2, 3, 8, 8), 3, 3, (1, 1), (1, 1), (1, 1))[0, 0, :3, :3]
+        array([[4., 6., 6.],
+               [6., 9., 9.],
+               [6., 9., 9.]])
+
+    ``out``: an optional C-contiguous workspace of shape x_shape (overwritten).
+    """
+    sh, sw = _pair(stride, "stride")
+    ph, pw = _pair(padding, "padding")
+    dh, dw = _pair(dilation, "dilation")
+    N, C, H, W = (int(s) for s in x_shape)
+    Ho = conv_output_size(H, kh, sh, ph, dh)
+    Wo = conv_output_size(W, kw, sw, pw, dw)
+    if cols.shape != (C * kh * kw, N * Ho * Wo):
+        raise ValueError(
+            f"col2im: cols has shape {cols.shape}, expected {(C * kh * kw, N * Ho * Wo)} "
+            f"for x_shape {(N, C, H, W)} and a {kh}x{kw} kernel"
+        )
+    cols = np.ascontiguousarray(cols)
+    dx = _check_out(out, (N, C, H, W), cols.dtype, "col2im")
+    if dx.size:
+        _col2im_block(cols, 0, C, 0, N, 0, Ho, kh, kw, sh, sw, ph, pw, dh, dw, Wo, dx, False)
+    return dx
+
+
+# ------------------------------------------------------------------ conv2d
+# A convolution as GEMMs over cache-sized blocks of columns. The full column
+# matrix of a U-Net layer is hundreds of MiB (64 channels, 3x3, 8x128x128:
+# 576 x 131072 floats = 288 MiB); writing it out and reading it back costs as
+# much as the GEMM. Instead each block of output pixels (a few output rows of
+# one sample, or several whole samples) is unfolded into a workspace of about
+# _BLOCK_BYTES that stays in the cache, multiplied at once, and forgotten. So
+# nothing the size of the columns is ever allocated or kept from forward to
+# backward, and the workspace is reused across calls.
+_BLOCK_BYTES = 4 << 20
+
+import threading  # noqa: E402
+
+_local = threading.local()
+
+
+def workspace(size, dtype):
+    """A reusable flat scratch array of at least ``size`` elements (per thread, per dtype).
+
+    The contents are garbage; the array is overwritten by the next call, so a
+    caller must not keep it.
+    """
+    dtype = np.dtype(dtype)
+    cache = getattr(_local, "buffers", None)
+    if cache is None:
+        cache = _local.buffers = {}
+    buf = cache.get(dtype)
+    if buf is None or buf.size < size:
+        buf = cache[dtype] = np.empty(max(int(size), 1), dtype=dtype)
+    return buf[:size]
+
+
+def _blocks(N, Ho, Wo, rows, itemsize):
+    """Split the (n, ho) output rows into blocks whose columns fill about _BLOCK_BYTES.
+
+    Yields (n0, n1, ho0, ho1): either several whole samples, or some rows of one.
+    """
+    per_row = max(rows * Wo * itemsize, 1)
+    rows_per_block = max(_BLOCK_BYTES // per_row, 1)
+    if rows_per_block >= Ho:
+        nb = max(rows_per_block // max(Ho, 1), 1)
+        for n0 in range(0, N, nb):
+            yield n0, min(n0 + nb, N), 0, Ho
+    else:
+        for n in range(N):
+            for ho0 in range(0, Ho, rows_per_block):
+                yield n, n + 1, ho0, min(ho0 + rows_per_block, Ho)
+
+
+def _geometry(x_shape, w_shape, stride, padding, dilation):
+    sh, sw = _pair(stride, "stride")
+    ph, pw = _pair(padding, "padding")
+    dh, dw = _pair(dilation, "dilation")
+    kh, kw = int(w_shape[2]), int(w_shape[3])
+    Ho = conv_output_size(int(x_shape[2]), kh, sh, ph, dh)
+    Wo = conv_output_size(int(x_shape[3]), kw, sw, pw, dw)
+    return kh, kw, sh, sw, ph, pw, dh, dw, Ho, Wo
+
+
+def conv2d_forward(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, out=None):
+    """y = conv2d(x, weight, bias): per block of output pixels, one im2col and one GEMM.
+
+    y[n, k, ho, wo] = b[k] + sum_{c, i, j} w[k, c, i, j] x[n, c, ho*s0 - p0 + i*d0, wo*s1 - p1 + j*d1]
+
+    Shape:
+        x (N, C, H, W), weight (K, C/groups, kh, kw), bias (K,) or None ->
+        y (N, K, Ho, Wo), Ho = (H + 2*p0 - d0*(kh-1) - 1) // s0 + 1, Wo likewise.
+
+        >>> x = np.ones((2, 4, 5, 5)); w = np.ones((6, 2, 3, 3))
+        >>> conv2d_forward(x, w, None, 1, 1, 1, 2).shape
+        (2, 6, 5, 5)
+    """
+    N, C, H, W = x.shape
+    K, Cg = weight.shape[0], weight.shape[1]
+    kh, kw, sh, sw, ph, pw, dh, dw, Ho, Wo = _geometry(x.shape, weight.shape, stride, padding, dilation)
+    Kg = K // groups
+    dtype = np.result_type(x.dtype, weight.dtype)
+    x = np.ascontiguousarray(x, dtype=dtype)
+    w2 = np.ascontiguousarray(weight, dtype=dtype).reshape(K, Cg * kh * kw)  # (K, Cg*kh*kw)
+    y = _check_out(out, (N, K, Ho, Wo), dtype, "conv2d_forward")
+    y3 = y.reshape(N, K, Ho * Wo)  # (N, K, Ho*Wo), a view
+    R = Cg * kh * kw
+    for n0, n1, ho0, ho1 in _blocks(N, Ho, Wo, R, dtype.itemsize):
+        nb, P = n1 - n0, (ho1 - ho0) * Wo
+        cols = workspace(R * nb * P, dtype).reshape(R, nb * P)  # (Cg*kh*kw, nb*P)
+        for g in range(groups):
+            _im2col_block(x, g * Cg, Cg, n0, n1, ho0, ho1, kh, kw, sh, sw, ph, pw, dh, dw, Wo, cols)
+            # (Kg, R) @ (nb, R, P) -> (nb, Kg, P), written straight into y
+            np.matmul(
+                w2[g * Kg:(g + 1) * Kg],
+                cols.reshape(R, nb, P).transpose(1, 0, 2),
+                out=y3[n0:n1, g * Kg:(g + 1) * Kg, ho0 * Wo:ho1 * Wo],
+            )
+    if bias is not None:
+        y += np.asarray(bias, dtype=dtype).reshape(1, K, 1, 1)
+    return y
+
+
+def conv2d_input_grad(dout, weight, x_shape, stride=1, padding=0, dilation=1, groups=1, out=None):
+    """dx of conv2d (= the forward of conv_transpose2d): per block, one GEMM and one col2im.
+
+    dcols = w^T dout, dx = col2im(dcols): every input pixel collects the taps that read it.
+
+    Shape:
+        dout (N, K, Ho, Wo), weight (K, C/groups, kh, kw) -> dx x_shape = (N, C, H, W).
+
+        >>> conv2d_input_grad(np.ones((2, 6, 5, 5)), np.ones((6, 2, 3, 3)), (2, 4, 5, 5), 1, 1, 1, 2).shape
+        (2, 4, 5, 5)
+    """
+    N, C, H, W = (int(s) for s in x_shape)
+    K, Cg = weight.shape[0], weight.shape[1]
+    kh, kw, sh, sw, ph, pw, dh, dw, Ho, Wo = _geometry(x_shape, weight.shape, stride, padding, dilation)
+    if dout.shape != (N, K, Ho, Wo):
+        raise ValueError(f"conv2d_input_grad: dout has shape {dout.shape}, expected {(N, K, Ho, Wo)}")
+    Kg = K // groups
+    dtype = np.result_type(dout.dtype, weight.dtype)
+    dout3 = np.ascontiguousarray(dout, dtype=dtype).reshape(N, K, Ho * Wo)  # (N, K, Ho*Wo)
+    wT = np.ascontiguousarray(weight, dtype=dtype).reshape(K, Cg * kh * kw)  # (K, R); transposed per group below
+    dx = _check_out(out, (N, C, H, W), dtype, "conv2d_input_grad")
+    dx[...] = 0
+    R = Cg * kh * kw
+    for n0, n1, ho0, ho1 in _blocks(N, Ho, Wo, R, dtype.itemsize):
+        nb, P = n1 - n0, (ho1 - ho0) * Wo
+        dcols = workspace(R * nb * P, dtype).reshape(R, nb * P)  # (R, nb*P)
+        for g in range(groups):
+            # (R, Kg) @ (nb, Kg, P) -> (nb, R, P), written as the (R, nb, P) columns
+            np.matmul(
+                wT[g * Kg:(g + 1) * Kg].T,
+                dout3[n0:n1, g * Kg:(g + 1) * Kg, ho0 * Wo:ho1 * Wo],
+                out=dcols.reshape(R, nb, P).transpose(1, 0, 2),
+            )
+            _col2im_block(dcols, g * Cg, Cg, n0, n1, ho0, ho1, kh, kw, sh, sw, ph, pw, dh, dw, Wo, dx, True)
+    return dx
+
+
+def conv2d_weight_grad(x, dout, weight_shape, stride=1, padding=0, dilation=1, groups=1):
+    """dw of conv2d: per block, one im2col (recomputed, never kept) and one GEMM.
+
+    dw[k, (c, i, j)] = sum_{n, ho, wo} dout[n, k, ho, wo] cols[(c, i, j), (n, ho, wo)]
+
+    Shape:
+        x (N, C, H, W), dout (N, K, Ho, Wo) -> dw weight_shape = (K, C/groups, kh, kw).
+
+        >>> conv2d_weight_grad(np.ones((2, 4, 5, 5)), np.ones((2, 6, 5, 5)), (6, 2, 3, 3), 1, 1, 1, 2)[0, 0]
+        array([[32., 40., 32.],
+               [40., 50., 40.],
+               [32., 40., 32.]])
+    """
+    N, C, H, W = x.shape
+    K, Cg = int(weight_shape[0]), int(weight_shape[1])
+    kh, kw, sh, sw, ph, pw, dh, dw, Ho, Wo = _geometry(x.shape, weight_shape, stride, padding, dilation)
+    if dout.shape != (N, K, Ho, Wo):
+        raise ValueError(f"conv2d_weight_grad: dout has shape {dout.shape}, expected {(N, K, Ho, Wo)}")
+    Kg = K // groups
+    dtype = np.result_type(x.dtype, dout.dtype)
+    x = np.ascontiguousarray(x, dtype=dtype)
+    dout3 = np.ascontiguousarray(dout, dtype=dtype).reshape(N, K, Ho * Wo)  # (N, K, Ho*Wo)
+    R = Cg * kh * kw
+    dw2 = np.zeros((K, R), dtype=dtype)  # (K, Cg*kh*kw)
+    for n0, n1, ho0, ho1 in _blocks(N, Ho, Wo, R, dtype.itemsize):
+        nb, P = n1 - n0, (ho1 - ho0) * Wo
+        cols = workspace(R * nb * P, dtype).reshape(R, nb * P)  # (R, nb*P)
+        for g in range(groups):
+            _im2col_block(x, g * Cg, Cg, n0, n1, ho0, ho1, kh, kw, sh, sw, ph, pw, dh, dw, Wo, cols)
+            d = dout3[n0:n1, g * Kg:(g + 1) * Kg, ho0 * Wo:ho1 * Wo]  # (nb, Kg, P)
+            if nb == 1:
+                dw2[g * Kg:(g + 1) * Kg] += d[0] @ cols.T  # (Kg, P) @ (P, R)
+            else:
+                # (nb, Kg, P) @ (nb, P, R) -> (nb, Kg, R), summed over the samples
+                dw2[g * Kg:(g + 1) * Kg] += np.matmul(d, cols.reshape(R, nb, P).transpose(1, 2, 0)).sum(0)
+    return dw2.reshape(K, Cg, kh, kw)

@@ -1,0 +1,276 @@
+"""kernels/: every accelerated kernel equal to the NumPy reference.
+
+* ``kernels.cpu`` (Numba): im2col / col2im against ``scratchseg.functional.im2col``
+  (hypothesis over shapes and geometries, float32 and float64, non-contiguous
+  input, reusable ``out=`` workspaces); the blocked conv2d kernels against
+  PyTorch autograd, with blocks small enough to split rows and samples;
+* ``kernels.cuda`` (CuPy, marked ``gpu``): the same against the reference on the host;
+* the dispatch in ``scratchseg.backend.kernel`` and the process tuning.
+
+These tests call the kernels directly, so they pass under
+``SCRATCHSEG_KERNELS=numpy`` too (that variable only changes the dispatch).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from helpers import assert_close
+from scratchseg import backend
+from scratchseg.functional.im2col import col2im as ref_col2im
+from scratchseg.functional.im2col import conv_output_size
+from scratchseg.functional.im2col import im2col as ref_im2col
+
+pytest.importorskip("numba")
+import kernels  # noqa: E402
+import kernels.cpu as kcpu  # noqa: E402
+
+DTYPES = [np.float32, np.float64]
+
+
+@st.composite
+def geometries(draw, max_size=9):
+    """(x_shape, kh, kw, stride, padding, dilation) with at least one output pixel."""
+    kh, kw = draw(st.integers(1, 4)), draw(st.integers(1, 4))
+    stride = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
+    dilation = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
+    padding = (draw(st.integers(0, 3)), draw(st.integers(0, 3)))
+    span_h, span_w = dilation[0] * (kh - 1) + 1, dilation[1] * (kw - 1) + 1
+    H = draw(st.integers(max(1, span_h - 2 * padding[0]), max(span_h, max_size)))
+    W = draw(st.integers(max(1, span_w - 2 * padding[1]), max(span_w, max_size)))
+    N, C = draw(st.integers(1, 3)), draw(st.integers(1, 4))
+    return (N, C, H, W), kh, kw, stride, padding, dilation
+
+
+def _cols_shape(x_shape, kh, kw, stride, padding, dilation):
+    N, C, H, W = x_shape
+    Ho = conv_output_size(H, kh, stride[0], padding[0], dilation[0])
+    Wo = conv_output_size(W, kw, stride[1], padding[1], dilation[1])
+    return (C * kh * kw, N * Ho * Wo)
+
+
+# ------------------------------------------------------------- im2col / col2im
+@settings(max_examples=40, deadline=None)
+@given(geometries(), st.sampled_from(DTYPES), st.booleans())
+def test_cpu_im2col_equals_reference(geometry, dtype, transposed):
+    x_shape, kh, kw, stride, padding, dilation = geometry
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal(x_shape).astype(dtype)
+    if transposed:  # a non-contiguous view with the same shape
+        x = np.ascontiguousarray(x.transpose(0, 1, 3, 2)).transpose(0, 1, 3, 2)
+    cols = kcpu.im2col(x, kh, kw, stride, padding, dilation)
+    expected = ref_im2col(x, kh, kw, stride, padding, dilation)
+    assert cols.dtype == x.dtype and cols.flags.c_contiguous
+    assert cols.shape == expected.shape
+    np.testing.assert_array_equal(cols, expected)  # a copy: bit for bit
+
+
+@settings(max_examples=40, deadline=None)
+@given(geometries(), st.sampled_from(DTYPES))
+def test_cpu_col2im_equals_reference(geometry, dtype):
+    x_shape, kh, kw, stride, padding, dilation = geometry
+    rng = np.random.default_rng(2)
+    cols = rng.standard_normal(_cols_shape(x_shape, kh, kw, stride, padding, dilation)).astype(dtype)
+    dx = kcpu.col2im(cols, x_shape, kh, kw, stride, padding, dilation)
+    expected = ref_col2im(cols, x_shape, kh, kw, stride, padding, dilation)
+    assert dx.dtype == cols.dtype and dx.shape == tuple(x_shape)
+    assert_close(dx, expected, rtol=1e-12 if dtype == np.float64 else 1e-5, atol=1e-12 if dtype == np.float64 else 1e-5)
+
+
+def test_cpu_im2col_col2im_adjoint(rng):
+    """<im2col(x), y> == <x, col2im(y)>: col2im is the exact transpose."""
+    x_shape, kh, kw, stride, padding, dilation = (2, 3, 11, 9), 3, 2, (2, 1), (1, 2), (2, 3)
+    x = rng.standard_normal(x_shape)
+    y = rng.standard_normal(_cols_shape(x_shape, kh, kw, stride, padding, dilation))
+    lhs = np.sum(kcpu.im2col(x, kh, kw, stride, padding, dilation) * y)
+    rhs = np.sum(x * kcpu.col2im(y, x_shape, kh, kw, stride, padding, dilation))
+    assert abs(lhs - rhs) <= 1e-10 * max(1.0, abs(lhs))
+
+
+def test_cpu_kernels_write_into_workspaces(rng):
+    x = rng.standard_normal((2, 3, 6, 5)).astype(np.float32)
+    shape = _cols_shape(x.shape, 3, 3, (1, 1), (1, 1), (1, 1))
+    out = np.full(shape, np.nan, np.float32)
+    cols = kcpu.im2col(x, 3, 3, (1, 1), (1, 1), (1, 1), out=out)
+    assert cols is out
+    np.testing.assert_array_equal(out, ref_im2col(x, 3, 3, (1, 1), (1, 1), (1, 1)))
+    dx_out = np.full(x.shape, np.nan, np.float32)
+    dx = kcpu.col2im(out, x.shape, 3, 3, (1, 1), (1, 1), (1, 1), out=dx_out)
+    assert dx is dx_out  # overwritten, not accumulated onto the NaNs
+    assert_close(dx, ref_col2im(out, x.shape, 3, 3, (1, 1), (1, 1), (1, 1)))
+
+
+def test_cpu_kernels_reject_bad_workspaces(rng):
+    x = rng.standard_normal((1, 2, 4, 4))
+    with pytest.raises(ValueError, match="out must be"):
+        kcpu.im2col(x, 3, 3, (1, 1), (1, 1), (1, 1), out=np.empty((18, 15)))
+    with pytest.raises(ValueError, match="out must be"):
+        kcpu.im2col(x, 3, 3, (1, 1), (1, 1), (1, 1), out=np.empty((18, 16), np.float32))
+    with pytest.raises(ValueError, match="cols has shape"):
+        kcpu.col2im(np.empty((18, 15)), (1, 2, 4, 4), 3, 3, (1, 1), (1, 1), (1, 1))
+
+
+def test_cpu_kernel_docstrings():
+    import doctest
+
+    result = doctest.testmod(kcpu, optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted >= 5 and result.failed == 0
+
+
+# ------------------------------------------------------------- blocked conv2d
+torch = pytest.importorskip("torch")
+
+
+@st.composite
+def conv_cases(draw):
+    (N, C, H, W), kh, kw, stride, padding, dilation = draw(geometries(max_size=12))
+    groups = draw(st.sampled_from([g for g in (1, 2, 3) if C % g == 0]))
+    C = C if groups == 1 else C  # C divisible by groups by construction
+    K = groups * draw(st.integers(1, 3))
+    # 0: the whole batch in one block; 1..: blocks of a few hundred bytes, so
+    # the loops split rows of one sample and group several samples
+    block = draw(st.sampled_from([64 << 20, 1, 300, 2000]))
+    return (N, C, H, W), K, kh, kw, stride, padding, dilation, groups, block
+
+
+def _torch_conv(x, w, b, dout, stride, padding, dilation, groups):
+    tx = torch.tensor(x, requires_grad=True)
+    tw = torch.tensor(w, requires_grad=True)
+    y = torch.nn.functional.conv2d(tx, tw, torch.tensor(b), stride, padding, dilation, groups)
+    y.backward(torch.tensor(dout))
+    return y.detach().numpy(), tx.grad.numpy(), tw.grad.numpy()
+
+
+@settings(max_examples=40, deadline=None)
+@given(conv_cases(), st.sampled_from(DTYPES))
+def test_cpu_conv2d_kernels_match_torch(case, dtype):
+    x_shape, K, kh, kw, stride, padding, dilation, groups, block = case
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal(x_shape).astype(dtype)
+    w = rng.standard_normal((K, x_shape[1] // groups, kh, kw)).astype(dtype)
+    b = rng.standard_normal(K).astype(dtype)
+    N, C, H, W = x_shape
+    Ho = conv_output_size(H, kh, stride[0], padding[0], dilation[0])
+    Wo = conv_output_size(W, kw, stride[1], padding[1], dilation[1])
+    dout = rng.standard_normal((N, K, Ho, Wo)).astype(dtype)
+    y_t, dx_t, dw_t = _torch_conv(x, w, b, dout, stride, padding, dilation, groups)
+
+    saved = kcpu._BLOCK_BYTES
+    kcpu._BLOCK_BYTES = block
+    try:
+        y = kcpu.conv2d_forward(x, w, b, stride, padding, dilation, groups)
+        dx = kcpu.conv2d_input_grad(dout, w, x_shape, stride, padding, dilation, groups)
+        dw = kcpu.conv2d_weight_grad(x, dout, w.shape, stride, padding, dilation, groups)
+    finally:
+        kcpu._BLOCK_BYTES = saved
+    tol = dict(rtol=1e-7, atol=1e-10) if dtype == np.float64 else dict(rtol=1e-4, atol=1e-4)
+    assert y.dtype == dx.dtype == dw.dtype == dtype
+    assert_close(y, y_t, **tol, msg="forward")
+    assert_close(dx, dx_t, **tol, msg="input grad")
+    assert_close(dw, dw_t, **tol, msg="weight grad")
+
+
+def test_cpu_conv2d_blocks_cover_every_output_row():
+    """The block plan visits each (n, ho) exactly once, whatever the block size."""
+    for N, Ho, Wo, R, block in [(3, 7, 5, 9, 1), (3, 7, 5, 9, 4 * 9 * 5 * 3), (4, 2, 3, 2, 4 * 2 * 3 * 2 * 3), (2, 5, 1, 1, 1 << 30)]:
+        saved = kcpu._BLOCK_BYTES
+        kcpu._BLOCK_BYTES = block
+        try:
+            seen = np.zeros((N, Ho), int)
+            for n0, n1, ho0, ho1 in kcpu._blocks(N, Ho, Wo, R, 4):
+                assert n1 == n0 + 1 or (ho0, ho1) == (0, Ho)
+                seen[n0:n1, ho0:ho1] += 1
+        finally:
+            kcpu._BLOCK_BYTES = saved
+        assert (seen == 1).all()
+
+
+def test_cpu_workspace_is_reused():
+    a = kcpu.workspace(1000, np.float32)
+    b = kcpu.workspace(500, np.float32)
+    assert a.size == 1000 and b.size == 500
+    assert np.shares_memory(a, b)  # the same buffer, not a fresh allocation
+    c = kcpu.workspace(10, np.float64)
+    assert c.dtype == np.float64 and not np.shares_memory(a, c)
+
+
+# ------------------------------------------------------------------- dispatch
+def test_backend_dispatch_picks_numba_kernels_unless_forced():
+    x = np.zeros((1, 1, 3, 3), np.float32)
+    with backend.use_kernels("numba"):
+        assert backend.kernel("im2col", x) is kcpu.im2col
+        assert backend.kernel("col2im", x) is kcpu.col2im
+        assert backend.kernel("conv2d_forward", x) is kcpu.conv2d_forward
+    with backend.use_kernels("numpy"):
+        assert backend.kernel("im2col", x) is None
+
+
+def test_process_tuning_is_applied():
+    assert kernels.tuning  # ran at import
+    if not kernels.tuning.get("disabled"):
+        assert os.environ.get("NUMBA_THREADING_LAYER")
+        if sys.platform.startswith("linux"):
+            assert kernels.tuning["mallopt"] is True
+
+
+def test_openblas_timeout_is_set_before_numpy_loads():
+    """Importing scratchseg first sets OPENBLAS_THREAD_TIMEOUT before NumPy (and so OpenBLAS) loads."""
+    code = (
+        "import os, sys; import scratchseg; "
+        "print(os.environ.get('OPENBLAS_THREAD_TIMEOUT'), os.environ.get('NUMBA_THREADING_LAYER'))"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_THREAD_TIMEOUT", "NUMBA_THREADING_LAYER", "SCRATCHSEG_NO_TUNING")}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=root, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == [kernels._OPENBLAS_THREAD_TIMEOUT, "workqueue"]
+
+
+def test_cuda_module_imports_without_cupy():
+    import kernels.cuda as kcuda
+
+    assert callable(kcuda.im2col) and callable(kcuda.col2im)
+    assert isinstance(kcuda.available(), bool)
+
+
+# ------------------------------------------------------------------------ GPU
+@pytest.mark.gpu
+@settings(max_examples=30, deadline=None)
+@given(geometries(), st.sampled_from(DTYPES))
+def test_cuda_im2col_col2im_equal_reference(geometry, dtype):
+    from helpers import cupy_or_skip
+
+    cupy = cupy_or_skip()
+    import kernels.cuda as kcuda
+
+    x_shape, kh, kw, stride, padding, dilation = geometry
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal(x_shape).astype(dtype)
+    cols = kcuda.im2col(cupy.asarray(x), kh, kw, stride, padding, dilation)
+    assert cols.dtype == dtype and cols.flags.c_contiguous
+    np.testing.assert_array_equal(cupy.asnumpy(cols), ref_im2col(x, kh, kw, stride, padding, dilation))
+    y = rng.standard_normal(_cols_shape(x_shape, kh, kw, stride, padding, dilation)).astype(dtype)
+    dx = kcuda.col2im(cupy.asarray(y), x_shape, kh, kw, stride, padding, dilation)
+    assert dx.dtype == dtype and dx.shape == tuple(x_shape)
+    assert_close(cupy.asnumpy(dx), ref_col2im(y, x_shape, kh, kw, stride, padding, dilation))
+
+
+@pytest.mark.gpu
+def test_cuda_dispatch_picks_cuda_kernels():
+    from helpers import cupy_or_skip
+
+    cupy = cupy_or_skip()
+    import kernels.cuda as kcuda
+
+    x = cupy.zeros((1, 1, 3, 3), cupy.float32)
+    with backend.use_kernels("numpy"):  # forces the CPU reference only
+        assert backend.kernel("im2col", x) is kcuda.im2col
+    assert backend.kernel("col2im", x) is kcuda.col2im
