@@ -31,6 +31,11 @@ import contextlib
 import os
 import threading
 
+try:  # before NumPy loads: kernels/ sets OpenBLAS/Numba thread defaults and glibc's mmap threshold
+    import kernels as _kernels  # noqa: F401
+except ImportError:  # the top-level kernels package is optional
+    _kernels = None
+
 import numpy
 
 __all__ = [
