@@ -85,6 +85,17 @@ def test_max_pool2d_ties_take_first_max_like_torch(rng):
     assert_close(dx, dx_t, rtol=0, atol=1e-15)
 
 
+def test_max_pool2d_nan_propagates_like_torch(rng):
+    x = distinct(rng, (1, 2, 6, 6))
+    x[0, 0, 1, 1] = x[0, 1, 4, 5] = x[0, 1, 5, 5] = np.nan
+    kw = dict(kernel_size=3, stride=2, padding=1, ceil_mode=True)
+    out, idx = F.max_pool2d(x, return_indices=True, **kw)
+    out_t, idx_t = TF.max_pool2d(torch.from_numpy(x), return_indices=True, **kw)
+    assert np.isnan(out.numpy()).sum() >= 3
+    assert_close(out, out_t, rtol=0, atol=0)
+    np.testing.assert_array_equal(idx.numpy(), idx_t.numpy())
+
+
 def test_max_pool2d_float32(rng):
     x = distinct(rng, (2, 4, 10, 11), np.float32)
     kw = dict(kernel_size=3, stride=2, padding=1)
