@@ -198,7 +198,7 @@ def _rebuild_tensor(storage, offset, size, stride, *_rest):
     """(storage, offset, size, stride) -> an ndarray copy, as ``torch._utils._rebuild_tensor_v2``."""
     item = storage.dtype.itemsize
     if not size:
-        return storage[offset].copy()
+        return numpy.array(storage[offset])  # a 0-d array (num_batches_tracked)
     view = numpy.lib.stride_tricks.as_strided(storage[offset:], shape=tuple(size),
                                               strides=tuple(s * item for s in stride))
     return numpy.array(view)
