@@ -759,8 +759,9 @@ class Tensor:
         if g.dtype != self.data.dtype:
             g = g.astype(self.data.dtype)
         if self.grad is None:
-            # own the memory: g may be a read-only broadcast or a view shared with another gradient
-            self.grad = g.copy() if g.base is not None else g
+            # own the memory: g may be a read-only broadcast, the caller's grad array, or
+            # the very array another input also received (Add passes dout to both sides)
+            self.grad = g.copy()
         else:
             self.grad = self.grad + g
 
