@@ -141,6 +141,20 @@ def _col2im_block(cols, c0, Cg, n0, n1, ho0, ho1, kh, kw, sh, sw, ph, pw, dh, dw
     return dx
 
 
+_NATIVE = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def _working_dtype(dtype):
+    """The dtype the compiled loops run in: float32/float64 as they are, others (float16) in float32."""
+    dtype = np.dtype(dtype)
+    return dtype if dtype in _NATIVE else np.dtype(np.float32)
+
+
+def _copy_into(out, a, what):
+    _check_out(out, a.shape, a.dtype, what)[...] = a
+    return out
+
+
 def _check_out(out, shape, dtype, what):
     if out is None:
         return np.empty(shape, dtype=dtype)
@@ -174,6 +188,9 @@ def im2col(x, kh, kw, stride, padding, dilation, out=None):
     N, C, H, W = x.shape
     Ho = conv_output_size(H, kh, sh, ph, dh)
     Wo = conv_output_size(W, kw, sw, pw, dw)
+    if x.dtype not in _NATIVE:  # float16: unfold in float32, hand back the input's dtype
+        cols = im2col(x.astype(np.float32), kh, kw, stride, padding, dilation).astype(x.dtype)
+        return cols if out is None else _copy_into(out, cols, "im2col")
     x = np.ascontiguousarray(x)
     cols = _check_out(out, (C * kh * kw, N * Ho * Wo), x.dtype, "im2col")
     if cols.size:
@@ -209,6 +226,9 @@ def col2im(cols, x_shape, kh, kw, stride, padding, dilation, out=None):
             f"col2im: cols has shape {cols.shape}, expected {(C * kh * kw, N * Ho * Wo)} "
             f"for x_shape {(N, C, H, W)} and a {kh}x{kw} kernel"
         )
+    if cols.dtype not in _NATIVE:
+        dx = col2im(cols.astype(np.float32), x_shape, kh, kw, stride, padding, dilation).astype(cols.dtype)
+        return dx if out is None else _copy_into(out, dx, "col2im")
     cols = np.ascontiguousarray(cols)
     dx = _check_out(out, (N, C, H, W), cols.dtype, "col2im")
     if dx.size:
@@ -292,7 +312,8 @@ def conv2d_forward(x, weight, bias=None, stride=1, padding=0, dilation=1, groups
     K, Cg = weight.shape[0], weight.shape[1]
     kh, kw, sh, sw, ph, pw, dh, dw, Ho, Wo = _geometry(x.shape, weight.shape, stride, padding, dilation)
     Kg = K // groups
-    dtype = np.result_type(x.dtype, weight.dtype)
+    given = np.result_type(x.dtype, weight.dtype)
+    dtype = _working_dtype(given)  # float16 runs in float32
     x = np.ascontiguousarray(x, dtype=dtype)
     w2 = np.ascontiguousarray(weight, dtype=dtype).reshape(K, Cg * kh * kw)  # (K, Cg*kh*kw)
     y = _check_out(out, (N, K, Ho, Wo), dtype, "conv2d_forward")
@@ -311,7 +332,7 @@ def conv2d_forward(x, weight, bias=None, stride=1, padding=0, dilation=1, groups
             )
     if bias is not None:
         y += np.asarray(bias, dtype=dtype).reshape(1, K, 1, 1)
-    return y
+    return y if given == dtype else y.astype(given)
 
 
 def conv2d_input_grad(dout, weight, x_shape, stride=1, padding=0, dilation=1, groups=1, out=None):
@@ -331,7 +352,8 @@ def conv2d_input_grad(dout, weight, x_shape, stride=1, padding=0, dilation=1, gr
     if dout.shape != (N, K, Ho, Wo):
         raise ValueError(f"conv2d_input_grad: dout has shape {dout.shape}, expected {(N, K, Ho, Wo)}")
     Kg = K // groups
-    dtype = np.result_type(dout.dtype, weight.dtype)
+    given = np.result_type(dout.dtype, weight.dtype)
+    dtype = _working_dtype(given)
     dout3 = np.ascontiguousarray(dout, dtype=dtype).reshape(N, K, Ho * Wo)  # (N, K, Ho*Wo)
     wT = np.ascontiguousarray(weight, dtype=dtype).reshape(K, Cg * kh * kw)  # (K, R); transposed per group below
     dx = _check_out(out, (N, C, H, W), dtype, "conv2d_input_grad")
@@ -348,7 +370,7 @@ def conv2d_input_grad(dout, weight, x_shape, stride=1, padding=0, dilation=1, gr
                 out=dcols.reshape(R, nb, P).transpose(1, 0, 2),
             )
             _col2im_block(dcols, g * Cg, Cg, n0, n1, ho0, ho1, kh, kw, sh, sw, ph, pw, dh, dw, Wo, dx, True)
-    return dx
+    return dx if given == dtype else dx.astype(given)
 
 
 def conv2d_weight_grad(x, dout, weight_shape, stride=1, padding=0, dilation=1, groups=1):
@@ -370,7 +392,8 @@ def conv2d_weight_grad(x, dout, weight_shape, stride=1, padding=0, dilation=1, g
     if dout.shape != (N, K, Ho, Wo):
         raise ValueError(f"conv2d_weight_grad: dout has shape {dout.shape}, expected {(N, K, Ho, Wo)}")
     Kg = K // groups
-    dtype = np.result_type(x.dtype, dout.dtype)
+    given = np.result_type(x.dtype, dout.dtype)
+    dtype = _working_dtype(given)
     x = np.ascontiguousarray(x, dtype=dtype)
     dout3 = np.ascontiguousarray(dout, dtype=dtype).reshape(N, K, Ho * Wo)  # (N, K, Ho*Wo)
     R = Cg * kh * kw
@@ -386,4 +409,5 @@ def conv2d_weight_grad(x, dout, weight_shape, stride=1, padding=0, dilation=1, g
             else:
                 # (nb, Kg, P) @ (nb, P, R) -> (nb, Kg, R), summed over the samples
                 dw2[g * Kg:(g + 1) * Kg] += np.matmul(d, cols.reshape(R, nb, P).transpose(1, 2, 0)).sum(0)
-    return dw2.reshape(K, Cg, kh, kw)
+    dw = dw2.reshape(K, Cg, kh, kw)  # (K, Cg, kh, kw)
+    return dw if given == dtype else dw.astype(given)

@@ -274,3 +274,18 @@ def test_cuda_dispatch_picks_cuda_kernels():
     with backend.use_kernels("numpy"):  # forces the CPU reference only
         assert backend.kernel("im2col", x) is kcuda.im2col
     assert backend.kernel("col2im", x) is kcuda.col2im
+
+
+def test_cpu_kernels_keep_float16(rng):
+    """float16 has no compiled loop: it runs in float32 and comes back as float16."""
+    x = rng.standard_normal((2, 3, 6, 5)).astype(np.float16)
+    w = rng.standard_normal((4, 3, 3, 3)).astype(np.float16)
+    cols = kcpu.im2col(x, 3, 3, (1, 1), (1, 1), (1, 1))
+    assert cols.dtype == np.float16
+    np.testing.assert_array_equal(cols, ref_im2col(x, 3, 3, (1, 1), (1, 1), (1, 1)))
+    y = kcpu.conv2d_forward(x, w, None, 1, 1, 1, 1)
+    dx = kcpu.conv2d_input_grad(y, w, x.shape, 1, 1, 1, 1)
+    dw = kcpu.conv2d_weight_grad(x, y, w.shape, 1, 1, 1, 1)
+    assert y.dtype == dx.dtype == dw.dtype == np.float16
+    y32 = kcpu.conv2d_forward(x.astype(np.float32), w.astype(np.float32), None, 1, 1, 1, 1)
+    assert_close(y, y32, rtol=1e-2, atol=1e-2)

@@ -23,6 +23,12 @@ has three core computations -- ``_conv``, ``_conv_transpose`` and
 
 The columns are recomputed in backward instead of being kept from forward:
 for an 8x64x128x128 input and a 3x3 kernel they take 288 MiB in float32.
+
+On the CPU the three core computations hand over to ``kernels.cpu``
+(``conv2d_forward``, ``conv2d_input_grad``, ``conv2d_weight_grad``) when
+``scratchseg.backend.kernel`` offers them: the same products, computed block
+by block over output pixels so the columns of one block stay in the cache and
+the full column matrix is never allocated. The code below stays the reference.
 """
 
 from __future__ import annotations
@@ -79,6 +85,11 @@ def _conv(x, w, stride, padding, dilation, groups, out_hw=None):
     Ho = conv_output_size(H, kh, stride[0], padding[0], dilation[0])
     Wo = conv_output_size(W, kw, stride[1], padding[1], dilation[1])
 
+    fast = backend.kernel("conv2d_forward", x)  # blocked im2col + GEMM, no full columns
+    if fast is not None:
+        out = fast(x, w, None, stride, padding, dilation, groups)  # (N, K, Ho, Wo)
+        return out if out_hw is None else xp.ascontiguousarray(out[:, :, : out_hw[0], : out_hw[1]])
+
     cols = _im2col(x, kh, kw, stride, padding, dilation)  # (C*kh*kw, N*Ho*Wo)
     cols = cols.reshape(G, CG * kh * kw, N * Ho * Wo)  # (G, C/G*kh*kw, N*P): rows (c, i, j), c outermost
     w_mat = w.reshape(G, K // G, CG * kh * kw)  # (G, K/G, C/G*kh*kw)
@@ -102,6 +113,9 @@ def _conv_transpose(dout, w, x_shape, stride, padding, dilation, groups):
     Wo = conv_output_size(W, kw, stride[1], padding[1], dilation[1])
 
     dout = _fit_output(dout, Ho, Wo)
+    fast = backend.kernel("conv2d_input_grad", dout)  # blocked GEMM + col2im
+    if fast is not None:
+        return fast(dout, w, (N, C, H, W), stride, padding, dilation, groups)
     dout_mat = dout.transpose(1, 0, 2, 3).reshape(G, K // G, N * Ho * Wo)  # (G, K/G, N*P)
     w_mat_t = w.reshape(G, K // G, CG * kh * kw).transpose(0, 2, 1)  # (G, C/G*kh*kw, K/G)
     dcols = xp.matmul(w_mat_t, dout_mat)  # (G, C/G*kh*kw, N*P)
@@ -122,6 +136,9 @@ def _conv_weight_grad(x, dout, w_shape, stride, padding, dilation, groups):
     Wo = conv_output_size(W, kw, stride[1], padding[1], dilation[1])
 
     dout = _fit_output(dout, Ho, Wo)
+    fast = backend.kernel("conv2d_weight_grad", x)  # blocked im2col + GEMM
+    if fast is not None:
+        return fast(x, dout, w_shape, stride, padding, dilation, groups)
     cols = _im2col(x, kh, kw, stride, padding, dilation)  # (C*kh*kw, N*P), recomputed
     cols_t = cols.reshape(G, CG * kh * kw, N * Ho * Wo).transpose(0, 2, 1)  # (G, N*P, C/G*kh*kw)
     dout_mat = dout.transpose(1, 0, 2, 3).reshape(G, K // G, N * Ho * Wo)  # (G, K/G, N*P)
