@@ -446,3 +446,16 @@ def test_module_cuda_round_trip_matches_cpu():
     assert isinstance(net.stem[0].weight.data, np.ndarray)
     net.cuda().load_state_dict({k: to_numpy(v) for k, v in sd.items()})  # numpy values onto the GPU
     assert isinstance(net.up.weight.data, cupy.ndarray)
+
+
+def test_deepcopy_gives_independent_parameters_and_nn_functional_alias():
+    import copy
+
+    import scratchseg.nn.functional as NF
+
+    assert NF.relu is scratchseg.functional.relu
+    net = nn.Sequential(nn.ConvBlock(2, 3), nn.Conv2d(3, 1, 1))
+    twin = copy.deepcopy(net)
+    assert list(twin.state_dict()) == list(net.state_dict())
+    twin[1].weight.data += 1
+    assert not np.array_equal(to_numpy(twin[1].weight), to_numpy(net[1].weight))

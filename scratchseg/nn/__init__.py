@@ -7,6 +7,9 @@ containers, layers under torch's names, ``ConvBlock`` and ``nn.init``.
     240
 """
 
+import sys as _sys
+
+from .. import functional  # scratchseg.nn.functional, as torch.nn.functional
 from . import init
 from .blocks import ConvBlock
 from .containers import Identity, ModuleDict, ModuleList, Sequential
@@ -36,6 +39,7 @@ from .parameter import Parameter
 
 __all__ = [
     "init",
+    "functional",
     "Module",
     "Parameter",
     "StateDictError",
@@ -65,3 +69,5 @@ __all__ = [
     "Flatten",
     "CrossEntropyLoss",
 ]
+
+_sys.modules[__name__ + ".functional"] = functional  # `import scratchseg.nn.functional as F` works too
