@@ -350,3 +350,32 @@ def test_vgg16_layout_and_width(float64):
     feats = vgg(images((1, 3, 40, 24)))
     assert feats["pool5"].shape == (1, 64, 5, 3)  # output stride 8
     assert "block1.conv1_1.weight" in vgg.state_dict()
+
+
+# ----------------------------------------------------------------------- GPU
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["unet", "unet_original", "fcn8s", "deeplabv1", "deeplabv3plus", "hypercolumn"])
+def test_models_on_the_gpu_match_the_cpu(name, float64):
+    from helpers import cupy_or_skip, to_numpy
+
+    cupy = cupy_or_skip()
+    cpu = build(name)
+    gpu = build(name).to("cuda")
+    cpu.eval()  # dropout masks aside, the two must compute the same function
+    gpu.eval()
+    x = np.random.default_rng(1).standard_normal((2, 3, 37, 50))
+    xs_cpu = scratchseg.Tensor(x.copy(), requires_grad=True)
+    xs_gpu = scratchseg.Tensor(cupy.asarray(x), requires_grad=True)
+    y_cpu, y_gpu = cpu(xs_cpu), gpu(xs_gpu)
+    assert type(y_gpu.data).__module__.startswith("cupy")
+    assert_close(y_gpu, y_cpu, rtol=1e-6, atol=1e-9)
+    dout = np.random.default_rng(2).standard_normal(y_cpu.shape)
+    y_cpu.backward(dout)
+    y_gpu.backward(cupy.asarray(dout))
+    assert_close(xs_gpu.grad, xs_cpu.grad, rtol=1e-6, atol=1e-9)
+    gpu_params = dict(gpu.named_parameters())
+    for pname, p in cpu.named_parameters():
+        g = gpu_params[pname].grad
+        assert type(g).__module__.startswith("cupy"), pname
+        scale = float(np.abs(p.grad).max())
+        assert_close(to_numpy(g), p.grad, rtol=1e-6, atol=max(1e-9 * scale, 1e-12), msg=pname)
