@@ -1,0 +1,191 @@
+"""The training loop on tiny runs: outputs, exact resume after SIGKILL, Ctrl-C, NaN stop, init, freeze."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from scratchseg.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from scratchseg.train import NonFiniteLossError, TrainConfig, evaluate, load_model, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_DATA = "shapes:n_train=12,n_val=4,n_test=0,size=16"
+RECORD_KEYS = {"epoch", "train_loss", "val_loss", "pixel_acc", "mean_acc", "miou", "fwiou", "per_class_iou", "seconds"}
+
+
+def tiny(tmp_path, **kw):
+    options = dict(data=TINY_DATA, model_options={"base": 4, "depth": 2}, epochs=2, batch_size=4,
+                   out=str(tmp_path), name="run", progress=False, num_predictions=2, checkpoint_every=0)
+    options.update(kw)
+    return TrainConfig(**options)
+
+
+def weights(path):
+    return load_checkpoint(path)["model"]
+
+
+def test_a_run_writes_metrics_checkpoints_curves_and_predictions(tmp_path):
+    lines = []
+    result = train(tiny(tmp_path), log=lines.append)
+    run = result["run_dir"]
+    assert any(run in line for line in lines)  # says where it writes
+    records = json.load(open(os.path.join(run, "metrics.json")))
+    assert [r["epoch"] for r in records] == [1, 2]
+    for r in records:
+        assert RECORD_KEYS <= set(r)
+        assert 0 <= r["miou"] <= 1 and r["train_loss"] > 0 and len(r["per_class_iou"]) == 4
+    assert records[1]["train_loss"] < records[0]["train_loss"] * 1.5
+    for name in ("last.npz", "best.npz"):
+        ck = load_checkpoint(os.path.join(run, name))
+        assert ck["meta"]["model_name"] == "unet" and ck["meta"]["num_classes"] == 4
+    assert load_checkpoint(os.path.join(run, "last.npz"))["meta"]["epoch"] == 2
+    assert Image.open(os.path.join(run, "curves.png")).size[0] > 100
+    preds = sorted(os.listdir(os.path.join(run, "predictions")))
+    assert len([p for p in preds if p.endswith("_overlay.png")]) == 2
+    assert len([p for p in preds if p.endswith("_pred.png")]) == 2
+    # the best checkpoint rebuilds the model and scores what metrics.json says
+    model, meta = load_model(run)
+    from scratchseg.data import task_from_spec
+
+    scores = evaluate(model, task_from_spec(meta["task_spec"]), "val")
+    best = max(r["miou"] for r in records)
+    assert scores["miou"] == pytest.approx(best, abs=1e-9)
+
+
+def _cli_args(tmp_path, name, extra=()):
+    return ["train", "--data", "shapes:n_train=24,n_val=4,n_test=0,size=16", "--model-option", "base=4,depth=2",
+            "--epochs", "3", "--batch-size", "2", "--out", str(tmp_path), "--name", name, "--checkpoint-every", "1",
+            "--no-progress", "--num-predictions", "0", *extra]
+
+
+def _start(tmp_path, name):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.Popen([sys.executable, "-m", "scratchseg", *_cli_args(tmp_path, name)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_checkpoint(proc, path, min_iteration, timeout=120):
+    """Block until ``path`` holds a mid-epoch checkpoint at or after ``min_iteration``."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"training ended before it could be stopped: {proc.communicate()}")
+        if os.path.exists(path):
+            try:
+                meta = load_checkpoint(path)["meta"]
+            except CheckpointError:
+                meta = None
+            if meta and meta["iteration"] >= min_iteration and 0 < meta["position"] < 8:
+                proc.send_signal(signal.SIGSTOP)  # freeze it right here, mid-epoch
+                return meta
+        time.sleep(0.002)
+    pytest.fail("no checkpoint appeared in time")
+
+
+def test_sigkill_mid_epoch_then_resume_gives_the_same_weights(tmp_path):
+    from scratchseg.cli import main
+
+    assert main(_cli_args(tmp_path, "whole")) == 0
+    reference = weights(tmp_path / "whole" / "last.npz")
+
+    proc = _start(tmp_path, "killed")
+    last = tmp_path / "killed" / "last.npz"
+    seen = _wait_for_checkpoint(proc, last, min_iteration=15)  # in epoch 2 of 3 (12 iterations per epoch)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    stopped = load_checkpoint(last)["meta"]
+    assert stopped["epoch"] == 1 and stopped["position"] > 0, (seen["iteration"], stopped["iteration"])
+
+    result = train(resume=str(tmp_path / "killed"), log=lambda *_: None)
+    assert result["history"][-1]["epoch"] == 3
+    resumed = weights(last)
+    assert list(resumed) == list(reference)
+    for key in reference:
+        np.testing.assert_array_equal(resumed[key], reference[key], err_msg=key)
+    whole = json.load(open(tmp_path / "whole" / "metrics.json"))
+    again = json.load(open(tmp_path / "killed" / "metrics.json"))
+    assert [r["train_loss"] for r in again] == [r["train_loss"] for r in whole]
+    assert [r["miou"] for r in again] == [r["miou"] for r in whole]
+
+
+def test_ctrl_c_saves_and_exits_then_resume_finishes(tmp_path):
+    proc = _start(tmp_path, "interrupted")
+    last = tmp_path / "interrupted" / "last.npz"
+    _wait_for_checkpoint(proc, last, min_iteration=2)
+    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signal.SIGCONT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "saved" in err and "--resume" in err
+    meta = load_checkpoint(last)["meta"]
+    assert meta["epoch"] < 3
+    result = train(resume=str(tmp_path / "interrupted"), log=lambda *_: None)
+    assert [r["epoch"] for r in result["history"]][-1] == 3
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(tmp_path):
+    cfg = tiny(tmp_path, optimizer="sgd", lr=1e30, momentum=0.0, epochs=3, checkpoint_every=1)
+    with pytest.raises(NonFiniteLossError, match=r"(loss became (nan|inf))|(weights became NaN)"):
+        train(cfg, log=lambda *_: None)
+    last = tmp_path / "run" / "last.npz"
+    if last.exists():  # whatever was saved is finite
+        for value in weights(last).values():
+            assert np.isfinite(value).all()
+
+
+def test_init_reports_skipped_layers_and_freeze_keeps_weights(tmp_path):
+    first = train(tiny(tmp_path, name="first", epochs=1), log=lambda *_: None)
+    source = weights(os.path.join(first["run_dir"], "last.npz"))
+
+    # a 2-class folder task: every layer loads except the 4-class head
+    root = tmp_path / "two"
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for i in range(4):
+            for sub, arr in (("images", rng.integers(0, 256, (16, 16, 3))), ("masks", rng.integers(0, 2, (16, 16)))):
+                os.makedirs(root / split / sub, exist_ok=True)
+                Image.fromarray(arr.astype(np.uint8)).save(root / split / sub / f"{i}.png")
+    lines = []
+    cfg = tiny(tmp_path, name="second", data=f"folder:{root}", init=os.path.join(first["run_dir"], "last.npz"),
+               freeze=["down"], epochs=1)
+    result = train(cfg, log=lines.append)
+    text = "\n".join(lines)
+    assert "skipped head.weight: shape (4, 4, 1, 1) in the file, (2, 4, 1, 1) in the model" in text
+    trained = weights(os.path.join(result["run_dir"], "last.npz"))
+    down = [k for k in trained if k.startswith("down.") and "running" not in k and "num_batches" not in k]
+    assert down
+    for k in down:  # frozen: exactly the initial weights
+        np.testing.assert_array_equal(trained[k], source[k], err_msg=k)
+    up = [k for k in trained if k.startswith("up.") and k.endswith("weight")]
+    assert any(not np.array_equal(trained[k], source[k]) for k in up)  # the rest trained
+    with pytest.raises(ValueError, match="matches no parameter"):
+        train(tiny(tmp_path, name="third", freeze=["nonexistent"]), log=lambda *_: None)
+
+
+def test_balanced_class_weights_and_schedules(tmp_path):
+    result = train(tiny(tmp_path, class_weights="balanced", schedule="step", step_size=1, gamma=0.5,
+                        warmup_iters=2, epochs=2), log=lambda *_: None)
+    meta = load_checkpoint(os.path.join(result["run_dir"], "last.npz"))["meta"]
+    w = np.array(meta["class_weights"])
+    assert w.shape == (4,) and w[0] < 0.5 * w[1:].min()  # background, the frequent class, weighs least
+    lrs = [r["lr"] for r in result["history"]]
+    assert lrs[1] == pytest.approx(lrs[0] * 0.5)
+
+
+def test_resume_of_a_foreign_checkpoint_is_refused(tmp_path):
+    (tmp_path / "x").mkdir()
+    save_checkpoint(tmp_path / "x" / "last.npz", {"w": np.ones(1)}, None, None, {"epoch": 1})
+    with pytest.raises(CheckpointError, match=r"last\.npz is not a training checkpoint"):
+        train(resume=str(tmp_path / "x"))
+    with pytest.raises(CheckpointError, match="holds no checkpoint"):
+        train(resume=str(tmp_path))
