@@ -50,7 +50,6 @@ from ..backend import get_array_module
 __all__ = ["interpolate", "upsample", "upsample_nearest", "upsample_bilinear"]
 
 _MODES = {"nearest": None, "linear": 3, "bilinear": 4, "trilinear": 5}
-_LINEAR_MODES = ("linear", "bilinear", "trilinear")
 
 # One axis's resampling, as host NumPy arrays (read-only, cached):
 # rows of A for the forward, ``lo``/``hi``/``w0``/``w1`` (n_out,), and columns
