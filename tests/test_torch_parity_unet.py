@@ -122,3 +122,27 @@ def test_two_sgd_steps_match_torch(steps):
     x = rng.standard_normal((1, 3, 12, 12))
     assert_close(ours(scratchseg.Tensor(x)), theirs(torch.from_numpy(x)).detach(), rtol=1e-6, atol=1e-12)
     assert to_numpy(ours.head.weight).dtype == np.float64
+
+
+@pytest.mark.gpu
+def test_two_sgd_steps_on_the_gpu_match_torch():
+    from helpers import cupy_or_skip
+
+    cupy = cupy_or_skip()
+    torch.manual_seed(0)
+    theirs = TorchUNet().double()
+    ours = UNet().double().cuda()
+    ours.load_state_dict({k: v.numpy() for k, v in theirs.state_dict().items()})
+    assert isinstance(ours.head.weight.data, cupy.ndarray)
+    opt_t = torch.optim.SGD(theirs.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+    opt_s = optim.SGD(ours.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+    for x, y in _batches(2, np.random.default_rng(0)):
+        opt_t.zero_grad(), opt_s.zero_grad()
+        loss_t = torch.nn.functional.cross_entropy(theirs(torch.from_numpy(x)), torch.from_numpy(y))
+        loss_s = F.cross_entropy(ours(scratchseg.Tensor(cupy.asarray(x))), cupy.asarray(y))
+        assert loss_s.item() == pytest.approx(loss_t.item(), rel=1e-6)
+        loss_t.backward(), loss_s.backward()
+        opt_t.step(), opt_s.step()
+    state_s = ours.state_dict()
+    for name, value in theirs.state_dict().items():
+        assert_close(state_s[name], value, rtol=1e-6, atol=1e-12, msg=name)
