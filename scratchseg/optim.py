@@ -30,7 +30,7 @@ from collections import Counter
 import numpy
 
 from . import backend
-from .autograd import Tensor
+from .autograd import Tensor, enable_grad
 
 __all__ = [
     "Optimizer",
@@ -184,7 +184,16 @@ class Optimizer:
                 if p.grad is not None:
                     p.grad = None if set_to_none else p.grad * 0
 
-    def step(self):  # pragma: no cover - abstract
+    def step(self, closure=None):
+        """One update of every parameter that has a gradient; returns ``closure()``'s loss if given."""
+        loss = None
+        if closure is not None:
+            with enable_grad():
+                loss = closure()
+        self._update()
+        return loss
+
+    def _update(self):  # pragma: no cover - abstract
         raise NotImplementedError
 
     # torch's layout: state keyed by the parameter's index across all groups
@@ -288,7 +297,7 @@ class SGD(Optimizer):
         )
         super().__init__(params, defaults)
 
-    def step(self):
+    def _update(self):
         for group in self.param_groups:
             lr, momentum, dampening = group["lr"], group["momentum"], group["dampening"]
             weight_decay, nesterov, maximize = group["weight_decay"], group["nesterov"], group["maximize"]
@@ -329,7 +338,7 @@ class Adam(Optimizer):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize)
         super().__init__(params, defaults)
 
-    def step(self):
+    def _update(self):
         for group in self.param_groups:
             lr, (beta1, beta2), eps = group["lr"], group["betas"], group["eps"]
             weight_decay, amsgrad, maximize = group["weight_decay"], group["amsgrad"], group["maximize"]

@@ -465,3 +465,29 @@ def test_deepcopy_gives_independent_parameters_and_nn_functional_alias():
     assert list(twin.state_dict()) == list(net.state_dict())
     twin[1].weight.data += 1
     assert not np.array_equal(to_numpy(twin[1].weight), to_numpy(net[1].weight))
+
+
+from hypothesis import given  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@given(
+    k=st.integers(1, 4), s=st.integers(1, 3), p=st.integers(0, 2), d=st.integers(1, 2),
+    h=st.integers(6, 10), w=st.integers(6, 10), transposed=st.booleans(), op=st.integers(0, 2),
+)
+def test_output_size_formula_matches_torch_and_forward(k, s, p, d, h, w, transposed, op):
+    x = np.random.default_rng(0).standard_normal((1, 2, h, w))
+    if transposed:
+        op = min(op, max(s, d) - 1)
+        ours = nn.ConvTranspose2d(2, 3, k, stride=s, padding=p, output_padding=op, dilation=d)
+        theirs = torch.nn.ConvTranspose2d(2, 3, k, stride=s, padding=p, output_padding=op, dilation=d)
+    else:
+        if d * (k - 1) + 1 > h + 2 * p or d * (k - 1) + 1 > w + 2 * p:
+            return
+        ours = nn.Conv2d(2, 3, k, stride=s, padding=p, dilation=d)
+        theirs = torch.nn.Conv2d(2, 3, k, stride=s, padding=p, dilation=d)
+    expected = tuple(theirs(torch.from_numpy(x).float()).shape[2:])
+    if min(expected) <= 0:
+        return
+    assert ours.output_size(h, w) == expected
+    assert ours(scratchseg.Tensor(x.astype(np.float32))).shape[2:] == expected

@@ -254,3 +254,17 @@ def test_a_seeded_training_step_on_a_module():
     grad = to_numpy(net.weight.grad).copy()
     opt.step()
     assert_close(net.weight, before - 0.1 * grad)
+
+
+def test_step_with_closure_returns_the_loss():
+    w = Parameter(np.array([3.0]))
+    opt = optim.SGD([w], lr=0.25)
+
+    def closure():
+        opt.zero_grad()
+        loss = (w * w).sum()
+        loss.backward()
+        return loss
+
+    loss = opt.step(closure)
+    assert loss.item() == 9.0 and w.data[0] == 3.0 - 0.25 * 6.0
