@@ -427,3 +427,28 @@ def test_to_numpy_helper_round_trip(rng):
     a = rng.standard_normal((2, 2))
     assert np.array_equal(to_numpy(Tensor(a)), a)
     assert np.array_equal(np.asarray(Tensor(a)), a)
+
+
+@pytest.mark.gpu
+def test_cupy_graph_matches_numpy(rng):
+    from helpers import cupy_or_skip
+
+    cupy = cupy_or_skip()
+    a, b = rng.uniform(0.5, 2.0, (2, 3, 4)), rng.standard_normal((3, 1))
+    g = rng.standard_normal((2, 3, 6))
+
+    def fn(x, y):
+        z = scratchseg.cat([x * y - x / 2, (x**2).log()], dim=2)[:, :, ::2] + x.exp().sum(dim=2, keepdim=True)
+        return F.pad(F.center_crop(z, (3, 2)), (2, 2)) * 0.5
+
+    results = []
+    for to in (np.asarray, cupy.asarray):
+        x, y = Tensor(to(a), requires_grad=True), Tensor(to(b), requires_grad=True)
+        out = fn(x, y)
+        out.backward(to(g))
+        results.append((out, x.grad, y.grad))
+    (out_cpu, dx_cpu, dy_cpu), (out_gpu, dx_gpu, dy_gpu) = results
+    assert out_gpu.device == "cuda" and type(dx_gpu).__module__.startswith("cupy")
+    assert_close(out_gpu, out_cpu)
+    assert_close(dx_gpu, dx_cpu)
+    assert_close(dy_gpu, dy_cpu)
