@@ -224,7 +224,8 @@ class Optimizer:
             saved_groups = _as_list(saved_groups)
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(
-                f"loaded state dict has {len(saved_groups)} parameter groups, this optimizer has {len(self.param_groups)}"
+                f"loaded state dict has {len(saved_groups)} parameter groups, "
+                f"this optimizer has {len(self.param_groups)}"
             )
         params_by_index = {}
         for group, saved in zip(self.param_groups, saved_groups):
@@ -428,7 +429,8 @@ class LRScheduler:
         return ("base_lrs", "last_epoch", "_step_count", "_last_lr")
 
     def state_dict(self):
-        """Numbers and lists of numbers: ``base_lrs``, ``last_epoch``, ``_step_count``, ``_last_lr`` and the schedule's options."""
+        """Numbers and lists of numbers: ``base_lrs``, ``last_epoch``, ``_step_count``,
+        ``_last_lr`` and the schedule's options (torch's names)."""
         return {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in self.__dict__.items()
                 if k in self._state_keys()}
 

@@ -106,7 +106,8 @@ def test_load_errors_list_missing_unexpected_and_mismatched():
     with pytest.raises(RuntimeError) as info:
         net.load_state_dict(sd)
     message = str(info.value)
-    for text in ("'up.bias'", "'stem.1.running_var'", "'extra.weight'", "'down.weight'", "(6, 2, 3, 3)", "(6, 4, 3, 3)"):
+    for text in ("'up.bias'", "'stem.1.running_var'", "'extra.weight'", "'down.weight'",
+                 "(6, 2, 3, 3)", "(6, 4, 3, 3)"):
         assert text in message
     assert "missing" in message and "unexpected" in message and "size mismatch" in message
     # strict=False: still an error for the shape mismatch ...

@@ -356,13 +356,8 @@ class _BatchNorm(Module):
         # without running statistics, evaluation also normalises with the batch's own
         use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
         track = not self.training or self.track_running_stats
-        x = input if isinstance(input, Tensor) else Tensor(input)
-        shape = x.shape
-        if x.ndim != 4:
-            # (N, C) -> (N, C, 1, 1); (N, C, L) -> (N, C, L, 1); (N, C, D, H, W) -> (N, C, D, H*W)
-            x = x.reshape(shape[0], shape[1], int(numpy.prod(shape[2:-1] or (1,))), shape[-1] if x.ndim > 2 else 1)
-        out = F.batch_norm(
-            x,
+        return F.batch_norm(
+            input,
             self.running_mean if track else None,
             self.running_var if track else None,
             self.weight,
@@ -371,7 +366,6 @@ class _BatchNorm(Module):
             factor,
             self.eps,
         )
-        return out.reshape(shape) if len(shape) != 4 else out
 
     def extra_repr(self):
         return (
@@ -467,7 +461,8 @@ class MaxPool2d(Module):
         self.kernel_size, self.stride = kernel_size, stride if stride is not None else kernel_size
         self.padding, self.dilation = padding, dilation
         self.return_indices, self.ceil_mode = bool(return_indices), bool(ceil_mode)
-        _pair(kernel_size, "kernel_size"), _pair(self.stride, "stride"), _pair(padding, "padding")
+        for name, value in (("kernel_size", kernel_size), ("stride", self.stride), ("padding", padding)):
+            _pair(value, name)  # a clear error now rather than at the first forward
 
     def forward(self, input):
         extra = {}
@@ -501,7 +496,8 @@ class AvgPool2d(Module):
         self.kernel_size, self.stride = kernel_size, stride if stride is not None else kernel_size
         self.padding, self.ceil_mode = padding, bool(ceil_mode)
         self.count_include_pad, self.divisor_override = bool(count_include_pad), divisor_override
-        _pair(kernel_size, "kernel_size"), _pair(self.stride, "stride"), _pair(padding, "padding")
+        for name, value in (("kernel_size", kernel_size), ("stride", self.stride), ("padding", padding)):
+            _pair(value, name)  # a clear error now rather than at the first forward
 
     def forward(self, input):
         extra = {}
