@@ -1,0 +1,217 @@
+"""Shared plumbing of the benchmarks: timing, interleaving, peak memory, SGEMM peak, tables.
+
+Both frameworks run on the same data in the same process, interleaved round
+by round (the order alternates), after warm-up rounds that are not counted;
+we report the median and the minimum of each and the ratio of the medians
+(scratchseg / PyTorch: below 1 means scratchseg is faster).
+
+Peak memory is measured the same way for both frameworks, each in a fresh
+child process of its own: the child builds its model and data, runs a tiny
+warm-up step, notes its current resident size (``/proc/self/statm``) and
+resets the kernel's high-water mark (``/proc/self/clear_refs``), runs the
+steps, and reports that high-water mark (``VmHWM``) minus the baseline. tracemalloc cannot be used: it sees neither NumPy's nor PyTorch's
+large buffers. On the GPU the child reports the caching allocator's high-water
+mark instead (``torch.cuda.max_memory_reserved``; CuPy's pool ``total_bytes``,
+which only grows until freed blocks are released).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import scratchseg  # noqa: E402  (first: sets the BLAS/Numba thread defaults before NumPy loads)
+import numpy  # noqa: E402
+
+__all__ = [
+    "ROOT",
+    "add_common_args",
+    "setup_backend",
+    "synchronize",
+    "interleaved",
+    "stats",
+    "print_table",
+    "sgemm_peak",
+    "environment_report",
+    "child_peak_memory",
+    "rss_bytes",
+    "maxrss_bytes",
+    "reset_maxrss",
+]
+
+
+def add_common_args(parser):
+    parser.add_argument("--backend", choices=("numpy", "cupy"), default="numpy",
+                        help="numpy: scratchseg on the CPU vs PyTorch CPU; cupy: CuPy vs PyTorch CUDA")
+    parser.add_argument("--rounds", type=int, default=7, help="timed rounds per framework (default 7)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed warm-up rounds per framework (default 2)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch.set_num_threads (default: leave torch's default, one per core)")
+    return parser
+
+
+def setup_backend(name):
+    """Select scratchseg's backend; returns (xp, torch_device)."""
+    scratchseg.set_backend(name)
+    if name == "cupy":
+        import cupy
+
+        return cupy, "cuda"
+    return numpy, "cpu"
+
+
+def synchronize(device):
+    """Wait for queued GPU work (both frameworks) so wall-clock times are honest."""
+    if device == "cuda":
+        import cupy
+        import torch
+
+        cupy.cuda.Device().synchronize()
+        torch.cuda.synchronize()
+
+
+def interleaved(cases, rounds, warmup, device="cpu"):
+    """Run each ``cases[name]()`` ``warmup + rounds`` times, interleaved; return {name: [seconds]}.
+
+    Round r runs the cases in order, round r+1 in reverse order, so neither
+    framework always follows the other (caches, thread pools, turbo states).
+    """
+    names = list(cases)
+    times = {name: [] for name in names}
+    for r in range(warmup + rounds):
+        order = names if r % 2 == 0 else names[::-1]
+        for name in order:
+            synchronize(device)
+            t0 = time.perf_counter()
+            cases[name]()
+            synchronize(device)
+            if r >= warmup:
+                times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def stats(seconds):
+    a = numpy.asarray(seconds)
+    return {"median": float(numpy.median(a)), "min": float(a.min()), "n": int(a.size)}
+
+
+def print_table(rows, columns):
+    """Print ``rows`` (dicts) as an aligned text table with the given ``columns``."""
+    cells = [[str(c) for c in columns]] + [[_fmt(row.get(c, "")) for c in columns] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
+    for k, r in enumerate(cells):
+        print("  ".join(v.rjust(w) if k else v.ljust(w) for v, w in zip(r, widths)))
+        if k == 0:
+            print("  ".join("-" * w for w in widths))
+    sys.stdout.flush()
+
+
+def _fmt(v):
+    if isinstance(v, float):
+        return f"{v:.3f}" if abs(v) < 100 else f"{v:.1f}"
+    return str(v)
+
+
+def sgemm_peak(device="cpu", n=2048, repeats=5):
+    """Best float32 GEMM rate (GFLOP/s) of NumPy/CuPy and of PyTorch on an n x n x n product."""
+    import torch
+
+    xp = numpy
+    if device == "cuda":
+        import cupy as xp  # noqa: F811
+    rng = numpy.random.default_rng(0)
+    a_host = rng.standard_normal((n, n), dtype=numpy.float32)
+    b_host = rng.standard_normal((n, n), dtype=numpy.float32)
+    a, b = xp.asarray(a_host), xp.asarray(b_host)
+    ta, tb = torch.from_numpy(a_host).to(device), torch.from_numpy(b_host).to(device)
+    flops = 2.0 * n**3
+    best = {"scratchseg": float("inf"), "torch": float("inf")}
+    for _ in range(repeats + 1):
+        synchronize(device)
+        t0 = time.perf_counter()
+        a @ b
+        synchronize(device)
+        t1 = time.perf_counter()
+        ta @ tb
+        synchronize(device)
+        t2 = time.perf_counter()
+        best["scratchseg"] = min(best["scratchseg"], t1 - t0)
+        best["torch"] = min(best["torch"], t2 - t1)
+    return {k: flops / v / 1e9 for k, v in best.items()}
+
+
+def environment_report(device="cpu"):
+    """A few lines saying what ran where: versions, threads, load, kernels, tuning."""
+    import kernels
+    import torch
+
+    lines = [
+        f"python {sys.version.split()[0]}, numpy {numpy.__version__}, torch {torch.__version__}, "
+        f"scratchseg {scratchseg.__version__}",
+        f"backend {scratchseg.backend.current()}, kernels {scratchseg.backend.kernels()}, "
+        f"torch threads {torch.get_num_threads()}, cores {os.cpu_count()}",
+        f"process tuning: {kernels.tuning}",
+    ]
+    try:
+        import numba
+
+        lines.append(f"numba {numba.__version__}, {numba.get_num_threads()} threads, layer {numba.config.THREADING_LAYER}")
+    except ImportError:
+        lines.append("numba: not installed (reference kernels)")
+    if hasattr(os, "getloadavg"):
+        lines.append("load average (1, 5, 15 min) at start: %.2f %.2f %.2f" % os.getloadavg())
+    if device == "cuda":
+        import cupy
+
+        props = cupy.cuda.runtime.getDeviceProperties(0)
+        lines.append(f"GPU {props['name'].decode() if isinstance(props['name'], bytes) else props['name']}, "
+                     f"cupy {cupy.__version__}, torch cuda {torch.version.cuda}")
+    return lines
+
+
+# ------------------------------------------------------------- peak memory
+def rss_bytes():
+    """Current resident set size of this process (bytes), from /proc/self/statm."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def maxrss_bytes():
+    """The kernel's high-water mark of this process's resident size (bytes): VmHWM.
+
+    Not ``getrusage().ru_maxrss``: Linux carries that over from the parent
+    across fork and exec, so a child started by a large benchmark process would
+    report the parent's size.
+    """
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # kB
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def reset_maxrss():
+    """Reset VmHWM to the current resident size (Linux >= 4.0); False where that is not allowed."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def child_peak_memory(script, framework, extra_args=()):
+    """Run ``script --memory-child FRAMEWORK`` in a fresh process and return its JSON report."""
+    cmd = [sys.executable, script, "--memory-child", framework, *extra_args]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=1800)
+    if out.returncode != 0:
+        raise RuntimeError(f"memory child {framework} failed:\n{out.stderr[-3000:]}")
+    reports = [line for line in out.stdout.splitlines() if line.startswith("{")]
+    return json.loads(reports[-1])

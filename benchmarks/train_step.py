@@ -1,0 +1,224 @@
+"""One U-Net training step: scratchseg vs PyTorch, time and peak memory.
+
+    python benchmarks/train_step.py                  # CPU: scratchseg (NumPy + Numba) vs PyTorch CPU
+    python benchmarks/train_step.py --backend cupy   # GPU: scratchseg on CuPy vs PyTorch CUDA
+
+The network (built here from ``nn`` layers, the same code for both
+frameworks, so it does not depend on ``scratchseg.models``): batch 8 of
+3x128x128 images, four resolutions with 32-64-128-256 channels, two 3x3
+conv + BatchNorm + ReLU per block, 2x2 max-pool down, 2x2 stride-2
+transposed conv up, skip connections by concatenation, a 1x1 conv to 4
+classes, pixel-wise cross-entropy, SGD with momentum 0.9.
+
+Both start from the same weights (torch's, loaded into scratchseg); the first
+step's losses are compared before anything is timed. Time: interleaved rounds
+after warm-up in this process. Peak memory: each framework in a fresh child
+process (see ``_common``), the resident-size high-water mark during the steps
+minus the resident size before them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common  # noqa: E402  (imports scratchseg before NumPy)
+
+import numpy  # noqa: E402
+
+import scratchseg  # noqa: E402
+
+BATCH, IN_CHANNELS, SIZE, CLASSES = 8, 3, 128, 4
+WIDTHS = (32, 64, 128, 256)
+
+
+def make_unet(nn, cat):
+    """The benchmark U-Net as a class of framework ``nn`` (torch.nn or scratchseg.nn)."""
+
+    def double_conv(c_in, c_out):
+        return nn.Sequential(
+            nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(),
+            nn.Conv2d(c_out, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(),
+        )
+
+    class UNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            w = WIDTHS
+            self.down = nn.ModuleList([double_conv(IN_CHANNELS, w[0])] + [double_conv(w[i], w[i + 1]) for i in range(3)])
+            self.pool = nn.MaxPool2d(2)
+            self.up = nn.ModuleList([nn.ConvTranspose2d(w[i + 1], w[i], 2, stride=2) for i in reversed(range(3))])
+            self.merge = nn.ModuleList([double_conv(2 * w[i], w[i]) for i in reversed(range(3))])
+            self.head = nn.Conv2d(w[0], CLASSES, 1)
+
+        def forward(self, x):
+            skips = []
+            for i, block in enumerate(self.down):
+                x = block(x if i == 0 else self.pool(x))  # (N, w[i], SIZE/2^i, SIZE/2^i)
+                skips.append(x)
+            x = skips.pop()
+            for up, merge in zip(self.up, self.merge):
+                x = merge(cat([up(x), skips.pop()], 1))  # (N, 2*w[i], ...) -> (N, w[i], ...)
+            return self.head(x)  # (N, CLASSES, SIZE, SIZE)
+
+    return UNet
+
+
+def make_data(batch=BATCH, size=SIZE, seed=0):
+    rng = numpy.random.default_rng(seed)
+    x = rng.standard_normal((batch, IN_CHANNELS, size, size), dtype=numpy.float32)
+    y = rng.integers(0, CLASSES, (batch, size, size)).astype(numpy.int64)
+    return x, y
+
+
+class TorchRunner:
+    def __init__(self, device):
+        import torch
+
+        torch.manual_seed(0)
+        self.torch, self.device = torch, device
+        self.model = make_unet(torch.nn, torch.cat)().to(device).train()
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9)
+
+    def set_data(self, x, y):
+        self.x = self.torch.from_numpy(x).to(self.device)
+        self.y = self.torch.from_numpy(y).to(self.device)
+
+    def step(self):
+        self.opt.zero_grad(set_to_none=True)
+        loss = self.torch.nn.functional.cross_entropy(self.model(self.x), self.y)
+        loss.backward()
+        self.opt.step()
+        return loss
+
+    def state_dict_numpy(self):
+        return {k: v.detach().cpu().numpy().copy() for k, v in self.model.state_dict().items()}
+
+
+class OursRunner:
+    def __init__(self, xp, state=None):
+        from scratchseg import nn, optim
+
+        self.xp = xp
+        self.model = make_unet(nn, scratchseg.cat)()
+        if state is not None:
+            self.model.load_state_dict(state)
+        if xp.__name__ == "cupy":
+            self.model.to("cuda")
+        self.model.train()
+        self.opt = optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9)
+
+    def set_data(self, x, y):
+        self.x = scratchseg.Tensor(self.xp.asarray(x))
+        self.y = self.xp.asarray(y)
+
+    def step(self):
+        import scratchseg.functional as F
+
+        self.opt.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(self.model(self.x), self.y)
+        loss.backward()
+        self.opt.step()
+        return loss
+
+
+def memory_child(framework, backend, steps=3):
+    """Runs in a fresh process: peak memory of ``steps`` training steps, as JSON on stdout."""
+    xp, device = _common.setup_backend(backend)
+    runner = OursRunner(xp) if framework == "scratchseg" else TorchRunner(device)
+    # a tiny warm-up step loads kernels (Numba cache, oneDNN) before the baseline
+    runner.set_data(*make_data(batch=1, size=32, seed=1))
+    runner.step()
+    runner.set_data(*make_data())
+    report = {"framework": framework, "device": device}
+    if device == "cpu":
+        base = _common.rss_bytes()
+        report["hwm_reset"] = _common.reset_maxrss()
+        for _ in range(steps):
+            runner.step()
+        report.update(baseline=base, maxrss=_common.maxrss_bytes(), peak=_common.maxrss_bytes() - base)
+    else:
+        if framework == "torch":
+            import torch
+
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_reserved()
+            for _ in range(steps):
+                runner.step()
+            torch.cuda.synchronize()
+            report.update(baseline=base, peak=torch.cuda.max_memory_reserved() - base)
+        else:
+            import cupy
+
+            pool = cupy.get_default_memory_pool()
+            cupy.cuda.Device().synchronize()
+            base = pool.total_bytes()
+            for _ in range(steps):
+                runner.step()
+            cupy.cuda.Device().synchronize()
+            report.update(baseline=base, peak=pool.total_bytes() - base)
+    print(json.dumps(report))
+
+
+def main(argv=None):
+    parser = _common.add_common_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
+    parser.add_argument("--memory-child", choices=("scratchseg", "torch"), help=argparse.SUPPRESS)
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory children")
+    args = parser.parse_args(argv)
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.memory_child:
+        return memory_child(args.memory_child, args.backend)
+
+    xp, device = _common.setup_backend(args.backend)
+    print("\n".join(_common.environment_report(device)))
+    theirs = TorchRunner(device)
+    ours = OursRunner(xp, theirs.state_dict_numpy())
+    x, y = make_data()
+    theirs.set_data(x, y)
+    ours.set_data(x, y)
+    n_params = sum(p.numel() for p in theirs.model.parameters())
+    print(f"U-Net {WIDTHS}, {n_params / 1e6:.2f} M parameters, batch {BATCH}x{IN_CHANNELS}x{SIZE}x{SIZE}, "
+          f"{CLASSES} classes, SGD momentum 0.9")
+
+    # same weights, same data: the first losses agree before anything is timed
+    loss_ours = float(scratchseg.backend.asnumpy(ours.step().data))
+    loss_theirs = float(theirs.step().item())
+    print(f"first-step loss: scratchseg {loss_ours:.6f}, torch {loss_theirs:.6f}")
+    if not abs(loss_ours - loss_theirs) <= 1e-3 * abs(loss_theirs):
+        raise AssertionError("the two U-Nets disagree on the first loss: not the same computation")
+
+    print(f"rounds {args.rounds} after {args.warmup} warm-up, interleaved; times in ms\n")
+    times = _common.interleaved({"scratchseg": ours.step, "torch": theirs.step}, args.rounds, args.warmup, device)
+    s, t = _common.stats(times["scratchseg"]), _common.stats(times["torch"])
+    rows = [{"measure": "train step time (ms)", "scratchseg med": 1e3 * s["median"], "scratchseg min": 1e3 * s["min"],
+             "torch med": 1e3 * t["median"], "torch min": 1e3 * t["min"], "ratio": s["median"] / t["median"]}]
+    if not args.no_memory:
+        del ours, theirs  # the children measure in fresh processes
+        script = os.path.abspath(__file__)
+        extra = ["--backend", args.backend] + (["--threads", str(args.threads)] if args.threads else [])
+        m_ours = _common.child_peak_memory(script, "scratchseg", extra)
+        m_theirs = _common.child_peak_memory(script, "torch", extra)
+        mib = 2.0**20
+        rows.append({"measure": "peak memory of a step (MiB)", "scratchseg med": m_ours["peak"] / mib,
+                     "torch med": m_theirs["peak"] / mib, "ratio": m_ours["peak"] / max(m_theirs["peak"], 1)})
+        if device == "cpu":
+            rows.append({"measure": "process max RSS (MiB)", "scratchseg med": m_ours["maxrss"] / mib,
+                         "torch med": m_theirs["maxrss"] / mib, "ratio": m_ours["maxrss"] / m_theirs["maxrss"]})
+    _common.print_table(rows, ["measure", "scratchseg med", "scratchseg min", "torch med", "torch min", "ratio"])
+    if hasattr(os, "getloadavg"):
+        print("load average (1, 5, 15 min) at end: %.2f %.2f %.2f" % os.getloadavg())
+    return rows
+
+
+if __name__ == "__main__":
+    t0 = time.perf_counter()
+    main()
+    print(f"total {time.perf_counter() - t0:.0f} s")
