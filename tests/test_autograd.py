@@ -100,9 +100,8 @@ def test_exp_log_pow_matmul(rng):
 def test_sum_mean(rng, dim, keepdim, reduce):
     a = rng.standard_normal((2, 3, 4))
     if dim is None:
-        if keepdim:
-            pytest.skip("torch's sum()/mean() take no keepdim without dim")
-        check(lambda x: getattr(x, reduce)(), [a], rng)
+        # torch spells "every dimension, kept" as dim=(0, 1, 2)
+        check(lambda x: getattr(x, reduce)(keepdim=keepdim), [a], rng, lambda x: getattr(x, reduce)(dim=(0, 1, 2), keepdim=keepdim))
     else:
         check(lambda x: getattr(x, reduce)(dim=dim, keepdim=keepdim), [a], rng)
 
