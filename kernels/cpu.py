@@ -68,6 +68,20 @@ def _valid_range(off, stride, size, n_out):
     return lo, hi
 
 
+@njit(cache=True, inline="always")
+def _copy_run(dst, src):
+    # dst[:] = src over two 1-D views; a loop from 0 over views is what LLVM
+    # vectorises best (7x a slice assignment or an offset-indexed loop)
+    for k in range(dst.shape[0]):
+        dst[k] = src[k]
+
+
+@njit(cache=True, inline="always")
+def _add_run(dst, src):
+    for k in range(dst.shape[0]):
+        dst[k] += src[k]
+
+
 @njit(parallel=True, cache=True)
 def _im2col_block(x, c0, Cg, n0, n1, ho0, ho1, kh, kw, sh, sw, ph, pw, dh, dw, Wo, cols):
     # The columns of channels [c0, c0+Cg), samples [n0, n1), output rows [ho0, ho1):
@@ -84,6 +98,36 @@ def _im2col_block(x, c0, Cg, n0, n1, ho0, ho1, kh, kw, sh, sw, ph, pw, dh, dw, W
         woff = j * dw - pw
         ho_lo, ho_hi = _valid_range(hoff, sh, H, ho1)
         wo_lo, wo_hi = _valid_range(woff, sw, W, Wo)
+        if sh == 1 and sw == 1 and Wo == W:
+            # 'same' width, unit stride: the output rows of one tap are the input
+            # plane shifted by (hoff, woff), so copy all valid rows as one flat
+            # run and zero the few columns that wrapped around a row end.
+            a = max(ho0, ho_lo)
+            b = max(min(ho1, ho_hi), a)
+            for n in range(n0, n1):
+                base = (n - n0) * L - ho0 * Wo
+                row = cols[r]
+                row[base + ho0 * W:base + a * W] = 0
+                row[base + b * W:base + ho1 * W] = 0
+                if a == b:
+                    continue
+                plane = x[n, c].reshape(H * W)
+                s0 = (a + hoff) * W + woff
+                d0 = base + a * W
+                length = (b - a) * W
+                klo = max(0, -s0)
+                khi = min(length, H * W - s0)
+                row[d0:d0 + klo] = 0
+                _copy_run(row[d0 + klo:d0 + khi], plane[s0 + klo:s0 + khi])
+                row[d0 + khi:d0 + length] = 0
+                if wo_lo > 0 or wo_hi < W:
+                    for ho in range(a, b):
+                        start = base + ho * W
+                        for wo in range(wo_lo):
+                            row[start + wo] = 0
+                        for wo in range(wo_hi, W):
+                            row[start + wo] = 0
+            continue
         for n in range(n0, n1):
             base = (n - n0) * L - ho0 * Wo
             for ho in range(ho0, ho1):
@@ -105,21 +149,53 @@ def _im2col_block(x, c0, Cg, n0, n1, ho0, ho1, kh, kw, sh, sw, ph, pw, dh, dw, W
 
 
 @njit(parallel=True, cache=True)
-def _col2im_block(cols, c0, Cg, n0, n1, ho0, ho1, kh, kw, sh, sw, ph, pw, dh, dw, Wo, dx, accumulate):
+def _col2im_block(cols, c0, Cg, n0, n1, ho0, ho1, kh, kw, sh, sw, ph, pw, dh, dw, Wo, dx, accumulate, scratch):
     # The adjoint of _im2col_block: dx[n, c0+c, h, w] (+)= sum of
     # cols[(c, i, j), (n, ho, wo)] over the taps with ho*sh - ph + i*dh = h and
     # wo*sw - pw + j*dw = w. One (n, c) plane per task: each thread owns the
-    # pixels it adds into, so there are no races.
+    # pixels it adds into, so there are no races. ``scratch``: cols may be
+    # overwritten (a workspace), which allows the fast path below.
     H = dx.shape[2]
     W = dx.shape[3]
     L = (ho1 - ho0) * Wo
     nb = n1 - n0
+    flat = scratch and sh == 1 and sw == 1 and Wo == W
     for t in prange(nb * Cg):
         n = n0 + t // Cg
         c = t % Cg
         if not accumulate:
             dx[n, c0 + c] = 0
         base = (n - n0) * L - ho0 * Wo
+        if flat:
+            # 'same' width, unit stride: each tap adds its rows onto the plane
+            # shifted by (hoff, woff) as one flat run, after zeroing the column
+            # entries that would wrap around a row end (taps in the padding).
+            plane = dx[n, c0 + c].reshape(H * W)
+            for i in range(kh):
+                hoff = i * dh - ph
+                ho_lo, ho_hi = _valid_range(hoff, sh, H, ho1)
+                a = max(ho0, ho_lo)
+                b = ho_hi
+                if a >= b:
+                    continue
+                for j in range(kw):
+                    r = (c * kh + i) * kw + j
+                    woff = j * dw - pw
+                    wo_lo, wo_hi = _valid_range(woff, sw, W, Wo)
+                    row = cols[r]
+                    if wo_lo > 0 or wo_hi < W:
+                        for ho in range(a, b):
+                            start = base + ho * W
+                            for wo in range(wo_lo):
+                                row[start + wo] = 0
+                            for wo in range(wo_hi, W):
+                                row[start + wo] = 0
+                    s0 = (a + hoff) * W + woff
+                    d0 = base + a * W
+                    klo = max(0, -s0)
+                    khi = min((b - a) * W, H * W - s0)
+                    _add_run(plane[s0 + klo:s0 + khi], row[d0 + klo:d0 + khi])
+            continue
         for i in range(kh):
             hoff = i * dh - ph
             ho_lo, ho_hi = _valid_range(hoff, sh, H, ho1)
@@ -232,7 +308,7 @@ def col2im(cols, x_shape, kh, kw, stride, padding, dilation, out=None):
     cols = np.ascontiguousarray(cols)
     dx = _check_out(out, (N, C, H, W), cols.dtype, "col2im")
     if dx.size:
-        _col2im_block(cols, 0, C, 0, N, 0, Ho, kh, kw, sh, sw, ph, pw, dh, dw, Wo, dx, False)
+        _col2im_block(cols, 0, C, 0, N, 0, Ho, kh, kw, sh, sw, ph, pw, dh, dw, Wo, dx, False, False)
     return dx
 
 
@@ -369,7 +445,7 @@ def conv2d_input_grad(dout, weight, x_shape, stride=1, padding=0, dilation=1, gr
                 dout3[n0:n1, g * Kg:(g + 1) * Kg, ho0 * Wo:ho1 * Wo],
                 out=dcols.reshape(R, nb, P).transpose(1, 0, 2),
             )
-            _col2im_block(dcols, g * Cg, Cg, n0, n1, ho0, ho1, kh, kw, sh, sw, ph, pw, dh, dw, Wo, dx, True)
+            _col2im_block(dcols, g * Cg, Cg, n0, n1, ho0, ho1, kh, kw, sh, sw, ph, pw, dh, dw, Wo, dx, True, True)
     return dx if given == dtype else dx.astype(given)
 
 

@@ -289,3 +289,41 @@ def test_cpu_kernels_keep_float16(rng):
     assert y.dtype == dx.dtype == dw.dtype == np.float16
     y32 = kcpu.conv2d_forward(x.astype(np.float32), w.astype(np.float32), None, 1, 1, 1, 1)
     assert_close(y, y32, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "x_shape, K, kh, kw, padding, dilation, block",
+    [
+        ((2, 3, 7, 6), 4, 3, 3, (1, 1), (1, 1), 1),  # 'same' width: the flat-run fast path, one row per block
+        ((3, 2, 5, 9), 3, 3, 3, (1, 1), (1, 1), 700),  # a few rows per block
+        ((3, 2, 5, 9), 3, 3, 3, (1, 1), (1, 1), 10_000),  # several samples per block
+        ((2, 2, 9, 8), 2, 3, 3, (2, 2), (2, 2), 300),  # dilated 'same'
+        ((2, 2, 6, 7), 3, 5, 3, (2, 1), (1, 1), 64 << 20),  # 5x3 kernel
+        ((2, 2, 6, 7), 3, 1, 3, (0, 2), (1, 2), 200),  # taps entirely in the padding rows
+        ((1, 2, 3, 4), 2, 3, 3, (3, 1), (1, 1), 100),  # padding larger than the kernel reach
+    ],
+)
+def test_cpu_conv2d_same_width_fast_path(x_shape, K, kh, kw, padding, dilation, block, dtype):
+    """Stride 1 and Wo == W take the flat-run paths of im2col and col2im: same results."""
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal(x_shape).astype(dtype)
+    w = rng.standard_normal((K, x_shape[1], kh, kw)).astype(dtype)
+    b = np.zeros(K, dtype)
+    Ho = conv_output_size(x_shape[2], kh, 1, padding[0], dilation[0])
+    Wo = conv_output_size(x_shape[3], kw, 1, padding[1], dilation[1])
+    assert Wo == x_shape[3]
+    dout = rng.standard_normal((x_shape[0], K, Ho, Wo)).astype(dtype)
+    y_t, dx_t, dw_t = _torch_conv(x, w, b, dout, 1, padding, dilation, 1)
+    saved = kcpu._BLOCK_BYTES
+    kcpu._BLOCK_BYTES = block
+    try:
+        y = kcpu.conv2d_forward(x, w, None, 1, padding, dilation, 1)
+        dx = kcpu.conv2d_input_grad(dout, w, x_shape, 1, padding, dilation, 1)
+        dw = kcpu.conv2d_weight_grad(x, dout, w.shape, 1, padding, dilation, 1)
+    finally:
+        kcpu._BLOCK_BYTES = saved
+    tol = dict(rtol=1e-7, atol=1e-10) if dtype == np.float64 else dict(rtol=1e-4, atol=1e-4)
+    assert_close(y, y_t, **tol, msg="forward")
+    assert_close(dx, dx_t, **tol, msg="input grad")
+    assert_close(dw, dw_t, **tol, msg="weight grad")
