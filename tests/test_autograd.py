@@ -53,7 +53,12 @@ BROADCAST_SHAPES = [
 def test_broadcasting_binary_ops(rng, op, shapes):
     a = rng.standard_normal(shapes[0])
     b = rng.uniform(0.5, 2.0, shapes[1]) * rng.choice([-1, 1], shapes[1])  # away from 0 for division
-    fn = {"add": lambda x, y: x + y, "sub": lambda x, y: x - y, "mul": lambda x, y: x * y, "div": lambda x, y: x / y}[op]
+    fn = {
+        "add": lambda x, y: x + y,
+        "sub": lambda x, y: x - y,
+        "mul": lambda x, y: x * y,
+        "div": lambda x, y: x / y,
+    }[op]
     check(fn, [a, b], rng)
     check(fn, [b, a], rng)
 
@@ -101,7 +106,8 @@ def test_sum_mean(rng, dim, keepdim, reduce):
     a = rng.standard_normal((2, 3, 4))
     if dim is None:
         # torch spells "every dimension, kept" as dim=(0, 1, 2)
-        check(lambda x: getattr(x, reduce)(keepdim=keepdim), [a], rng, lambda x: getattr(x, reduce)(dim=(0, 1, 2), keepdim=keepdim))
+        ours = lambda x: getattr(x, reduce)(keepdim=keepdim)  # noqa: E731
+        check(ours, [a], rng, lambda x: getattr(x, reduce)(dim=(0, 1, 2), keepdim=keepdim))
     else:
         check(lambda x: getattr(x, reduce)(dim=dim, keepdim=keepdim), [a], rng)
 

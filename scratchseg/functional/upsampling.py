@@ -232,7 +232,9 @@ def _output_geometry(shape, size, scale_factor, recompute_scale_factor):
     """(output sizes, scale factors passed to the kernel or Nones), as torch's ``interpolate``."""
     n = len(shape) - 2
     if size is not None and scale_factor is not None:
-        raise ValueError(f"only one of size or scale_factor should be defined, got size={size} and scale_factor={scale_factor}")
+        raise ValueError(
+            f"only one of size or scale_factor should be defined, got size={size} and scale_factor={scale_factor}"
+        )
     if size is None and scale_factor is None:
         raise ValueError("either size or scale_factor should be defined")
     if size is not None:
@@ -305,7 +307,8 @@ def interpolate(
     ndim = input.ndim
     if not 3 <= ndim <= 5:
         raise ValueError(
-            f"interpolate expects a 3-D, 4-D or 5-D input (N, C, *spatial), got {ndim}-D with shape {tuple(input.shape)}"
+            "interpolate expects a 3-D, 4-D or 5-D input (N, C, *spatial), "
+            f"got {ndim}-D with shape {tuple(input.shape)}"
         )
     if _MODES[mode] is not None and ndim != _MODES[mode]:
         raise ValueError(
