@@ -259,7 +259,11 @@ class Log(Function):
 
 
 class MatMul(Function):
-    """out = a @ b (2-D or batched); da = dout @ b^T, db = a^T @ dout."""
+    """out = a @ b (1-D, 2-D or batched); da = dout @ b^T, db = a^T @ dout.
+
+    A 1-D ``a`` is read as a row (1, n) and a 1-D ``b`` as a column (n, 1), as
+    matmul does; the gradient puts the dropped dimension back on ``dout`` first.
+    """
 
     @staticmethod
     def forward(ctx, a, b):
@@ -269,18 +273,21 @@ class MatMul(Function):
     @staticmethod
     def backward(ctx, dout):
         a, b = ctx.a, ctx.b
+        a2 = a.reshape(1, -1) if a.ndim == 1 else a  # (..., m, n)
+        b2 = b.reshape(-1, 1) if b.ndim == 1 else b  # (..., n, p)
+        if a.ndim == 1 and b.ndim == 1:
+            d = dout.reshape(1, 1)  # (1, 1)
+        elif a.ndim == 1:
+            d = dout[..., None, :]  # (..., 1, p)
+        elif b.ndim == 1:
+            d = dout[..., None]  # (..., m, 1)
+        else:
+            d = dout  # (..., m, p)
         da = db = None
         if ctx.needs_input_grad[0]:
-            da = unbroadcast(dout @ b.swapaxes(-1, -2), a.shape) if b.ndim > 1 else None
-            if b.ndim == 1:
-                da = unbroadcast(dout[..., None] * b, a.shape)
+            da = unbroadcast(d @ b2.swapaxes(-1, -2), a2.shape).reshape(a.shape)
         if ctx.needs_input_grad[1]:
-            if a.ndim == 1:
-                db = unbroadcast(a[:, None] * dout[..., None, :], b.shape)
-            elif b.ndim == 1:
-                db = unbroadcast((a * dout[..., None]).sum(axis=-2), b.shape)
-            else:
-                db = unbroadcast(a.swapaxes(-1, -2) @ dout, b.shape)
+            db = unbroadcast(a2.swapaxes(-1, -2) @ d, b2.shape).reshape(b.shape)
         return da, db
 
 
@@ -359,19 +366,63 @@ class Permute(Function):
         return dout.transpose(ctx.inverse), None
 
 
+def _is_advanced(i):
+    return isinstance(i, (list,)) or (hasattr(i, "shape") and hasattr(i, "dtype") and getattr(i, "ndim", 0) > 0)
+
+
+def _split_index(index):
+    """Torch applies integer indices before list/array ones; NumPy mixes them.
+
+    Returns ``(basic, advanced)`` so that ``x[basic][advanced]`` is torch's
+    ``x[index]``, or ``None`` when one step already agrees.
+    """
+    if not isinstance(index, tuple):
+        return None
+    has_int = any(isinstance(i, (int, numpy.integer)) and not isinstance(i, bool) for i in index)
+    if not (has_int and any(_is_advanced(i) for i in index)):
+        return None
+    basic, advanced = [], []
+    for i in index:
+        if isinstance(i, (int, numpy.integer)) and not isinstance(i, bool):
+            basic.append(i)  # the dimension goes away in the first step
+        elif _is_advanced(i):
+            basic.append(slice(None))
+            advanced.append(i)
+        elif i is Ellipsis:
+            basic.append(i)
+            advanced.append(i)
+        else:  # a slice or None: applied in the first step, kept whole in the second
+            basic.append(i)
+            advanced.append(slice(None))
+    return tuple(basic), tuple(advanced)
+
+
 class GetItem(Function):
-    """out = x[index] (slices, integers, arrays); dx = zeros with dout added at ``index``."""
+    """out = x[index] (slices, integers, arrays, as torch indexes);
+    dx = zeros with dout added at ``index`` (``+=``, so repeated indices accumulate)."""
 
     @staticmethod
     def forward(ctx, x, index):
-        ctx.shape, ctx.dtype, ctx.index = x.shape, x.dtype, index
-        return x[index]
+        ctx.shape = x.shape
+        ctx.steps = _split_index(index)
+        if ctx.steps is None:
+            ctx.index = index
+            return x[index]
+        basic, advanced = ctx.steps
+        ctx.mid_shape = x[basic].shape
+        return x[basic][advanced]
 
     @staticmethod
     def backward(ctx, dout):
         xp = backend.get_array_module(dout)
         dx = xp.zeros(ctx.shape, dtype=dout.dtype)
-        xp.add.at(dx, ctx.index, dout)  # += so repeated indices accumulate
+        if ctx.steps is None:
+            xp.add.at(dx, ctx.index, dout)
+            return dx, None
+        basic, advanced = ctx.steps
+        dmid = xp.zeros(ctx.mid_shape, dtype=dout.dtype)
+        xp.add.at(dmid, advanced, dout)
+        dx[basic] = dmid  # basic indexing: every element once
         return dx, None
 
 
