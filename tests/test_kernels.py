@@ -327,3 +327,41 @@ def test_cpu_conv2d_same_width_fast_path(x_shape, K, kh, kw, padding, dilation, 
     assert_close(y, y_t, **tol, msg="forward")
     assert_close(dx, dx_t, **tol, msg="input grad")
     assert_close(dw, dw_t, **tol, msg="weight grad")
+
+
+# ------------------------------------------------------------------ batch norm
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(4, 3, 5, 6), (2, 5, 7), (3, 2)])
+@pytest.mark.parametrize("affine", [True, False])
+def test_cpu_batch_norm_kernels_match_torch(shape, dtype, affine, rng):
+    C = shape[1]
+    x = (rng.standard_normal(shape) * 3 + 1).astype(dtype)
+    w = rng.uniform(0.5, 2, C).astype(dtype) if affine else None
+    b = rng.standard_normal(C).astype(dtype) if affine else None
+    dout = rng.standard_normal(shape).astype(dtype)
+    eps = 1e-5
+    tx = torch.tensor(x, requires_grad=True)
+    tw = torch.tensor(w, requires_grad=True) if affine else None
+    tb = torch.tensor(b, requires_grad=True) if affine else None
+    ty = torch.nn.functional.batch_norm(tx, None, None, tw, tb, training=True, eps=eps)
+    ty.backward(torch.tensor(dout))
+
+    out, xhat, mean, var, inv_std = kcpu.batch_norm_train_forward(x, w, b, eps)
+    axes = (0,) + tuple(range(2, len(shape)))
+    tol = dict(rtol=1e-7, atol=1e-10) if dtype == np.float64 else dict(rtol=1e-4, atol=1e-4)
+    assert out.dtype == xhat.dtype == mean.dtype == dtype
+    assert_close(out, ty.detach().numpy(), **tol, msg="out")
+    assert_close(mean, x.mean(axis=axes), **tol, msg="mean")
+    assert_close(var, x.var(axis=axes), **tol, msg="var")
+    dx, sum_dout, sum_dout_xhat = kcpu.batch_norm_backward(dout, xhat, inv_std, w, training=True)
+    assert_close(dx, tx.grad.numpy(), **tol, msg="dx")
+    if affine:
+        assert_close(sum_dout_xhat, tw.grad.numpy(), **tol, msg="dgamma")
+        assert_close(sum_dout, tb.grad.numpy(), **tol, msg="dbeta")
+    # eval mode: dx = gamma * inv_std * dout; and dx can be skipped
+    dx_eval, _, _ = kcpu.batch_norm_backward(dout, xhat, inv_std, w, training=False)
+    scale = (inv_std if w is None else w * inv_std).reshape((1, C) + (1,) * (len(shape) - 2))
+    assert_close(dx_eval, dout * scale, **tol, msg="dx eval")
+    none, s1, _ = kcpu.batch_norm_backward(dout, xhat, inv_std, w, training=True, need_dx=False)
+    assert none is None
+    assert_close(s1, sum_dout, **tol)
