@@ -12,7 +12,10 @@ milliseconds.
 
 from __future__ import annotations
 
+import concurrent.futures
+import ctypes
 import os
+import threading
 
 import numba
 import numpy as np  # host-only module: these kernels only ever see NumPy arrays
@@ -82,7 +85,7 @@ def _add_run(dst, src):
         dst[k] += src[k]
 
 
-@njit(parallel=True, cache=True)
+@njit(cache=True, nogil=True)
 def _im2col_block(x, c0, Cg, n0, n1, ho0, ho1, kh, kw, sh, sw, ph, pw, dh, dw, Wo, cols):
     # The columns of channels [c0, c0+Cg), samples [n0, n1), output rows [ho0, ho1):
     # cols[(c, i, j), (n, ho, wo)] = x[n, c0+c, ho*sh - ph + i*dh, wo*sw - pw + j*dw] (0 outside)
@@ -90,7 +93,7 @@ def _im2col_block(x, c0, Cg, n0, n1, ho0, ho1, kh, kw, sh, sw, ph, pw, dh, dw, W
     W = x.shape[3]
     Ho = ho1 - ho0
     L = Ho * Wo
-    for r in prange(Cg * kh * kw):  # one row of cols per task: long contiguous writes
+    for r in range(Cg * kh * kw):  # row by row of cols: long contiguous writes
         c = c0 + r // (kh * kw)
         i = (r // kw) % kh
         j = r % kw
@@ -148,19 +151,18 @@ def _im2col_block(x, c0, Cg, n0, n1, ho0, ho1, kh, kw, sh, sw, ph, pw, dh, dw, W
     return cols
 
 
-@njit(parallel=True, cache=True)
+@njit(cache=True, nogil=True)
 def _col2im_block(cols, c0, Cg, n0, n1, ho0, ho1, kh, kw, sh, sw, ph, pw, dh, dw, Wo, dx, accumulate, scratch):
     # The adjoint of _im2col_block: dx[n, c0+c, h, w] (+)= sum of
     # cols[(c, i, j), (n, ho, wo)] over the taps with ho*sh - ph + i*dh = h and
-    # wo*sw - pw + j*dw = w. One (n, c) plane per task: each thread owns the
-    # pixels it adds into, so there are no races. ``scratch``: cols may be
+    # wo*sw - pw + j*dw = w, one (n, c) plane after the other. ``scratch``: cols may be
     # overwritten (a workspace), which allows the fast path below.
     H = dx.shape[2]
     W = dx.shape[3]
     L = (ho1 - ho0) * Wo
     nb = n1 - n0
     flat = scratch and sh == 1 and sw == 1 and Wo == W
-    for t in prange(nb * Cg):
+    for t in range(nb * Cg):
         n = n0 + t // Cg
         c = t % Cg
         if not accumulate:
@@ -270,7 +272,15 @@ def im2col(x, kh, kw, stride, padding, dilation, out=None):
     x = np.ascontiguousarray(x)
     cols = _check_out(out, (C * kh * kw, N * Ho * Wo), x.dtype, "im2col")
     if cols.size:
-        _im2col_block(x, 0, C, 0, N, 0, Ho, kh, kw, sh, sw, ph, pw, dh, dw, Wo, cols)
+        L = Ho * Wo
+
+        def part(n0, n1):  # samples [n0, n1) are the columns [n0*L, n1*L) of every row
+            _im2col_block(x, 0, C, n0, n1, 0, Ho, kh, kw, sh, sw, ph, pw, dh, dw, Wo, cols[:, n0 * L:n1 * L])
+
+        if _workers(N) > 1:
+            _split(N, part)
+        else:
+            _im2col_block(x, 0, C, 0, N, 0, Ho, kh, kw, sh, sw, ph, pw, dh, dw, Wo, cols)
     return cols
 
 
@@ -308,7 +318,15 @@ def col2im(cols, x_shape, kh, kw, stride, padding, dilation, out=None):
     cols = np.ascontiguousarray(cols)
     dx = _check_out(out, (N, C, H, W), cols.dtype, "col2im")
     if dx.size:
-        _col2im_block(cols, 0, C, 0, N, 0, Ho, kh, kw, sh, sw, ph, pw, dh, dw, Wo, dx, False, False)
+        L = Ho * Wo
+
+        def part(n0, n1):  # samples [n0, n1): their own planes of dx, their own columns
+            _col2im_block(cols[:, n0 * L:n1 * L], 0, C, n0, n1, 0, Ho, kh, kw, sh, sw, ph, pw, dh, dw, Wo, dx, False, False)
+
+        if _workers(N) > 1:
+            _split(N, part)
+        else:
+            _col2im_block(cols, 0, C, 0, N, 0, Ho, kh, kw, sh, sw, ph, pw, dh, dw, Wo, dx, False, False)
     return dx
 
 
@@ -323,9 +341,89 @@ def col2im(cols, x_shape, kh, kw, stride, padding, dilation, out=None):
 # backward, and the workspace is reused across calls.
 _BLOCK_BYTES = 4 << 20
 
-import threading  # noqa: E402
-
+# Parallelism is coarse: the samples of the batch are split between worker
+# threads, each running the serial (nogil) Numba kernels and a single-threaded
+# GEMM on its own blocks. A fine-grained split (a parallel im2col, then a
+# multi-threaded GEMM, per block) hands the cores back and forth between two
+# thread pools hundreds of times per layer, and each hand-over costs: idle
+# pools spin or must be woken, and on a loaded machine a worker that lost its
+# core stalls the whole barrier.
 _local = threading.local()
+_pool = None
+_pool_size = 0
+
+
+def _threads():
+    """Worker threads for the kernels: SCRATCHSEG_NUM_THREADS, else Numba's thread count."""
+    n = os.environ.get("SCRATCHSEG_NUM_THREADS", "").strip()
+    return max(1, int(n)) if n else max(1, numba.config.NUMBA_NUM_THREADS)
+
+
+def _workers(N):
+    """How many threads share N samples (1: run inline, with a multi-threaded GEMM)."""
+    if _blas_threads is None:  # OpenBLAS threads cannot be capped: no nested parallelism
+        return 1
+    return min(_threads(), N)
+
+
+def _split(N, part):
+    """Run ``part(n0, n1)`` on contiguous sample ranges covering [0, N), one per worker thread."""
+    global _pool, _pool_size
+    T = _workers(N)
+    bounds = [N * t // T for t in range(T + 1)]
+    if _pool is None or _pool_size < T:
+        _pool = concurrent.futures.ThreadPoolExecutor(max_workers=T, thread_name_prefix="scratchseg-kernel")
+        _pool_size = T
+    previous = _blas_threads.get()
+    _blas_threads.set(1)  # each worker's GEMM runs on its own core
+    try:
+        futures = [_pool.submit(part, bounds[t], bounds[t + 1]) for t in range(T)]
+        return [f.result() for f in futures]
+    finally:
+        _blas_threads.set(previous)
+
+
+def _run(N, part):
+    """``part`` over the samples [0, N): split between workers, or inline; the list of results."""
+    return _split(N, part) if _workers(N) > 1 else [part(0, N)]
+
+
+class _OpenBLASThreads:
+    """get()/set() the thread count of NumPy's OpenBLAS, found among the loaded libraries."""
+
+    def __init__(self, lib, getter, setter):
+        self._get, self._set = getattr(lib, getter), getattr(lib, setter)
+        self._get.restype = ctypes.c_int
+
+    def get(self):
+        return int(self._get())
+
+    def set(self, n):
+        self._set(ctypes.c_int(n))
+
+    @classmethod
+    def find(cls):
+        try:
+            with open("/proc/self/maps") as f:
+                paths = {line.split()[-1] for line in f if "openblas" in line.lower() and ".so" in line}
+        except OSError:
+            return None
+        names = [("scipy_openblas_get_num_threads64_", "scipy_openblas_set_num_threads64_"),
+                 ("openblas_get_num_threads64_", "openblas_set_num_threads64_"),
+                 ("openblas_get_num_threads", "openblas_set_num_threads")]
+        for path in sorted(paths):
+            try:
+                lib = ctypes.CDLL(path)
+            except OSError:
+                continue
+            for getter, setter in names:
+                if hasattr(lib, getter) and hasattr(lib, setter):
+                    return cls(lib, getter, setter)
+        return None
+
+
+np.ones((2, 2)) @ np.ones((2, 2))  # make sure NumPy's BLAS is loaded before looking for it
+_blas_threads = _OpenBLASThreads.find()
 
 
 def workspace(size, dtype):
@@ -344,8 +442,8 @@ def workspace(size, dtype):
     return buf[:size]
 
 
-def _blocks(N, Ho, Wo, rows, itemsize):
-    """Split the (n, ho) output rows into blocks whose columns fill about _BLOCK_BYTES.
+def _blocks(n_lo, n_hi, Ho, Wo, rows, itemsize):
+    """Split the output rows (n, ho) of samples [n_lo, n_hi) into blocks whose columns fill about _BLOCK_BYTES.
 
     Yields (n0, n1, ho0, ho1): either several whole samples, or some rows of one.
     """
@@ -353,10 +451,10 @@ def _blocks(N, Ho, Wo, rows, itemsize):
     rows_per_block = max(_BLOCK_BYTES // per_row, 1)
     if rows_per_block >= Ho:
         nb = max(rows_per_block // max(Ho, 1), 1)
-        for n0 in range(0, N, nb):
-            yield n0, min(n0 + nb, N), 0, Ho
+        for n0 in range(n_lo, n_hi, nb):
+            yield n0, min(n0 + nb, n_hi), 0, Ho
     else:
-        for n in range(N):
+        for n in range(n_lo, n_hi):
             for ho0 in range(0, Ho, rows_per_block):
                 yield n, n + 1, ho0, min(ho0 + rows_per_block, Ho)
 
@@ -395,17 +493,21 @@ def conv2d_forward(x, weight, bias=None, stride=1, padding=0, dilation=1, groups
     y = _check_out(out, (N, K, Ho, Wo), dtype, "conv2d_forward")
     y3 = y.reshape(N, K, Ho * Wo)  # (N, K, Ho*Wo), a view
     R = Cg * kh * kw
-    for n0, n1, ho0, ho1 in _blocks(N, Ho, Wo, R, dtype.itemsize):
-        nb, P = n1 - n0, (ho1 - ho0) * Wo
-        cols = workspace(R * nb * P, dtype).reshape(R, nb * P)  # (Cg*kh*kw, nb*P)
-        for g in range(groups):
-            _im2col_block(x, g * Cg, Cg, n0, n1, ho0, ho1, kh, kw, sh, sw, ph, pw, dh, dw, Wo, cols)
-            # (Kg, R) @ (nb, R, P) -> (nb, Kg, P), written straight into y
-            np.matmul(
-                w2[g * Kg:(g + 1) * Kg],
-                cols.reshape(R, nb, P).transpose(1, 0, 2),
-                out=y3[n0:n1, g * Kg:(g + 1) * Kg, ho0 * Wo:ho1 * Wo],
-            )
+
+    def part(n_lo, n_hi):
+        for n0, n1, ho0, ho1 in _blocks(n_lo, n_hi, Ho, Wo, R, dtype.itemsize):
+            nb, P = n1 - n0, (ho1 - ho0) * Wo
+            cols = workspace(R * nb * P, dtype).reshape(R, nb * P)  # (Cg*kh*kw, nb*P)
+            for g in range(groups):
+                _im2col_block(x, g * Cg, Cg, n0, n1, ho0, ho1, kh, kw, sh, sw, ph, pw, dh, dw, Wo, cols)
+                # (Kg, R) @ (nb, R, P) -> (nb, Kg, P), written straight into y
+                np.matmul(
+                    w2[g * Kg:(g + 1) * Kg],
+                    cols.reshape(R, nb, P).transpose(1, 0, 2),
+                    out=y3[n0:n1, g * Kg:(g + 1) * Kg, ho0 * Wo:ho1 * Wo],
+                )
+
+    _run(N, part)
     if bias is not None:
         y += np.asarray(bias, dtype=dtype).reshape(1, K, 1, 1)
     return y if given == dtype else y.astype(given)
@@ -435,17 +537,21 @@ def conv2d_input_grad(dout, weight, x_shape, stride=1, padding=0, dilation=1, gr
     dx = _check_out(out, (N, C, H, W), dtype, "conv2d_input_grad")
     dx[...] = 0
     R = Cg * kh * kw
-    for n0, n1, ho0, ho1 in _blocks(N, Ho, Wo, R, dtype.itemsize):
-        nb, P = n1 - n0, (ho1 - ho0) * Wo
-        dcols = workspace(R * nb * P, dtype).reshape(R, nb * P)  # (R, nb*P)
-        for g in range(groups):
-            # (R, Kg) @ (nb, Kg, P) -> (nb, R, P), written as the (R, nb, P) columns
-            np.matmul(
-                wT[g * Kg:(g + 1) * Kg].T,
-                dout3[n0:n1, g * Kg:(g + 1) * Kg, ho0 * Wo:ho1 * Wo],
-                out=dcols.reshape(R, nb, P).transpose(1, 0, 2),
-            )
-            _col2im_block(dcols, g * Cg, Cg, n0, n1, ho0, ho1, kh, kw, sh, sw, ph, pw, dh, dw, Wo, dx, True, True)
+
+    def part(n_lo, n_hi):  # each worker adds into the planes of its own samples only
+        for n0, n1, ho0, ho1 in _blocks(n_lo, n_hi, Ho, Wo, R, dtype.itemsize):
+            nb, P = n1 - n0, (ho1 - ho0) * Wo
+            dcols = workspace(R * nb * P, dtype).reshape(R, nb * P)  # (R, nb*P)
+            for g in range(groups):
+                # (R, Kg) @ (nb, Kg, P) -> (nb, R, P), written as the (R, nb, P) columns
+                np.matmul(
+                    wT[g * Kg:(g + 1) * Kg].T,
+                    dout3[n0:n1, g * Kg:(g + 1) * Kg, ho0 * Wo:ho1 * Wo],
+                    out=dcols.reshape(R, nb, P).transpose(1, 0, 2),
+                )
+                _col2im_block(dcols, g * Cg, Cg, n0, n1, ho0, ho1, kh, kw, sh, sw, ph, pw, dh, dw, Wo, dx, True, True)
+
+    _run(N, part)
     return dx if given == dtype else dx.astype(given)
 
 
@@ -473,18 +579,26 @@ def conv2d_weight_grad(x, dout, weight_shape, stride=1, padding=0, dilation=1, g
     x = np.ascontiguousarray(x, dtype=dtype)
     dout3 = np.ascontiguousarray(dout, dtype=dtype).reshape(N, K, Ho * Wo)  # (N, K, Ho*Wo)
     R = Cg * kh * kw
-    dw2 = np.zeros((K, R), dtype=dtype)  # (K, Cg*kh*kw)
-    for n0, n1, ho0, ho1 in _blocks(N, Ho, Wo, R, dtype.itemsize):
-        nb, P = n1 - n0, (ho1 - ho0) * Wo
-        cols = workspace(R * nb * P, dtype).reshape(R, nb * P)  # (R, nb*P)
-        for g in range(groups):
-            _im2col_block(x, g * Cg, Cg, n0, n1, ho0, ho1, kh, kw, sh, sw, ph, pw, dh, dw, Wo, cols)
-            d = dout3[n0:n1, g * Kg:(g + 1) * Kg, ho0 * Wo:ho1 * Wo]  # (nb, Kg, P)
-            if nb == 1:
-                dw2[g * Kg:(g + 1) * Kg] += d[0] @ cols.T  # (Kg, P) @ (P, R)
-            else:
-                # (nb, Kg, P) @ (nb, P, R) -> (nb, Kg, R), summed over the samples
-                dw2[g * Kg:(g + 1) * Kg] += np.matmul(d, cols.reshape(R, nb, P).transpose(1, 2, 0)).sum(0)
+
+    def part(n_lo, n_hi):  # each worker sums its own samples' share of dw
+        dw2 = np.zeros((K, R), dtype=dtype)  # (K, Cg*kh*kw)
+        for n0, n1, ho0, ho1 in _blocks(n_lo, n_hi, Ho, Wo, R, dtype.itemsize):
+            nb, P = n1 - n0, (ho1 - ho0) * Wo
+            cols = workspace(R * nb * P, dtype).reshape(R, nb * P)  # (R, nb*P)
+            for g in range(groups):
+                _im2col_block(x, g * Cg, Cg, n0, n1, ho0, ho1, kh, kw, sh, sw, ph, pw, dh, dw, Wo, cols)
+                d = dout3[n0:n1, g * Kg:(g + 1) * Kg, ho0 * Wo:ho1 * Wo]  # (nb, Kg, P)
+                if nb == 1:
+                    dw2[g * Kg:(g + 1) * Kg] += d[0] @ cols.T  # (Kg, P) @ (P, R)
+                else:
+                    # (nb, Kg, P) @ (nb, P, R) -> (nb, Kg, R), summed over the samples
+                    dw2[g * Kg:(g + 1) * Kg] += np.matmul(d, cols.reshape(R, nb, P).transpose(1, 2, 0)).sum(0)
+        return dw2
+
+    partials = _run(N, part)
+    dw2 = partials[0]
+    for p in partials[1:]:
+        dw2 += p
     dw = dw2.reshape(K, Cg, kh, kw)  # (K, Cg, kh, kw)
     return dw if given == dtype else dw.astype(given)
 

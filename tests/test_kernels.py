@@ -184,7 +184,7 @@ def test_cpu_conv2d_blocks_cover_every_output_row():
         kcpu._BLOCK_BYTES = block
         try:
             seen = np.zeros((N, Ho), int)
-            for n0, n1, ho0, ho1 in kcpu._blocks(N, Ho, Wo, R, 4):
+            for n0, n1, ho0, ho1 in kcpu._blocks(0, N, Ho, Wo, R, 4):
                 assert n1 == n0 + 1 or (ho0, ho1) == (0, Ho)
                 seen[n0:n1, ho0:ho1] += 1
         finally:
