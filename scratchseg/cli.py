@@ -98,7 +98,8 @@ def build_parser():
     t.add_argument("--resize", help="resize every image: HxW, N, or a factor such as 0.5")
     t.add_argument("--crop", help="random training crop: N or HxW")
     t.add_argument("--scale", help="random scale range for training, e.g. 0.5,2.0")
-    t.add_argument("--hflip", action="store_true", default=None, help="random horizontal flips")
+    t.add_argument("--hflip", action=argparse.BooleanOptionalAction, default=None,
+                   help="random horizontal flips (on by default)")
     t.add_argument("--out", help="folder for runs (default runs/)")
     t.add_argument("--name", help="run folder name (default: time-model-data)")
     t.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last.npz")
@@ -183,8 +184,8 @@ def _train_config(args):
         cfg.crop = args.crop
     if args.scale is not None:
         cfg.scale = _floats(args.scale, "--scale", 2)
-    if args.hflip:
-        cfg.hflip = True
+    if args.hflip is not None:
+        cfg.hflip = args.hflip
     if args.freeze:
         cfg.freeze = [p.strip() for p in args.freeze.split(",") if p.strip()]
     if args.no_progress:

@@ -189,3 +189,21 @@ def test_resume_of_a_foreign_checkpoint_is_refused(tmp_path):
         train(resume=str(tmp_path / "x"))
     with pytest.raises(CheckpointError, match="holds no checkpoint"):
         train(resume=str(tmp_path))
+
+
+@pytest.mark.gpu
+def test_training_on_cupy_matches_numpy(tmp_path):
+    from helpers import cupy_or_skip
+
+    from scratchseg import backend
+
+    cupy_or_skip()
+    cpu = train(tiny(tmp_path, name="cpu"), log=lambda *_: None)
+    with backend.use("cupy"):
+        gpu = train(tiny(tmp_path, name="gpu"), log=lambda *_: None)
+    for a, b in zip(cpu["history"], gpu["history"]):
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-3)
+        assert b["val_loss"] == pytest.approx(a["val_loss"], rel=1e-3)
+    ours, theirs = weights(os.path.join(gpu["run_dir"], "last.npz")), weights(os.path.join(cpu["run_dir"], "last.npz"))
+    for k in ours:
+        np.testing.assert_allclose(ours[k], theirs[k], rtol=1e-2, atol=1e-3, err_msg=k)

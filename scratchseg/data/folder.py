@@ -299,7 +299,7 @@ def make_task(path, label_map=None, ignore_index=None, num_classes=None, val_spl
                                 f"0..K-1; map them with --label-map (e.g. --label-map {example}), mark a void "
                                 "value with --ignore-index, or give --num-classes / classes.txt")
             notes.append(f"no classes.txt in {root}: inferred {K} classes from the largest mask value ({top})"
-                         + ("" if ignore_index is not None else
+                         + ("" if ignore_index is not None or label_map else
                             f"; if {top} marks void pixels, pass --ignore-index {top}"))
         class_names = [f"class_{k}" for k in range(K)]
     K = len(class_names)

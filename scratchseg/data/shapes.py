@@ -33,7 +33,7 @@ _SPLIT_CODE = {"train": 0, "val": 1, "test": 2}
 
 # What `scratchseg train` uses with no arguments; each can be changed with
 # `--data shapes:n_train=...,size=...`.
-DEFAULTS = dict(n_train=384, n_val=48, n_test=48, size=32, min_shapes=1, max_shapes=3,
+DEFAULTS = dict(n_train=1024, n_val=64, n_test=64, size=32, min_shapes=1, max_shapes=3,
                 min_radius=0.16, max_radius=0.30, noise=0.06, seed=0)
 
 
