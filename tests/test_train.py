@@ -207,3 +207,12 @@ def test_training_on_cupy_matches_numpy(tmp_path):
     ours, theirs = weights(os.path.join(gpu["run_dir"], "last.npz")), weights(os.path.join(cpu["run_dir"], "last.npz"))
     for k in ours:
         np.testing.assert_allclose(ours[k], theirs[k], rtol=1e-2, atol=1e-3, err_msg=k)
+
+
+def test_checkpoint_for_another_class_count_lists_the_mismatched_entries(tmp_path):
+    result = train(tiny(tmp_path, epochs=1), log=lambda *_: None)
+    ck = load_checkpoint(os.path.join(result["run_dir"], "best.npz"))
+    ck["meta"]["num_classes"] = 3  # the header now disagrees with the stored head
+    save_checkpoint(tmp_path / "odd.npz", ck["model"], ck["optimizer"], ck["scheduler"], ck["meta"])
+    with pytest.raises(CheckpointError, match=r"(?s)odd\.npz does not fit.*head\.weight.*\(3, 4, 1, 1\).*\(4, 4, 1, 1\)"):
+        load_model(str(tmp_path / "odd.npz"))
