@@ -111,7 +111,8 @@ def build_parser():
 
     e = sub.add_parser("eval", help="evaluate a checkpoint on a split")
     _common(e)
-    e.add_argument("checkpoint", help="run folder (uses best.npz) or checkpoint file")
+    e.add_argument("checkpoint", nargs="?", help="run folder (uses best.npz) or checkpoint file")
+    e.add_argument("--checkpoint", dest="checkpoint_option", metavar="PATH", help="the same, as an option")
     e.add_argument("--split", default="val", help="val (default), test or train")
     e.add_argument("--data", help="evaluate on another dataset spec (default: the one it was trained on)")
     e.add_argument("--label-map")
@@ -122,8 +123,10 @@ def build_parser():
 
     pr = sub.add_parser("predict", help="colour masks and overlays for image files or folders")
     _common(pr)
-    pr.add_argument("checkpoint", help="run folder (uses best.npz) or checkpoint file")
-    pr.add_argument("inputs", nargs="+", help="image files and/or folders of images")
+    pr.add_argument("paths", nargs="+", metavar="[CHECKPOINT] INPUT",
+                    help="run folder or checkpoint file (unless --checkpoint is given), then image files and/or folders")
+    pr.add_argument("--checkpoint", dest="checkpoint_option", metavar="PATH",
+                    help="run folder (uses best.npz) or checkpoint file")
     pr.add_argument("--out", default="predictions", help="output folder (default predictions/)")
 
     m = sub.add_parser("models", help="list the models with their parameter counts")
@@ -214,7 +217,9 @@ def _cmd_eval(args):
     from .metrics import format_scores
     from .train import evaluate, load_model, resolve_checkpoint
 
-    path = resolve_checkpoint(args.checkpoint)
+    if not (args.checkpoint or args.checkpoint_option):
+        raise ValueError("eval needs a run folder or checkpoint file, e.g. `scratchseg eval runs/latest`")
+    path = resolve_checkpoint(args.checkpoint_option or args.checkpoint)
     model, meta = load_model(path)
     if args.data:
         task = make_task(args.data, label_map=args.label_map, ignore_index=args.ignore_index,
@@ -246,10 +251,15 @@ def _cmd_predict(args):
     from .train import _eval_resize, load_model, predict_array, resolve_checkpoint
     from .viz import colorize, overlay, save_png
 
-    path = resolve_checkpoint(args.checkpoint)
+    paths = list(args.paths)
+    checkpoint = args.checkpoint_option or paths.pop(0)
+    if not paths:
+        raise ValueError("predict needs image files or folders after the checkpoint, "
+                         "e.g. `scratchseg predict runs/latest photo.png`")
+    path = resolve_checkpoint(checkpoint)
     model, meta = load_model(path)
     files = []
-    for item in args.inputs:
+    for item in paths:
         if os.path.isdir(item):
             found = [os.path.join(item, f) for f in sorted(os.listdir(item), key=natural_key)
                      if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS]

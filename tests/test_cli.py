@@ -34,7 +34,7 @@ def test_eval_on_val_and_test(run_dir, capsys):
     assert main(["eval", run_dir]) == 0
     out = capsys.readouterr().out
     assert "mIoU" in out and "triangle" in out and "val (4 images)" in out
-    assert main(["eval", run_dir, "--split", "test", "--json", os.path.join(run_dir, "test.json")]) == 0
+    assert main(["eval", "--checkpoint", run_dir, "--split", "test", "--json", os.path.join(run_dir, "test.json")]) == 0
     import json
 
     scores = json.load(open(os.path.join(run_dir, "test.json")))
@@ -48,6 +48,9 @@ def test_predict_files_and_folders(run_dir, tmp_path, capsys):
         Image.fromarray(np.random.default_rng(i).integers(0, 256, size + (3,)).astype(np.uint8)).save(folder / f"p{i}.png")
     out = tmp_path / "pred"
     assert main(["predict", run_dir, str(folder), "--out", str(out)]) == 0
+    assert main(["predict", "--checkpoint", os.path.join(run_dir, "best.npz"), str(folder / "p0.png"),
+                 "--out", str(tmp_path / "pred2")]) == 0
+    assert sorted(os.listdir(tmp_path / "pred2")) == ["p0_mask.png", "p0_overlay.png", "p0_pred.png"]
     names = sorted(os.listdir(out))
     assert names == ["p0_mask.png", "p0_overlay.png", "p0_pred.png", "p1_mask.png", "p1_overlay.png", "p1_pred.png"]
     mask = np.asarray(Image.open(out / "p1_mask.png"))
