@@ -718,3 +718,98 @@ def batch_norm_backward(dout, xhat, inv_std, weight, training, need_dx=True):
     given = dout.dtype
     dx = dx.reshape(dout.shape).astype(given, copy=False) if need_dx else None
     return dx, s1.astype(given, copy=False), s2.astype(given, copy=False)
+
+
+# ---------------------------------------------------------------- max pool
+# The reference takes the running max over the kh*kw taps as whole-array
+# operations (a compare, a maximum and an index update per tap, each a pass
+# over the output) and scatters the gradient back tap by tap. These kernels
+# do one pass each, one (n, c) plane per task.
+@njit(parallel=True, cache=True)
+def _max_pool_forward(x, kh, kw, sh, sw, ph, pw, dh, dw, best, arg):
+    N, C, H, W = x.shape
+    Ho, Wo = best.shape[2], best.shape[3]
+    for t in prange(N * C):
+        n = t // C
+        c = t % C
+        for ho in range(Ho):
+            for wo in range(Wo):
+                m = -np.inf
+                a = 0
+                for i in range(kh):
+                    h = ho * sh - ph + i * dh
+                    for j in range(kw):
+                        w = wo * sw - pw + j * dw
+                        v = -np.inf
+                        if h >= 0 and h < H and w >= 0 and w < W:
+                            v = x[n, c, h, w]
+                        tap = i * kw + j
+                        if tap == 0:
+                            m = v
+                        elif v != v:  # NaN propagates and its tap wins, as in the reference
+                            m = v
+                            a = tap
+                        elif v > m:  # strictly greater: ties keep the first max
+                            m = v
+                            a = tap
+                best[n, c, ho, wo] = m
+                arg[n, c, ho, wo] = a
+
+
+@njit(parallel=True, cache=True)
+def _max_pool_backward(dout, arg, kh, kw, sh, sw, ph, pw, dh, dw, dx):
+    N, C, H, W = dx.shape
+    Ho, Wo = dout.shape[2], dout.shape[3]
+    for t in prange(N * C):
+        n = t // C
+        c = t % C
+        dx[n, c] = 0
+        for ho in range(Ho):
+            for wo in range(Wo):
+                a = arg[n, c, ho, wo]
+                h = ho * sh - ph + (a // kw) * dh
+                w = wo * sw - pw + (a % kw) * dw
+                if h >= 0 and h < H and w >= 0 and w < W:
+                    dx[n, c, h, w] += dout[n, c, ho, wo]
+
+
+def max_pool2d_forward(x, kernel_size, stride, padding, dilation, out_hw):
+    """Max over each window and the tap that won it, in one pass.
+
+    out[n, c, ho, wo] = max_{i, j} x[n, c, ho*s0 - p0 + i*d0, wo*s1 - p1 + j*d1] (outside: -inf);
+    arg = i*kw + j of the first maximum (of the last NaN, which propagates).
+
+    Shape:
+        x (N, C, H, W) -> out (N, C, Ho, Wo) of x's dtype, arg (N, C, Ho, Wo) of the
+        smallest unsigned dtype that holds kh*kw - 1; (Ho, Wo) = out_hw.
+
+        >>> out, arg = max_pool2d_forward(np.arange(16.0).reshape(1, 1, 4, 4), (2, 2), (2, 2), (0, 0), (1, 1), (2, 2))
+        >>> out[0, 0], arg[0, 0]
+        (array([[ 5.,  7.],
+               [13., 15.]]), array([[3, 3],
+               [3, 3]], dtype=uint8))
+    """
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel_size, stride, padding, dilation
+    N, C = x.shape[0], x.shape[1]
+    given = x.dtype
+    x = np.ascontiguousarray(x, dtype=_working_dtype(given))
+    best = np.empty((N, C) + tuple(out_hw), dtype=x.dtype)
+    arg = np.empty((N, C) + tuple(out_hw), dtype=np.min_scalar_type(kh * kw - 1))
+    _max_pool_forward(x, kh, kw, sh, sw, ph, pw, dh, dw, best, arg)
+    return (best if given == best.dtype else best.astype(given)), arg
+
+
+def max_pool2d_backward(dout, arg, x_shape, kernel_size, stride, padding, dilation):
+    """Each window sends dout to the input it took its max from; overlapping windows add.
+
+    dx[n, c, h, w] = sum over windows whose winning tap is (h, w) of dout[n, c, ho, wo].
+
+    Shape:
+        dout, arg (N, C, Ho, Wo) -> dx x_shape = (N, C, H, W), dout's dtype.
+    """
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel_size, stride, padding, dilation
+    given = dout.dtype
+    dout = np.ascontiguousarray(dout, dtype=_working_dtype(given))
+    dx = np.empty(tuple(x_shape), dtype=dout.dtype)
+    _max_pool_backward(dout, np.ascontiguousarray(arg), kh, kw, sh, sw, ph, pw, dh, dw, dx)
+    return dx if given == dx.dtype else dx.astype(given)

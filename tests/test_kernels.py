@@ -365,3 +365,35 @@ def test_cpu_batch_norm_kernels_match_torch(shape, dtype, affine, rng):
     none, s1, _ = kcpu.batch_norm_backward(dout, xhat, inv_std, w, training=True, need_dx=False)
     assert none is None
     assert_close(s1, sum_dout, **tol)
+
+
+# -------------------------------------------------------------------- max pool
+@settings(max_examples=30, deadline=None)
+@given(
+    st.tuples(st.integers(1, 3), st.integers(1, 3), st.integers(1, 3), st.integers(1, 3)),  # kh kw sh sw
+    st.tuples(st.integers(0, 1), st.integers(0, 1), st.integers(1, 2), st.integers(1, 2)),  # ph pw dh dw
+    st.booleans(),
+    st.sampled_from(DTYPES),
+)
+def test_cpu_max_pool_kernels_match_torch(ksz, pdil, ceil_mode, dtype):
+    kh, kw, sh, sw = ksz
+    ph, pw, dh, dw = pdil
+    ph, pw = min(ph, kh // 2), min(pw, kw // 2)
+    rng = np.random.default_rng(6)
+    x = rng.permutation(2 * 3 * 9 * 8).reshape(2, 3, 9, 8).astype(dtype) / 7.0  # no ties
+    tx = torch.tensor(x, requires_grad=True)
+    ty = torch.nn.functional.max_pool2d(tx, (kh, kw), (sh, sw), (ph, pw), (dh, dw), ceil_mode=ceil_mode)
+    dout = rng.standard_normal(tuple(ty.shape)).astype(dtype)
+    ty.backward(torch.tensor(dout))
+    out, arg = kcpu.max_pool2d_forward(x, (kh, kw), (sh, sw), (ph, pw), (dh, dw), tuple(ty.shape[2:]))
+    np.testing.assert_array_equal(out, ty.detach().numpy())
+    assert arg.dtype == np.min_scalar_type(kh * kw - 1)
+    dx = kcpu.max_pool2d_backward(dout, arg, x.shape, (kh, kw), (sh, sw), (ph, pw), (dh, dw))
+    assert_close(dx, tx.grad.numpy())
+
+
+def test_cpu_max_pool_ties_and_nan_follow_the_reference():
+    x = np.array([[[[1.0, 1.0], [0.0, 1.0]]], [[[2.0, np.nan], [5.0, np.nan]]]])  # (2, 1, 2, 2)
+    out, arg = kcpu.max_pool2d_forward(x, (2, 2), (2, 2), (0, 0), (1, 1), (1, 1))
+    assert out[0, 0, 0, 0] == 1.0 and arg[0, 0, 0, 0] == 0  # ties: the first max wins
+    assert np.isnan(out[1, 0, 0, 0]) and arg[1, 0, 0, 0] == 3  # NaN propagates, its last tap wins
