@@ -269,7 +269,7 @@ def draw_conv2d(rng):
 
 
 def run_conv2d(c, rng):
-    x = rng.standard_normal((c["N"], c["C"], c["H"], c["W"]))
+    x = rng.standard_normal((c["N"], c["C"], c["H"], c["W"])[int(c["N"] == 0) :])  # N = 0: unbatched (C, H, W)
     w = rng.standard_normal((c["K"], c["C"] // c["groups"], c["kh"], c["kw"]))
     b = rng.standard_normal(c["K"]) if c["bias"] else None
     geo = dict(stride=c["stride"], padding=c["padding"], dilation=c["dilation"], groups=c["groups"])
@@ -303,7 +303,7 @@ def draw_conv_transpose2d(rng):
 
 
 def run_conv_transpose2d(c, rng):
-    x = rng.standard_normal((c["N"], c["C"], c["H"], c["W"]))
+    x = rng.standard_normal((c["N"], c["C"], c["H"], c["W"])[int(c["N"] == 0) :])  # N = 0: unbatched (C, H, W)
     w = rng.standard_normal((c["C"], c["K"] // c["groups"], c["kh"], c["kw"]))
     b = rng.standard_normal(c["K"]) if c["bias"] else None
     geo = dict(
@@ -320,6 +320,17 @@ def run_conv_transpose2d(c, rng):
         [x, w, b],
         grad=(0, 1, 2) if c["bias"] else (0, 1),
     )
+
+
+def draw_conv_unbatched(rng):
+    """conv2d / conv_transpose2d on an unbatched (C, H, W) input, which torch accepts."""
+    transposed = bool(rng.random() < 0.5)
+    cfg = (draw_conv_transpose2d if transposed else draw_conv2d)(rng)
+    return dict(cfg, N=0, transposed=transposed)
+
+
+def run_conv_unbatched(c, rng):
+    return (run_conv_transpose2d if c["transposed"] else run_conv2d)(c, rng)
 
 
 def draw_conv_large(rng):
@@ -956,6 +967,7 @@ def run_layer(c, rng):
 OPS = {
     "conv2d": (draw_conv2d, run_conv2d),
     "conv_transpose2d": (draw_conv_transpose2d, run_conv_transpose2d),
+    "conv_unbatched": (draw_conv_unbatched, run_conv_unbatched),
     "conv_large": (draw_conv_large, run_conv_large),
     "batch_norm": (draw_batch_norm, run_batch_norm),
     "dropout": (draw_dropout, run_dropout),
@@ -976,6 +988,7 @@ OPS = {
 
 KNOWN = {  # ops whose sweep meets an open bug (bugs.md), until it is fixed
     "max_pool2d": "max_pool2d: a window wholly in the padding keeps a padding tap (bugs.md #1)",
+    "conv_unbatched": "conv2d / conv_transpose2d refuse an unbatched (C, H, W) input (bugs.md #6)",
 }
 
 
