@@ -397,3 +397,40 @@ def test_cpu_max_pool_ties_and_nan_follow_the_reference():
     out, arg = kcpu.max_pool2d_forward(x, (2, 2), (2, 2), (0, 0), (1, 1), (1, 1))
     assert out[0, 0, 0, 0] == 1.0 and arg[0, 0, 0, 0] == 0  # ties: the first max wins
     assert np.isnan(out[1, 0, 0, 0]) and arg[1, 0, 0, 0] == 3  # NaN propagates, its last tap wins
+
+
+@pytest.mark.gpu
+@settings(max_examples=25, deadline=None)
+@given(conv_cases(), st.sampled_from(DTYPES + [np.float16]), st.sampled_from([1, 64 << 20]))
+def test_cuda_conv2d_kernels_match_torch(case, dtype, chunk):
+    """kernels.cuda conv2d: chunks of one sample or the whole batch, float16 through float32."""
+    from helpers import cupy_or_skip
+
+    cupy = cupy_or_skip()
+    import kernels.cuda as kcuda
+
+    x_shape, K, kh, kw, stride, padding, dilation, groups, _ = case
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal(x_shape)
+    w = rng.standard_normal((K, x_shape[1] // groups, kh, kw))
+    b = rng.standard_normal(K)
+    N, C, H, W = x_shape
+    Ho = conv_output_size(H, kh, stride[0], padding[0], dilation[0])
+    Wo = conv_output_size(W, kw, stride[1], padding[1], dilation[1])
+    dout = rng.standard_normal((N, K, Ho, Wo))
+    y_t, dx_t, dw_t = _torch_conv(x, w, b, dout, stride, padding, dilation, groups)  # float64 oracle
+    g = [cupy.asarray(a.astype(dtype)) for a in (x, w, b, dout)]
+    saved = kcuda._CHUNK_BYTES
+    kcuda._CHUNK_BYTES = chunk
+    try:
+        y = kcuda.conv2d_forward(g[0], g[1], g[2], stride, padding, dilation, groups)
+        dx = kcuda.conv2d_input_grad(g[3], g[1], x_shape, stride, padding, dilation, groups)
+        dw = kcuda.conv2d_weight_grad(g[0], g[3], w.shape, stride, padding, dilation, groups)
+    finally:
+        kcuda._CHUNK_BYTES = saved
+    assert y.dtype == dx.dtype == dw.dtype == dtype
+    tol = {np.float64: dict(rtol=1e-7, atol=1e-9), np.float32: dict(rtol=1e-4, atol=1e-4),
+           np.float16: dict(rtol=3e-2, atol=0.3)}[dtype]
+    assert_close(cupy.asnumpy(y).astype(np.float64), y_t, **tol, msg="forward")
+    assert_close(cupy.asnumpy(dx).astype(np.float64), dx_t, **tol, msg="input grad")
+    assert_close(cupy.asnumpy(dw).astype(np.float64), dw_t, **tol, msg="weight grad")
