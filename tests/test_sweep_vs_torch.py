@@ -904,14 +904,22 @@ def draw_layer(rng):
             C=2 * G, K=G * int(rng.integers(1, 3)), k=int_or_pair(rng, 1, 3), stride=int_or_pair(rng, 1, 2),
             padding=int_or_pair(rng, 0, 1), dilation=int_or_pair(rng, 1, 2), groups=G, bias=bool(rng.random() < 0.5)
         )
+        if kind == "Conv2d" and rng.random() < 0.3:
+            cfg.update(padding=pick(rng, ["same", "valid"]), stride=1)
         if kind == "ConvTranspose2d":
-            cfg["output_padding"] = 0
+            cfg["output_padding"] = pick(rng, [0, 0, 1])
+            if cfg["output_padding"]:
+                cfg["stride"] = 2
     elif kind == "BatchNorm2d":
         cfg.update(C=int(rng.integers(1, 4)), training=bool(rng.random() < 0.5), affine=bool(rng.random() < 0.8),
-                   momentum=pick(rng, [0.1, None, 0.5]), steps=int(rng.integers(1, 3)))
+                   momentum=pick(rng, [0.1, None, 0.5]), steps=int(rng.integers(1, 3)),
+                   track_running_stats=bool(rng.random() < 0.8))
     else:
-        cfg.update(C=2, mode=pick(rng, ["nearest", "bilinear"]), scale_factor=pick(rng, [2.0, 1.5, 0.6]),
-                   align_corners=pick(rng, [None, True]))
+        cfg.update(C=2, mode=pick(rng, ["nearest", "bilinear"]), align_corners=pick(rng, [None, True]))
+        if rng.random() < 0.7:
+            cfg["scale_factor"] = pick(rng, [2.0, 1.5, 0.6, (2.0, 3.0)])
+        else:
+            cfg["size"] = pick(rng, [5, (3, 7)])
         if cfg["mode"] == "nearest":
             cfg["align_corners"] = None
     return cfg
@@ -924,38 +932,50 @@ def run_layer(c, rng):
     if kind in ("Conv2d", "ConvTranspose2d"):
         args = dict(kernel_size=c["k"], stride=c["stride"], padding=c["padding"], dilation=c["dilation"],
                     groups=c["groups"], bias=c["bias"])
+        if kind == "ConvTranspose2d":
+            args["output_padding"] = c["output_padding"]
         t_layer = getattr(torch.nn, kind)(c["C"], c["K"], **args).double()
         s_layer = getattr(nn, kind)(c["C"], c["K"], **args).double()
     elif kind == "BatchNorm2d":
-        args = dict(affine=c["affine"], momentum=c["momentum"])
+        args = dict(affine=c["affine"], momentum=c["momentum"], track_running_stats=c["track_running_stats"])
         t_layer = torch.nn.BatchNorm2d(c["C"], **args).double()
         s_layer = nn.BatchNorm2d(c["C"], **args).double()
         with torch.no_grad():
-            t_layer.running_mean.copy_(torch.from_numpy(rng.standard_normal(c["C"])))
-            t_layer.running_var.copy_(torch.from_numpy(rng.uniform(0.5, 2, c["C"])))
+            if c["track_running_stats"]:
+                t_layer.running_mean.copy_(torch.from_numpy(rng.standard_normal(c["C"])))
+                t_layer.running_var.copy_(torch.from_numpy(rng.uniform(0.5, 2, c["C"])))
             if c["affine"]:
                 t_layer.weight.copy_(torch.from_numpy(rng.standard_normal(c["C"])))
                 t_layer.bias.copy_(torch.from_numpy(rng.standard_normal(c["C"])))
         t_layer.train(c["training"])
         s_layer.train(c["training"])
     else:
-        args = dict(scale_factor=c["scale_factor"], mode=c["mode"], align_corners=c["align_corners"])
+        args = dict(size=c.get("size"), scale_factor=c.get("scale_factor"), mode=c["mode"],
+                    align_corners=c["align_corners"])
         t_layer, s_layer = torch.nn.Upsample(**args), nn.Upsample(**args)
     state = {k: v.detach().numpy().copy() for k, v in t_layer.state_dict().items()}
     s_layer.load_state_dict(state)
     steps = c.get("steps", 1)
     for step in range(steps):
         xs = x + step
+        s_x, t_x = Tensor(xs.copy(), requires_grad=True), torch.from_numpy(xs.copy()).requires_grad_(True)
         try:
-            t_out = t_layer(torch.from_numpy(xs))
+            t_out = t_layer(t_x)
         except RuntimeError:  # torch rejects the geometry: scratchseg must refuse it clearly
             try:
                 s_layer(Tensor(xs))
             except CLEAR_ERRORS:
                 return "rejected"
             raise Mismatch("torch rejects the geometry but scratchseg returns")
-        s_out = s_layer(Tensor(xs))
+        s_out = s_layer(s_x)
         expect_close(f"{kind} forward step {step}", s_out, t_out)
+        dout = rng.standard_normal(tuple(t_out.shape))
+        t_out.backward(torch.from_numpy(dout))
+        s_out.backward(dout)
+        expect_close(f"{kind} input grad step {step}", s_x.grad, t_x.grad)
+        for name, p in t_layer.named_parameters():
+            s_p = getattr(s_layer, name)
+            expect_close(f"{kind} {name}.grad step {step}", s_p.grad, p.grad)
     t_state = t_layer.state_dict()
     for name, value in s_layer.state_dict().items():
         expect_close(f"{kind} state {name}", np.asarray(_np(value), dtype=np.float64),
