@@ -110,7 +110,7 @@ def _panel(draw, box, title, xs, series, ylabel):
             draw.line(pts, fill=color, width=2)
         for x, y in pts:
             draw.ellipse((x - 2, y - 2, x + 2, y + 2), fill=color)
-        lx, ly = x1 - 110, y0 + 6 + 14 * k  # legend
+        lx, ly = x1 - 190 + 95 * k, top + 4  # legend, in the title line, clear of the curves
         draw.line((lx, ly + 6, lx + 18, ly + 6), fill=color, width=2)
         draw.text((lx + 22, ly), label, fill=(0, 0, 0))
 
