@@ -1109,11 +1109,17 @@ def test_conv_transpose2d_single_inner_tap():
     expect_close("grad w", s_g[1], t_g[1])
 
 
-@pytest.mark.xfail(strict=True, reason="4-D nearest uses torch's small-output rule for every size (bugs.md #5)")
-def test_interpolate_nearest_large_output_matches_torch():
-    # H_out + W_out = 54 + 78 > 128: torch's generic kernel, double precision, no shortcuts
-    codes = np.arange(32 * 34, dtype=np.float64).reshape(1, 1, 32, 34)
-    kw = dict(scale_factor=(1.7, 2.3), mode="nearest")
+@pytest.mark.xfail(strict=True, reason="nearest source index: torch's floorf and 2-D small-output rule (bugs.md #5)")
+@pytest.mark.parametrize(
+    "shape, scale",
+    [
+        ((1, 1, 32, 34), (1.7, 2.3)),  # H_out + W_out = 54 + 78 > 128: torch's generic kernel, no shortcuts
+        ((1, 1, 40), 1.3),  # 39 * (1/1.3) = 29.999999999999996, but floorf sees 30.0f
+    ],
+)
+def test_interpolate_nearest_source_pixels_match_torch(shape, scale):
+    codes = np.arange(np.prod(shape), dtype=np.float64).reshape(shape)
+    kw = dict(scale_factor=scale, mode="nearest")
     expect_equal("source pixels", F.interpolate(codes, **kw), TF.interpolate(torch.from_numpy(codes), **kw))
 
 
