@@ -349,6 +349,7 @@ _BLOCK_BYTES = 4 << 20
 # pools spin or must be woken, and on a loaded machine a worker that lost its
 # core stalls the whole barrier.
 _local = threading.local()
+_split_lock = threading.Lock()
 _pool = None
 _pool_size = 0
 
@@ -371,16 +372,17 @@ def _split(N, part):
     global _pool, _pool_size
     T = _workers(N)
     bounds = [N * t // T for t in range(T + 1)]
-    if _pool is None or _pool_size < T:
-        _pool = concurrent.futures.ThreadPoolExecutor(max_workers=T, thread_name_prefix="scratchseg-kernel")
-        _pool_size = T
-    previous = _blas_threads.get()
-    _blas_threads.set(1)  # each worker's GEMM runs on its own core
-    try:
-        futures = [_pool.submit(part, bounds[t], bounds[t + 1]) for t in range(T)]
-        return [f.result() for f in futures]
-    finally:
-        _blas_threads.set(previous)
+    with _split_lock:  # one split at a time: callers in several threads queue here
+        if _pool is None or _pool_size < T:
+            _pool = concurrent.futures.ThreadPoolExecutor(max_workers=T, thread_name_prefix="scratchseg-kernel")
+            _pool_size = T
+        previous = _blas_threads.get()
+        _blas_threads.set(1)  # each worker's GEMM runs on its own core (NumPy's BLAS is process-wide)
+        try:
+            futures = [_pool.submit(part, bounds[t], bounds[t + 1]) for t in range(T)]
+            return [f.result() for f in futures]
+        finally:
+            _blas_threads.set(previous)
 
 
 def _run(N, part):

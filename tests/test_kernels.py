@@ -434,3 +434,26 @@ def test_cuda_conv2d_kernels_match_torch(case, dtype, chunk):
     assert_close(cupy.asnumpy(y).astype(np.float64), y_t, **tol, msg="forward")
     assert_close(cupy.asnumpy(dx).astype(np.float64), dx_t, **tol, msg="input grad")
     assert_close(cupy.asnumpy(dw).astype(np.float64), dw_t, **tol, msg="weight grad")
+
+
+def test_cpu_conv2d_split_between_threads_equals_inline(monkeypatch):
+    """The batch split between worker threads gives the numbers of the one-thread loop."""
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((5, 3, 9, 8)).astype(np.float32)
+    w = rng.standard_normal((4, 3, 3, 3)).astype(np.float32)
+    dout = rng.standard_normal((5, 4, 9, 8)).astype(np.float32)
+    results = {}
+    for threads in ("1", "3"):
+        monkeypatch.setenv("SCRATCHSEG_NUM_THREADS", threads)
+        results[threads] = (
+            kcpu.conv2d_forward(x, w, None, 1, 1, 1, 1),
+            kcpu.conv2d_input_grad(dout, w, x.shape, 1, 1, 1, 1),
+            kcpu.conv2d_weight_grad(x, dout, w.shape, 1, 1, 1, 1),
+            kcpu.im2col(x, 3, 3, (1, 1), (1, 1), (1, 1)),
+            kcpu.col2im(kcpu.im2col(x, 3, 3, (1, 1), (1, 1), (1, 1)), x.shape, 3, 3, (1, 1), (1, 1), (1, 1)),
+        )
+    if kcpu._blas_threads is not None:
+        assert kcpu._workers(5) == 3
+        assert kcpu._blas_threads.get() >= 1  # restored after the split
+    for a, b in zip(results["1"], results["3"]):
+        assert_close(a, b, rtol=1e-5, atol=1e-5)
