@@ -354,7 +354,9 @@ def test_vgg16_layout_and_width(float64):
 
 # ----------------------------------------------------------------------- GPU
 @pytest.mark.gpu
-@pytest.mark.parametrize("name", ["unet", "unet_original", "fcn8s", "deeplabv1", "deeplabv3plus", "hypercolumn"])
+@pytest.mark.parametrize(
+    "name", ["unet", "unet_original", "fcn8s", "deeplabv1", "deeplabv3", "deeplabv3plus", "hypercolumn"]
+)
 def test_models_on_the_gpu_match_the_cpu(name, float64):
     from helpers import cupy_or_skip, to_numpy
 
@@ -368,11 +370,11 @@ def test_models_on_the_gpu_match_the_cpu(name, float64):
     xs_gpu = scratchseg.Tensor(cupy.asarray(x), requires_grad=True)
     y_cpu, y_gpu = cpu(xs_cpu), gpu(xs_gpu)
     assert type(y_gpu.data).__module__.startswith("cupy")
-    assert_close(y_gpu, y_cpu, rtol=1e-6, atol=1e-9)
+    assert_close(y_gpu, y_cpu, rtol=1e-6, atol=1e-9, msg=f"{name} logits")
     dout = np.random.default_rng(2).standard_normal(y_cpu.shape)
     y_cpu.backward(dout)
     y_gpu.backward(cupy.asarray(dout))
-    assert_close(xs_gpu.grad, xs_cpu.grad, rtol=1e-6, atol=1e-9)
+    assert_close(xs_gpu.grad, xs_cpu.grad, rtol=1e-6, atol=1e-9, msg=f"{name} input gradient")
     gpu_params = dict(gpu.named_parameters())
     for pname, p in cpu.named_parameters():
         g = gpu_params[pname].grad
