@@ -734,7 +734,7 @@ def run_unary(c, rng):
 def draw_reduce(rng):
     ndim = int(rng.integers(0, 5))
     shape = tuple(int(rng.integers(1, 5)) for _ in range(ndim))
-    kind = pick(rng, ["none", "int", "tuple"]) if ndim else "none"
+    kind = pick(rng, ["none", "int", "tuple", "tuple"]) if ndim else "none"
     if kind == "none":
         dim = None
     elif kind == "int":
@@ -742,7 +742,13 @@ def draw_reduce(rng):
     else:
         axes = rng.permutation(ndim)[: int(rng.integers(1, ndim + 1))]
         dim = tuple(int(a) - ndim * int(rng.random() < 0.5) for a in axes)
+        dim = list(dim) if rng.random() < 0.2 else dim
     return dict(op=pick(rng, ["sum", "mean"]), shape=shape, dim=dim, keepdim=bool(rng.random() < 0.5))
+
+
+def draw_reduce_empty_dims(rng):
+    """dim=() or []: torch reduces every dimension (not none)."""
+    return dict(draw_reduce(rng), dim=pick(rng, [(), []]))
 
 
 def run_reduce(c, rng):
@@ -778,7 +784,7 @@ def draw_view(rng):
             dims[int(rng.integers(len(dims)))] = -1
         cfg["new"] = tuple(int(d) for d in dims)
     elif op == "permute":
-        cfg["dims"] = tuple(int(d) for d in rng.permutation(ndim))
+        cfg["dims"] = tuple(int(d) - ndim * int(rng.random() < 0.3) for d in rng.permutation(ndim))
     elif op == "getitem":
         index = []
         for d in shape:
@@ -806,6 +812,9 @@ def draw_view(rng):
                     first = False
         if rng.random() < 0.2:
             index = [Ellipsis] + index[len(index) // 2 :]
+        if rng.random() < 0.15:  # a boolean mask over the leading dimensions
+            m = int(rng.integers(1, ndim + 1))
+            index = [rng.random(shape[:m]) < 0.5] + [slice(None)] * int(rng.integers(0, ndim - m + 1))
         cfg["index"] = tuple(index)
     elif op == "cat":
         cfg["dim"] = int(rng.integers(-ndim, ndim))
@@ -828,7 +837,8 @@ def run_view(c, rng):
         return compare(rng, lambda x: x.permute(*dims), lambda x: x.permute(*dims), [x], grad=(0,))
     if op == "getitem":
         index = c["index"]
-        return compare(rng, lambda x: x[index], lambda x: x[index], [x], grad=(0,))
+        t_index = tuple(torch.from_numpy(i) if isinstance(i, np.ndarray) else i for i in index)
+        return compare(rng, lambda x: x[index], lambda x: x[t_index], [x], grad=(0,))
     if op == "cat":
         dim = c["dim"]
         parts = []
@@ -1000,6 +1010,7 @@ OPS = {
     "binary": (draw_binary, run_binary),
     "unary": (draw_unary, run_unary),
     "reduce": (draw_reduce, run_reduce),
+    "reduce_empty_dims": (draw_reduce_empty_dims, run_reduce),
     "view": (draw_view, run_view),
     "chain": (draw_chain, run_chain),
     "layer": (draw_layer, run_layer),
@@ -1009,6 +1020,7 @@ OPS = {
 KNOWN = {  # ops whose sweep meets an open bug (bugs.md), until it is fixed
     "max_pool2d": "max_pool2d: a window wholly in the padding keeps a padding tap (bugs.md #1)",
     "conv_unbatched": "conv2d / conv_transpose2d refuse an unbatched (C, H, W) input (bugs.md #6)",
+    "reduce_empty_dims": "sum / mean with dim=() reduce nothing; torch reduces every dimension (bugs.md #8)",
 }
 
 
