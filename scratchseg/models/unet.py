@@ -242,8 +242,9 @@ class UNet(nn.Module):
             if not valid:
                 raise ValueError(
                     f"the valid U-Net (depth {cfg.depth}) cannot take a {H}x{W} input: every 2x2 pooling "
-                    f"must meet an even size; valid sizes near it are {_smallest_valid_tile(H, cfg.depth)} "
-                    f"and {_smallest_valid_tile(W, cfg.depth)} (or use tiling='same')"
+                    f"must meet an even size and no map may vanish; the smallest valid tile is "
+                    f"{_smallest_valid_tile(H, cfg.depth)}x{_smallest_valid_tile(W, cfg.depth)} "
+                    f"(or use tiling='same', the overlap-tile strategy)"
                 )
             return self._forward(x)
         # overlap-tile: mirror the context the valid convolutions eat, plus what makes a valid tile
