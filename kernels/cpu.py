@@ -374,6 +374,8 @@ def _split(N, part):
     bounds = [N * t // T for t in range(T + 1)]
     with _split_lock:  # one split at a time: callers in several threads queue here
         if _pool is None or _pool_size < T:
+            if _pool is not None:
+                _pool.shutdown(wait=False)
             _pool = concurrent.futures.ThreadPoolExecutor(max_workers=T, thread_name_prefix="scratchseg-kernel")
             _pool_size = T
         previous = _blas_threads.get()
@@ -731,9 +733,24 @@ def batch_norm_backward(dout, xhat, inv_std, weight, training, need_dx=True):
 def _max_pool_forward(x, kh, kw, sh, sw, ph, pw, dh, dw, best, arg):
     N, C, H, W = x.shape
     Ho, Wo = best.shape[2], best.shape[3]
+    inside = ph == 0 and pw == 0 and (Ho - 1) * sh + (kh - 1) * dh < H and (Wo - 1) * sw + (kw - 1) * dw < W
     for t in prange(N * C):
         n = t // C
         c = t % C
+        if inside:  # every window within the input (no padding, floor mode): no bounds checks
+            for ho in range(Ho):
+                for wo in range(Wo):
+                    m = x[n, c, ho * sh, wo * sw]
+                    a = 0
+                    for i in range(kh):
+                        for j in range(kw):
+                            v = x[n, c, ho * sh + i * dh, wo * sw + j * dw]
+                            if v != v or v > m:  # the last NaN wins and propagates; ties keep the first max
+                                m = v
+                                a = i * kw + j
+                    best[n, c, ho, wo] = m
+                    arg[n, c, ho, wo] = a
+            continue
         for ho in range(Ho):
             for wo in range(Wo):
                 m = -np.inf

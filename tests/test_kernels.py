@@ -397,6 +397,10 @@ def test_cpu_max_pool_ties_and_nan_follow_the_reference():
     out, arg = kcpu.max_pool2d_forward(x, (2, 2), (2, 2), (0, 0), (1, 1), (1, 1))
     assert out[0, 0, 0, 0] == 1.0 and arg[0, 0, 0, 0] == 0  # ties: the first max wins
     assert np.isnan(out[1, 0, 0, 0]) and arg[1, 0, 0, 0] == 3  # NaN propagates, its last tap wins
+    # the same with padding (the bounds-checked path)
+    out, arg = kcpu.max_pool2d_forward(x, (2, 2), (2, 2), (1, 1), (1, 1), (2, 2))
+    assert np.isnan(out[1, 0, 0, 1]) and arg[1, 0, 0, 1] == 2  # window rows -1..0, cols 1..2: the NaN at x[0, 1]
+    assert out[0, 0, 1, 1] == 1.0 and arg[0, 0, 1, 1] == 0
 
 
 @pytest.mark.gpu
