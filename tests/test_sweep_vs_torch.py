@@ -230,10 +230,11 @@ def pick(rng, options):
     return options[int(rng.integers(len(options)))]
 
 
-def int_or_pair(rng, low, high):
-    """An int in [low, high] or, half the time, a pair of them."""
+def int_or_pair(rng, low, high, one_tuples=True):
+    """An int in [low, high] or, half the time, a pair of them (as torch, a list or a 1-tuple too)."""
     if rng.random() < 0.5:
-        return int(rng.integers(low, high + 1))
+        v = int(rng.integers(low, high + 1))
+        return (v,) if one_tuples and rng.random() < 0.1 else v  # torch reads a 1-tuple as both axes
     pair = (int(rng.integers(low, high + 1)), int(rng.integers(low, high + 1)))
     return list(pair) if rng.random() < 0.2 else pair  # torch takes lists too
 
@@ -550,7 +551,7 @@ def run_activation(c, rng):
 
 
 # ----------------------------------------------------------------- interpolate
-SCALES = [0.5, 0.6, 1.0, 1.5, 1.7, 2.0, 3.0, 2.3, 0.3]
+SCALES = [0.5, 0.6, 1.0, 1.5, 1.7, 2.0, 3.0, 2.3, 0.3, 2, 3]  # ints too
 
 
 def draw_interpolate(rng):
@@ -911,8 +912,9 @@ def draw_layer(rng):
     G = pick(rng, [1, 2])
     if kind in ("Conv2d", "ConvTranspose2d"):
         cfg.update(
-            C=2 * G, K=G * int(rng.integers(1, 3)), k=int_or_pair(rng, 1, 3), stride=int_or_pair(rng, 1, 2),
-            padding=int_or_pair(rng, 0, 1), dilation=int_or_pair(rng, 1, 2), groups=G, bias=bool(rng.random() < 0.5)
+            C=2 * G, K=G * int(rng.integers(1, 3)), k=int_or_pair(rng, 1, 3, False),
+            stride=int_or_pair(rng, 1, 2, False), padding=int_or_pair(rng, 0, 1, False),
+            dilation=int_or_pair(rng, 1, 2, False), groups=G, bias=bool(rng.random() < 0.5)
         )
         if kind == "Conv2d" and rng.random() < 0.3:
             cfg.update(padding=pick(rng, ["same", "valid"]), stride=1)
