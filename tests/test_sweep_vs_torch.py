@@ -470,17 +470,24 @@ def draw_max_pool2d(rng):
     return corrupt(rng, cfg, dict(kernel_size=[0, (2, 0)], stride=[0, (1, -1)], padding=[-1, 3], dilation=[0]))
 
 
+MAX_POOL_EMPTY_WINDOWS_OPEN = True  # bugs.md #1: compare only the forward of windows with no input tap
+
+
 def run_max_pool2d(c, rng):
     x = distinct(rng, c["shape"])
     kw = {k: c[k] for k in ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")}
     grad = (0,)
     try:
-        _, index = TF.max_pool2d(torch.from_numpy(x), **dict(kw, return_indices=True))
+        out, index = TF.max_pool2d(torch.from_numpy(x), **dict(kw, return_indices=True))
         if index.numel() and (index.min() < 0 or index.max() >= x.shape[-1] * x.shape[-2]):
             # a window wholly in the padding (dilation > 1) whose index torch puts past the
             # plane: torch's backward would write out of bounds (heap corruption), so only
             # the forward can be compared
             grad = ()
+        if MAX_POOL_EMPTY_WINDOWS_OPEN and bool(torch.isinf(out).any()):
+            # a window with no tap in the input (its max is -inf): bugs.md #1, open; its
+            # reproducer test_max_pool2d_window_in_padding_matches_torch is marked xfail
+            grad, kw = (), dict(kw, return_indices=False)
     except RuntimeError:
         pass  # torch rejects the configuration; compare checks that scratchseg does too
     return compare(rng, lambda x: F.max_pool2d(x, **kw), lambda x: TF.max_pool2d(x, **kw), [x], grad=grad)
@@ -1020,7 +1027,6 @@ OPS = {
 
 
 KNOWN = {  # ops whose sweep meets an open bug (bugs.md), until it is fixed
-    "max_pool2d": "max_pool2d: a window wholly in the padding keeps a padding tap (bugs.md #1)",
     "conv_unbatched": "conv2d / conv_transpose2d refuse an unbatched (C, H, W) input (bugs.md #6)",
     "reduce_empty_dims": "sum / mean with dim=() reduce nothing; torch reduces every dimension (bugs.md #8)",
 }
