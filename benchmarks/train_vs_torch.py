@@ -12,7 +12,7 @@ In float64 the two runs stay equal to many digits; in float32 rounding
 differences grow slowly during training (as between two PyTorch builds), so
 the curves agree within noise rather than bit for bit.
 
-    python benchmarks/train_vs_torch.py                     # float32, ~1-2 minutes on 2 cores
+    python benchmarks/train_vs_torch.py                     # float32, a few minutes on 2 cores
     python benchmarks/train_vs_torch.py --dtype float64 --epochs 3
 """
 
@@ -94,14 +94,14 @@ class TorchUNet(tnn.Module):
 # ----------------------------------------------------------------- the run
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--size", type=int, default=32)
-    p.add_argument("--n-train", type=int, default=192)
+    p.add_argument("--n-train", type=int, default=384)
     p.add_argument("--n-val", type=int, default=48)
     p.add_argument("--base", type=int, default=8)
-    p.add_argument("--depth", type=int, default=2)
+    p.add_argument("--depth", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--lr", type=float, default=1e-2)
     p.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
