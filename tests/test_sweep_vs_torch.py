@@ -207,8 +207,8 @@ def compare(rng, sc_fn, th_fn, inputs, grad=(), extra=None, rtol=RTOL):
 
 
 def draws(op):
-    """How many configurations ``op`` gets: ``DRAWS``, a fifth for the layer-sized convolutions."""
-    return max(1, DRAWS // 5) if op == "conv_large" else DRAWS
+    """How many configurations ``op`` gets: ``DRAWS``, a fifth for the larger compositions."""
+    return max(1, DRAWS // 5) if op in ("conv_large", "network") else DRAWS
 
 
 def sweep(op, draw, run):
@@ -912,6 +912,59 @@ def run_chain(c, rng):
     return compare(rng, lambda x: _chain(x, c["steps"]), lambda x: _chain(x, c["steps"]), [x], grad=(0,))
 
 
+def draw_network(rng):
+    """A tiny segmentation net end to end: conv, batch norm, activation, pool, up-convolution,
+    resize, concatenation with the input, 1x1 classifier, cross entropy."""
+    return dict(
+        N=int(rng.integers(1, 3)), C=int(rng.integers(1, 4)), F=int(rng.integers(2, 5)), K=int(rng.integers(2, 4)),
+        H=int(rng.integers(4, 13)), W=int(rng.integers(4, 13)),
+        act=pick(rng, ["relu", "leaky_relu", "tanh", "sigmoid"]),
+        pool=pick(rng, ["max", "avg"]),
+        mode=pick(rng, ["bilinear", "nearest"]),
+        dilation=int(rng.integers(1, 3)),
+        ignore=bool(rng.random() < 0.5),
+    )
+
+
+def _network(x, w1, b1, g, beta, w2, w3, b3, *, c, target):
+    f = TF if isinstance(x, torch.Tensor) else F
+    cat = torch.cat if f is TF else scratchseg.cat
+    d = c["dilation"]
+    h = f.conv2d(x, w1, b1, padding=d, dilation=d)  # (N, F, H, W)
+    h = f.batch_norm(h, None, None, g, beta, training=True)
+    h = f.leaky_relu(h, 0.1) if c["act"] == "leaky_relu" else getattr(f, c["act"])(h)
+    h = f.max_pool2d(h, 2, ceil_mode=True) if c["pool"] == "max" else f.avg_pool2d(h, 2, ceil_mode=True)
+    h = f.conv_transpose2d(h, w2, stride=2, padding=1, output_padding=1)  # about (N, F, H, W)
+    kw = dict(align_corners=False) if c["mode"] == "bilinear" else {}
+    h = f.interpolate(h, size=(c["H"], c["W"]), mode=c["mode"], **kw)
+    h = cat([h, x * 0.5], 1)  # (N, F + C, H, W)
+    logits = f.conv2d(h, w3, b3)  # (N, K, H, W)
+    t = torch.from_numpy(target) if f is TF else target
+    return f.cross_entropy(logits, t, ignore_index=255, label_smoothing=0.05)
+
+
+def run_network(c, rng):
+    N, C, Fc, K, H, W = c["N"], c["C"], c["F"], c["K"], c["H"], c["W"]
+    target = rng.integers(0, K, (N, H, W)).astype(np.int64)
+    if c["ignore"]:
+        target[rng.random((N, H, W)) < 0.2] = 255
+    arrays = [
+        rng.standard_normal((N, C, H, W)),
+        rng.standard_normal((Fc, C, 3, 3)) * 0.4,
+        rng.standard_normal(Fc) * 0.1,
+        rng.uniform(0.5, 1.5, Fc),
+        rng.standard_normal(Fc) * 0.1,
+        rng.standard_normal((Fc, Fc, 4, 4)) * 0.3,
+        rng.standard_normal((K, Fc + C, 1, 1)) * 0.5,
+        rng.standard_normal(K) * 0.1,
+    ]
+
+    def net(*args):
+        return _network(*args, c=c, target=target)
+
+    return compare(rng, net, net, arrays, grad=tuple(range(len(arrays))))
+
+
 # ----------------------------------------------------------------- nn layers
 def draw_layer(rng):
     kind = pick(rng, ["Conv2d", "ConvTranspose2d", "BatchNorm2d", "Upsample"])
@@ -1022,6 +1075,7 @@ OPS = {
     "reduce_empty_dims": (draw_reduce_empty_dims, run_reduce),
     "view": (draw_view, run_view),
     "chain": (draw_chain, run_chain),
+    "network": (draw_network, run_network),
     "layer": (draw_layer, run_layer),
 }
 
