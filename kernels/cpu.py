@@ -118,8 +118,10 @@ def _im2col_block(x, c0, Cg, n0, n1, ho0, ho1, kh, kw, sh, sw, ph, pw, dh, dw, W
                 s0 = (a + hoff) * W + woff
                 d0 = base + a * W
                 length = (b - a) * W
-                klo = max(0, -s0)
-                khi = min(length, H * W - s0)
+                # the part of the run that lies inside the plane (taps far in the padding
+                # can start before it or end after it); the rest is zero
+                klo = min(max(0, -s0), length)
+                khi = max(min(length, H * W - s0), klo)
                 row[d0:d0 + klo] = 0
                 _copy_run(row[d0 + klo:d0 + khi], plane[s0 + klo:s0 + khi])
                 row[d0 + khi:d0 + length] = 0
@@ -194,8 +196,9 @@ def _col2im_block(cols, c0, Cg, n0, n1, ho0, ho1, kh, kw, sh, sw, ph, pw, dh, dw
                                 row[start + wo] = 0
                     s0 = (a + hoff) * W + woff
                     d0 = base + a * W
-                    klo = max(0, -s0)
-                    khi = min((b - a) * W, H * W - s0)
+                    length = (b - a) * W
+                    klo = min(max(0, -s0), length)  # clamped as in _im2col_block
+                    khi = max(min(length, H * W - s0), klo)
                     _add_run(plane[s0 + klo:s0 + khi], row[d0 + klo:d0 + khi])
             continue
         for i in range(kh):

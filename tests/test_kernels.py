@@ -302,6 +302,11 @@ def test_cpu_kernels_keep_float16(rng):
         ((2, 2, 6, 7), 3, 5, 3, (2, 1), (1, 1), 64 << 20),  # 5x3 kernel
         ((2, 2, 6, 7), 3, 1, 3, (0, 2), (1, 2), 200),  # taps entirely in the padding rows
         ((1, 2, 3, 4), 2, 3, 3, (3, 1), (1, 1), 100),  # padding larger than the kernel reach
+        # atrous taps that land wholly beyond the input (ASPP on a small map): runs clamped to the plane
+        ((2, 2, 8, 1), 3, 3, 3, (6, 6), (6, 6), 64 << 20),
+        ((2, 2, 5, 3), 3, 3, 3, (17, 17), (17, 17), 64 << 20),
+        ((3, 2, 3, 3), 3, 3, 3, (14, 14), (14, 14), 200),
+        ((1, 2, 3, 1), 3, 2, 2, (2, 2), (4, 4), 64 << 20),
     ],
 )
 def test_cpu_conv2d_same_width_fast_path(x_shape, K, kh, kw, padding, dilation, block, dtype):
