@@ -40,8 +40,8 @@ def geometries(draw, max_size=9):
     """(x_shape, kh, kw, stride, padding, dilation) with at least one output pixel."""
     kh, kw = draw(st.integers(1, 4)), draw(st.integers(1, 4))
     stride = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
-    dilation = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
-    padding = (draw(st.integers(0, 3)), draw(st.integers(0, 3)))
+    dilation = (draw(st.integers(1, 5)), draw(st.integers(1, 5)))
+    padding = (draw(st.integers(0, 6)), draw(st.integers(0, 6)))  # up to far beyond the input
     span_h, span_w = dilation[0] * (kh - 1) + 1, dilation[1] * (kw - 1) + 1
     H = draw(st.integers(max(1, span_h - 2 * padding[0]), max(span_h, max_size)))
     W = draw(st.integers(max(1, span_w - 2 * padding[1]), max(span_w, max_size)))
