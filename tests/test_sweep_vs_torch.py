@@ -524,25 +524,34 @@ def draw_adaptive_avg_pool2d(rng):
         output_size = (int(rng.integers(1, 8)), int(rng.integers(1, 8)))
     else:
         output_size = pick(rng, [(None, int(rng.integers(1, 8))), (int(rng.integers(1, 8)), None), (None, None)])
-    return dict(shape=(int(rng.integers(1, 3)),) * int(rng.random() < 0.8) + (2, H, W), output_size=output_size)
+    return dict(
+        shape=(int(rng.integers(1, 3)),) * int(rng.random() < 0.8) + (2, H, W),
+        output_size=output_size,
+        fn=pick(rng, ["adaptive_avg_pool2d", "adaptive_avg_pool2d", "adaptive_max_pool2d"]),
+        return_indices=bool(rng.random() < 0.5),
+    )
 
 
 def run_adaptive_avg_pool2d(c, rng):
-    x = np.asarray(rng.standard_normal(c["shape"]))
-    o = c["output_size"]
-    return compare(
-        rng, lambda x: F.adaptive_avg_pool2d(x, o), lambda x: TF.adaptive_avg_pool2d(x, o), [x], grad=(0,)
-    )
+    x = distinct(rng, c["shape"])  # no ties for the max
+    o, fn = c["output_size"], c["fn"]
+    kw = dict(return_indices=c["return_indices"]) if fn == "adaptive_max_pool2d" else {}
+    sc, th = getattr(F, fn), getattr(TF, fn)
+    return compare(rng, lambda x: sc(x, o, **kw), lambda x: th(x, o, **kw), [x], grad=(0,))
 
 
 # ----------------------------------------------------------------- activations
 def draw_activation(rng):
     ndim = int(rng.integers(0, 5))
     shape = tuple(int(rng.integers(1, 5)) for _ in range(ndim))
-    fn = pick(rng, ["relu", "leaky_relu", "tanh", "sigmoid", "softmax", "log_softmax"])
+    fn = pick(rng, ["relu", "leaky_relu", "tanh", "sigmoid", "softmax", "log_softmax", "hardtanh", "relu6", "elu"])
     cfg = dict(fn=fn, shape=shape)
     if fn == "leaky_relu":
         cfg["negative_slope"] = pick(rng, [0.01, 0.2, -0.5, 1.5, 0.0])
+    if fn == "hardtanh":  # kinks at +-1.05 and +-0.55 stay away from the inputs' grid below
+        cfg["min_val"], cfg["max_val"] = pick(rng, [(-1.05, 1.05), (-0.55, 1.05), (0.55, 1.05)])
+    if fn == "elu":
+        cfg["alpha"] = pick(rng, [1.0, 0.5, 2.0])
     if fn in ("softmax", "log_softmax"):
         cfg["dim"] = int(rng.integers(-max(ndim, 1), max(ndim, 1)))  # dim=None: see test_softmax_needs_dim
         cfg["scale"] = pick(rng, [1.0, 30.0])  # large logits test stability
@@ -552,7 +561,9 @@ def draw_activation(rng):
 def run_activation(c, rng):
     fn = c["fn"]
     x = off_zero(rng, c["shape"]) * c.get("scale", 1.0)
-    kw = {k: c[k] for k in ("negative_slope", "dim") if k in c}
+    if fn in ("hardtanh", "relu6"):  # keep off the kinks at the clip values (6, +-0.55, +-1.05)
+        x = np.round(x * 10) / 10 + 0.01
+    kw = {k: c[k] for k in ("negative_slope", "dim", "min_val", "max_val", "alpha") if k in c}
     sc, th = getattr(F, fn), getattr(TF, fn)
     return compare(rng, lambda x: sc(x, **kw), lambda x: th(x, **kw), [x], grad=(0,))
 
