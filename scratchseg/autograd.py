@@ -292,9 +292,9 @@ class MatMul(Function):
 
 
 def _normalise_axes(dim, ndim):
-    if dim is None:
+    dims = (dim,) if isinstance(dim, (int, numpy.integer)) else tuple(dim) if dim is not None else ()
+    if not dims:  # None, () and [] all mean every dimension, as in torch
         return tuple(range(ndim))
-    dims = (dim,) if isinstance(dim, (int, numpy.integer)) else tuple(dim)
     out = []
     for d in dims:
         if not -ndim <= d < max(ndim, 1):
