@@ -295,12 +295,11 @@ def _normalise_axes(dim, ndim):
     dims = (dim,) if isinstance(dim, (int, numpy.integer)) else tuple(dim) if dim is not None else ()
     if not dims:  # None, () and [] all mean every dimension, as in torch
         return tuple(range(ndim))
-    out = []
+    span = max(ndim, 1)  # a 0-d tensor takes dim 0 or -1, as in torch, and reduces nothing
     for d in dims:
-        if not -ndim <= d < max(ndim, 1):
+        if not -span <= d < span:
             raise IndexError(f"dimension {d} is out of range for a tensor of {ndim} dimensions")
-        out.append(int(d) % max(ndim, 1))
-    return tuple(out)
+    return tuple(sorted({int(d) % span for d in dims})) if ndim else ()
 
 
 class Sum(Function):
