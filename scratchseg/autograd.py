@@ -299,7 +299,10 @@ def _normalise_axes(dim, ndim):
     for d in dims:
         if not -span <= d < span:
             raise IndexError(f"dimension {d} is out of range for a tensor of {ndim} dimensions")
-    return tuple(sorted({int(d) % span for d in dims})) if ndim else ()
+    axes = [int(d) % span for d in dims]
+    if len(set(axes)) != len(axes):
+        raise ValueError(f"dim {tuple(dims)} names a dimension more than once")
+    return tuple(axes) if ndim else ()
 
 
 class Sum(Function):
