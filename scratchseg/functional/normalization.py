@@ -16,6 +16,7 @@ from numbers import Number
 
 import numpy
 
+from .. import backend
 from ..autograd import Function
 from ..backend import get_array_module
 
@@ -27,6 +28,17 @@ def _channel_shape(ndim, C):
     return (1, C) + (1,) * (ndim - 2)
 
 
+def _update_running(running_mean, running_var, mean, var, M, momentum):
+    """Move the running statistics towards the batch's, in place (a module's buffer sees it)."""
+    if running_mean is not None:
+        running_mean *= 1 - momentum
+        running_mean += (momentum * mean).astype(running_mean.dtype, copy=False)
+    if running_var is not None:
+        unbiased = var * (M / (M - 1))  # torch tracks the unbiased variance
+        running_var *= 1 - momentum
+        running_var += (momentum * unbiased).astype(running_var.dtype, copy=False)
+
+
 class BatchNorm(Function):
     """out = gamma * (x - mu) / sqrt(var + eps) + beta, per channel (axis 1).
 
@@ -36,6 +48,13 @@ class BatchNorm(Function):
 
     @staticmethod
     def forward(ctx, x, running_mean, running_var, weight, bias, training, momentum, eps):
+        fast = backend.kernel("batch_norm_train_forward", x) if training else None
+        if fast is not None:  # kernels/: the same statistics, xhat and out in three fused passes
+            out, xhat, mean, var, inv_std = fast(x, weight, bias, eps)
+            _update_running(running_mean, running_var, mean, var, x.size // x.shape[1], momentum)
+            ctx.xhat, ctx.inv_std, ctx.gamma, ctx.training = xhat, inv_std, weight, training
+            ctx.has_bias = bias is not None
+            return out
         xp = get_array_module(x)
         C = x.shape[1]
         axes = (0,) + tuple(range(2, x.ndim))  # every axis but the channels
@@ -45,14 +64,7 @@ class BatchNorm(Function):
             mean = x.mean(axis=axes)  # (C,)
             centered = x - mean.reshape(shape)  # (N, C, *)
             var = (centered * centered).mean(axis=axes)  # (C,) biased, used to normalise
-            if running_mean is not None:
-                # in place, so a module's buffer (or a Tensor's .data) sees the update
-                running_mean *= 1 - momentum
-                running_mean += (momentum * mean).astype(running_mean.dtype, copy=False)
-            if running_var is not None:
-                unbiased = var * (M / (M - 1))  # torch tracks the unbiased variance
-                running_var *= 1 - momentum
-                running_var += (momentum * unbiased).astype(running_var.dtype, copy=False)
+            _update_running(running_mean, running_var, mean, var, M, momentum)
         else:
             mean = running_mean.astype(x.dtype, copy=False)
             var = running_var.astype(x.dtype, copy=False)
@@ -75,6 +87,12 @@ class BatchNorm(Function):
     @staticmethod
     def backward(ctx, dout):
         xhat, inv_std, gamma = ctx.xhat, ctx.inv_std, ctx.gamma
+        fast = backend.kernel("batch_norm_backward", dout)
+        if fast is not None:  # kernels/: both sums in one pass, dx in a second
+            need = ctx.needs_input_grad
+            dx, sum_dout, sum_dout_xhat = fast(dout, xhat, inv_std, gamma, ctx.training, need_dx=need[0])
+            dgamma = sum_dout_xhat.astype(gamma.dtype, copy=False) if need[3] else None
+            return dx, None, None, dgamma, (sum_dout if need[4] else None), None, None, None
         C = xhat.shape[1]
         axes = (0,) + tuple(range(2, xhat.ndim))
         shape = _channel_shape(xhat.ndim, C)

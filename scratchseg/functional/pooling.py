@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import numpy
 
+from .. import backend
 from ..autograd import Function, Tensor
 from ..backend import get_array_module
 
@@ -160,6 +161,14 @@ class MaxPool2d(Function):
         N, C, H, W = x.shape
         k, s, p, d, out = kernel_size, stride, padding, dilation, ceil_mode
         right = tuple(_padded_extent(n, out[a], k[a], s[a], p[a], d[a]) for a, n in enumerate((H, W)))
+        fast = backend.kernel("max_pool2d_forward", x)
+        if fast is not None:  # kernels/: the same max and winning tap in one pass
+            best, arg = fast(x, k, s, p, d, out)
+            if indices_out is not None:
+                indices_out.append(_flat_indices(xp, arg, k, s, p, d, W, unbatched))
+            ctx.arg, ctx.geometry = arg, (k, s, p, d, out, right)
+            ctx.x_shape, ctx.unbatched = (N, C, H, W), unbatched
+            return best[0] if unbatched else best
         x_pad = _pad_spatial(x, p, right, -numpy.inf)
 
         # running max over the taps in row-major order; a later tap wins only
@@ -191,6 +200,10 @@ class MaxPool2d(Function):
             dout = dout[None]
         k, s, p, d, out, right = ctx.geometry
         N, C, H, W = ctx.x_shape
+        fast = backend.kernel("max_pool2d_backward", dout)
+        if fast is not None:  # kernels/: one scatter pass
+            dx = fast(dout, ctx.arg, ctx.x_shape, k, s, p, d)
+            return (dx[0] if ctx.unbatched else dx,) + (None,) * 6
         dx_pad = xp.zeros((N, C, H + p[0] + right[0], W + p[1] + right[1]), dtype=dout.dtype)
         zero = xp.zeros((), dtype=dout.dtype)
         for t in range(k[0] * k[1]):
