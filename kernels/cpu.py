@@ -2,12 +2,24 @@
 
 Every public function here has the signature of its NumPy reference in
 ``scratchseg.functional`` and returns the same numbers (tests/test_kernels.py
-holds them equal), plus an optional ``out=`` so a caller can hand in a
-reusable workspace instead of allocating a fresh large array per call.
+holds them equal; im2col/col2im also take an optional ``out=`` workspace):
 
-The compiled loops are ``@njit(parallel=True, cache=True)``: compiled once per
-dtype (float32, float64) and cached on disk, so a new process loads them in
-milliseconds.
+* ``im2col``, ``col2im`` -- the reference's signature exactly;
+* ``conv2d_forward``, ``conv2d_input_grad``, ``conv2d_weight_grad`` -- the
+  three products of ``scratchseg.functional.conv`` (``_conv``,
+  ``_conv_transpose``, ``_conv_weight_grad``), computed block by block so the
+  full column matrix never exists;
+* ``batch_norm_train_forward``, ``batch_norm_backward``,
+  ``max_pool2d_forward``, ``max_pool2d_backward`` -- fused one-to-three-pass
+  versions of the reference in ``normalization.py`` and ``pooling.py``.
+
+Every loop is compiled with ``cache=True``, once per dtype (float32, float64;
+float16 runs in float32), and cached on disk, so a new process loads them in
+milliseconds. The per-channel kernels are ``parallel=True`` (``prange`` over
+channels or planes); the convolution's im2col/col2im blocks are serial and
+``nogil``, run by worker threads that each own a slice of the batch (see the
+conv2d section). ``SCRATCHSEG_NUM_THREADS`` sets the number of workers
+(default: Numba's thread count, one per core).
 """
 
 from __future__ import annotations
