@@ -482,24 +482,17 @@ def draw_max_pool2d(rng):
     return corrupt(rng, cfg, dict(kernel_size=[0, (2, 0)], stride=[0, (1, -1)], padding=[-1, 3], dilation=[0]))
 
 
-MAX_POOL_EMPTY_WINDOWS_OPEN = True  # bugs.md #1: compare only the forward of windows with no input tap
-
-
 def run_max_pool2d(c, rng):
     x = distinct(rng, c["shape"])
     kw = {k: c[k] for k in ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")}
     grad = (0,)
     try:
-        out, index = TF.max_pool2d(torch.from_numpy(x), **dict(kw, return_indices=True))
+        _, index = TF.max_pool2d(torch.from_numpy(x), **dict(kw, return_indices=True))
         if index.numel() and (index.min() < 0 or index.max() >= x.shape[-1] * x.shape[-2]):
             # a window wholly in the padding (dilation > 1) whose index torch puts past the
             # plane: torch's backward would write out of bounds (heap corruption), so only
             # the forward can be compared
             grad = ()
-        if MAX_POOL_EMPTY_WINDOWS_OPEN and bool(torch.isinf(out).any()):
-            # a window with no tap in the input (its max is -inf): bugs.md #1, open; its
-            # reproducer test_max_pool2d_window_in_padding_matches_torch is marked xfail
-            grad, kw = (), dict(kw, return_indices=False)
     except RuntimeError:
         pass  # torch rejects the configuration; compare checks that scratchseg does too
     return compare(rng, lambda x: F.max_pool2d(x, **kw), lambda x: TF.max_pool2d(x, **kw), [x], grad=grad)
@@ -1106,7 +1099,6 @@ OPS = {
 
 
 KNOWN = {  # ops whose sweep meets an open bug (bugs.md), until it is fixed
-    "reduce_empty_dims": "sum / mean with dim=() reduce nothing, 0-d tensors refuse dim 0 (bugs.md #8)",
 }
 
 
@@ -1158,17 +1150,20 @@ def _torch_and_ours(fn_sc, fn_th, *arrays, dout_seed=0):
     return s_out, t_out, [s.grad for s in s_in], [t.grad for t in t_in]
 
 
-@pytest.mark.xfail(strict=True, reason="max_pool2d: a window wholly in the padding keeps a padding tap (bugs.md #1)")
-def test_max_pool2d_window_in_padding_matches_torch():
+@pytest.mark.parametrize("kernels", ["numba", "numpy"])
+def test_max_pool2d_window_in_padding_matches_torch(kernels):
     # kernel (3, 2), dilation (1, 2), padding 1 on a 1-wide input: along W every window's taps
     # are at -1 and +1, both outside; torch outputs -inf and names the first tap row at column
     # 1, i.e. flat index h*W + 1 (which lands on the next row), and sends the gradient there
     x = np.arange(4.0).reshape(1, 1, 4, 1)
     kw = dict(kernel_size=(3, 2), stride=1, padding=1, dilation=(1, 2))
-    _, t_idx = TF.max_pool2d(torch.from_numpy(x), return_indices=True, **kw)
-    _, s_idx = F.max_pool2d(x, return_indices=True, **kw)
-    expect_equal("indices", s_idx, t_idx)
-    s_out, t_out, s_g, t_g = _torch_and_ours(lambda x: F.max_pool2d(x, **kw), lambda x: TF.max_pool2d(x, **kw), x)
+    with scratchseg.backend.use_kernels(kernels):  # the fused kernel and the reference alike
+        _, t_idx = TF.max_pool2d(torch.from_numpy(x), return_indices=True, **kw)
+        _, s_idx = F.max_pool2d(x, return_indices=True, **kw)
+        expect_equal("indices", s_idx, t_idx)
+        s_out, t_out, s_g, t_g = _torch_and_ours(
+            lambda x: F.max_pool2d(x, **kw), lambda x: TF.max_pool2d(x, **kw), x
+        )
     expect_close("forward", s_out, t_out)
     expect_close("grad", s_g[0], t_g[0])
 

@@ -164,6 +164,7 @@ class MaxPool2d(Function):
         fast = backend.kernel("max_pool2d_forward", x)
         if fast is not None:  # kernels/: the same max and winning tap in one pass
             best, arg = fast(x, k, s, p, d, out)
+            arg, ctx.outside = _torch_default_taps(xp, best, arg, k, s, p, d, out, (H, W))
             if indices_out is not None:
                 indices_out.append(_flat_indices(xp, arg, k, s, p, d, W, unbatched))
             ctx.arg, ctx.geometry = arg, (k, s, p, d, out, right)
@@ -184,6 +185,7 @@ class MaxPool2d(Function):
             # arg = where(better, t, arg), branch-free: every arg so far is < t, so
             # t - arg > 0 and this is plain integer arithmetic (several times faster)
             arg += better.view(numpy.uint8) * (arg.dtype.type(t) - arg)
+        arg, ctx.outside = _torch_default_taps(xp, best, arg, k, s, p, d, out, (H, W))
 
         if indices_out is not None:
             indices_out.append(_flat_indices(xp, arg, k, s, p, d, W, unbatched))
@@ -202,17 +204,62 @@ class MaxPool2d(Function):
         N, C, H, W = ctx.x_shape
         fast = backend.kernel("max_pool2d_backward", dout)
         if fast is not None:  # kernels/: one scatter pass
-            dx = fast(dout, ctx.arg, ctx.x_shape, k, s, p, d)
+            dx = _add_outside(xp, fast(dout, ctx.arg, ctx.x_shape, k, s, p, d), dout, ctx.outside)
             return (dx[0] if ctx.unbatched else dx,) + (None,) * 6
         dx_pad = xp.zeros((N, C, H + p[0] + right[0], W + p[1] + right[1]), dtype=dout.dtype)
         zero = xp.zeros((), dtype=dout.dtype)
         for t in range(k[0] * k[1]):
             i, j = divmod(t, k[1])
             _tap(dx_pad, i, j, s, d, out)[...] += xp.where(ctx.arg == t, dout, zero)
-        dx = dx_pad[:, :, p[0] : p[0] + H, p[1] : p[1] + W]
+        dx = _add_outside(xp, dx_pad[:, :, p[0] : p[0] + H, p[1] : p[1] + W], dout, ctx.outside)
         if ctx.unbatched:
             dx = dx[0]
         return (dx,) + (None,) * 6
+
+
+def _torch_default_taps(xp, best, arg, k, s, p, d, out, size):
+    """torch's index for windows no tap beats -inf, and the windows with no tap inside the input.
+
+    torch starts each window's max at -inf with the index of its first tap at or
+    after the input's top-left corner, ``i0 = ceil(max(p - oh*s, 0) / d)`` (and
+    ``j0`` alike), and keeps it unless a tap is greater. The running max above
+    starts at tap 0 instead, a padding tap for border windows: where the max is
+    still -inf from it, ``arg`` becomes ``i0*kw + j0``. Returns that ``arg`` and
+    ``outside``: ``(oh, ow, h*W + w)`` for each window none of whose taps is
+    inside the input (possible with dilation) and whose default tap ``(h, w)``,
+    past the right or bottom edge, still has a flat index inside the plane:
+    torch's backward adds that window's gradient there.
+    """
+    taps, starts, empty = [], [], []
+    for a in range(2):
+        o = numpy.arange(out[a]) * s[a] - p[a]  # first tap position of each window
+        t0 = (numpy.maximum(-o, 0) + d[a] - 1) // d[a]  # first tap at a position >= 0 (< k: p <= k/2)
+        taps.append(t0)
+        starts.append(o + t0 * d[a])
+        empty.append(o + t0 * d[a] >= size[a])  # no tap of the window inside the input
+    first = taps[0][:, None] * k[1] + taps[1][None, :]  # (Ho, Wo) host array
+    if first.any():
+        stuck = (arg == 0) & (best == -numpy.inf)  # tap 0 in the padding, nothing greater
+        arg = xp.where(stuck, xp.asarray(first.astype(arg.dtype)), arg)
+    H, W = size
+    outside = []
+    for oh, ow in zip(*numpy.nonzero(empty[0][:, None] | empty[1][None, :])):
+        flat = int(starts[0][oh]) * W + int(starts[1][ow])
+        if flat < H * W:
+            outside.append((int(oh), int(ow), flat))
+    return arg, outside
+
+
+def _add_outside(xp, dx, dout, outside):
+    """``dx`` (N, C, H, W) plus, as torch, each window of ``outside`` adding its ``dout``
+    at its default tap's flat index (which wraps onto a later row of the plane)."""
+    if not outside:
+        return dx
+    dx = xp.ascontiguousarray(dx)
+    planes = dx.reshape(dx.shape[0], dx.shape[1], -1)  # (N, C, H*W), a view
+    for oh, ow, flat in outside:
+        planes[:, :, flat] += dout[:, :, oh, ow]
+    return dx
 
 
 def _flat_indices(xp, arg, k, s, p, d, W, unbatched):
