@@ -1203,7 +1203,6 @@ def test_conv_transpose2d_single_inner_tap():
     expect_close("grad w", s_g[1], t_g[1])
 
 
-@pytest.mark.xfail(strict=True, reason="nearest source index: torch's floorf and 2-D small-output rule (bugs.md #5)")
 @pytest.mark.parametrize(
     "shape, scale",
     [

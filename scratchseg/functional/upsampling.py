@@ -18,13 +18,15 @@ scattered ``+=``.
 Source positions follow PyTorch exactly (``aten/src/ATen/native/UpSample.h``):
 
 * nearest (torch's legacy mode): ``src = min(floor(i * ratio), n_in - 1)``;
-  torch's 2-D kernel computes it in float32 and takes two shortcuts,
-  ``src = i`` when ``n_out == n_in`` and ``src = i // 2`` when
-  ``n_out == 2 n_in``; its 1-D and 3-D kernels use the input's precision and
-  no shortcuts. Both are matched. (torch's nearest *backward* always takes the
-  shortcuts, so for 1-D/3-D inputs resized by a scale factor that rounds to
-  exactly 1x or 2x, torch's gradient is not the transpose of its forward;
-  ours is.)
+  torch's 2-D kernel, for small outputs (``H_out + W_out <= 128``), computes
+  it in float32 and takes two shortcuts, ``src = i`` when ``n_out == n_in``
+  and ``src = i // 2`` when ``n_out == 2 n_in``; its generic kernel (larger
+  2-D outputs, all 1-D and 3-D ones) takes the product in the input's
+  precision, rounds it to float32 (``floorf``) and takes no shortcuts. Both
+  are matched. (torch's nearest *backward* always takes the
+  shortcuts, so where the forward does not and a scale factor rounds to
+  exactly 1x or 2x, or float32 rounds differently, torch's gradient is not
+  the transpose of its forward; ours is.)
 * linear, ``align_corners=True``: ``src = i * (n_in - 1) / (n_out - 1)``;
 * linear, ``align_corners=False``: ``src = max((i + 1/2) * ratio - 1/2, 0)``;
 * linear, ``n_out == n_in``: the axis is copied unchanged,
@@ -69,10 +71,11 @@ def _ratio(n_in, n_out, scale, dtype):
 def _nearest_source(n_in, n_out, scale, shortcuts, dtype):
     """torch's legacy nearest index: the input index each output index copies.
 
-    ``src = min(floor(i * ratio), n_in - 1)`` computed in ``dtype``. With
-    ``shortcuts`` (torch's 2-D kernel, ``nearest_idx``) the ratio is float32
-    and ``n_out == n_in`` copies, ``n_out == 2 n_in`` halves, whatever the
-    scale factor; torch's 1-D and 3-D kernels take no shortcuts.
+    ``src = min(floor(i * ratio), n_in - 1)``, the product computed in ``dtype``
+    and rounded to float32 before the floor (torch's ``floorf``). With
+    ``shortcuts`` (torch's small 2-D outputs, ``nearest_idx``) the ratio is
+    float32 and ``n_out == n_in`` copies, ``n_out == 2 n_in`` halves, whatever
+    the scale factor; torch's generic kernel takes no shortcuts.
     """
     i = numpy.arange(n_out)
     if shortcuts:
@@ -81,8 +84,11 @@ def _nearest_source(n_in, n_out, scale, shortcuts, dtype):
         if n_out == 2 * n_in:
             return i >> 1
         dtype = numpy.dtype(numpy.float32)
-    src = numpy.floor(i.astype(dtype) * _ratio(n_in, n_out, scale, dtype)).astype(numpy.int64)
-    return numpy.minimum(src, n_in - 1)
+    # torch's nearest_neighbor_compute_source_index: the product in ``dtype``, then
+    # floorf, which rounds it to float32 first (scale 1.3: 39 * (1/1.3) is
+    # 29.999999999999996 in double but 30.0f, so output 39 reads input 30)
+    src = numpy.floor((i.astype(dtype) * _ratio(n_in, n_out, scale, dtype)).astype(numpy.float32))
+    return numpy.minimum(src.astype(numpy.int64), n_in - 1)
 
 
 def _linear_source(n_in, n_out, align_corners, scale, dtype):
@@ -329,11 +335,14 @@ def interpolate(
     sizes, scales = _output_geometry(shape, size, scale_factor, recompute_scale_factor)
 
     dtype = input.dtype if input.dtype.kind == "f" and input.dtype.itemsize >= 4 else numpy.dtype("float32")
+    # torch's 2-D nearest kernel takes the float32 shortcuts only for small outputs
+    # (H_out + W_out <= 128); for larger ones it runs the generic kernel, as in 1-D/3-D
+    shortcuts = ndim == 4 and sum(sizes) <= 128
     plans = []
     for k, (n_in, n_out, s) in enumerate(zip(shape[2:], sizes, scales)):
-        if n_in == n_out and (mode != "nearest" or ndim == 4 or s is None):
+        if n_in == n_out and (mode != "nearest" or shortcuts or s is None):
             continue  # torch copies this axis unchanged
-        plans.append((2 + k, _axis(n_in, n_out, mode, align_corners, s, dtype.name, ndim == 4)))
+        plans.append((2 + k, _axis(n_in, n_out, mode, align_corners, s, dtype.name, shortcuts)))
     return Interpolate.apply(input, tuple(plans))
 
 
