@@ -985,14 +985,14 @@ def run_network(c, rng):
 
 # ----------------------------------------------------------------- nn layers
 def draw_layer(rng):
-    kind = pick(rng, ["Conv2d", "ConvTranspose2d", "BatchNorm2d", "Upsample"])
+    kind = pick(rng, ["Conv2d", "ConvTranspose2d", "BatchNorm2d", "Upsample", "CrossEntropyLoss"])
     cfg = dict(kind=kind, N=int(rng.integers(1, 3)), H=int(rng.integers(2, 7)), W=int(rng.integers(2, 7)))
     G = pick(rng, [1, 2])
     if kind in ("Conv2d", "ConvTranspose2d"):
         cfg.update(
-            C=2 * G, K=G * int(rng.integers(1, 3)), k=int_or_pair(rng, 1, 3, False),
-            stride=int_or_pair(rng, 1, 2, False), padding=int_or_pair(rng, 0, 1, False),
-            dilation=int_or_pair(rng, 1, 2, False), groups=G, bias=bool(rng.random() < 0.5)
+            C=2 * G, K=G * int(rng.integers(1, 3)), k=int_or_pair(rng, 1, 3, False),  # torch fails on (k,)
+            stride=int_or_pair(rng, 1, 2), padding=int_or_pair(rng, 0, 1),
+            dilation=int_or_pair(rng, 1, 2), groups=G, bias=bool(rng.random() < 0.5)
         )
         if kind == "Conv2d" and rng.random() < 0.3:
             cfg.update(padding=pick(rng, ["same", "valid"]), stride=1)
@@ -1004,6 +1004,9 @@ def draw_layer(rng):
         cfg.update(C=int(rng.integers(1, 4)), training=bool(rng.random() < 0.5), affine=bool(rng.random() < 0.8),
                    momentum=pick(rng, [0.1, None, 0.5]), steps=int(rng.integers(1, 3)),
                    track_running_stats=bool(rng.random() < 0.8))
+    elif kind == "CrossEntropyLoss":
+        cfg.update(C=int(rng.integers(1, 5)), weight=bool(rng.random() < 0.5), ignore_index=pick(rng, [-100, 0]),
+                   reduction=pick(rng, ["mean", "sum", "none"]), label_smoothing=pick(rng, [0.0, 0.1, 0.7]))
     else:
         cfg.update(C=2, mode=pick(rng, ["nearest", "bilinear"]), align_corners=pick(rng, [None, True]))
         if rng.random() < 0.7:
@@ -1015,9 +1018,21 @@ def draw_layer(rng):
     return cfg
 
 
+def run_loss_layer(c, rng, nn):
+    x = rng.standard_normal((c["N"], c["C"], c["H"], c["W"]))
+    target = rng.integers(0, c["C"], (c["N"], c["H"], c["W"])).astype(np.int64)
+    w = rng.uniform(0.5, 2.0, c["C"]) if c["weight"] else None
+    args = dict(ignore_index=c["ignore_index"], reduction=c["reduction"], label_smoothing=c["label_smoothing"])
+    t_loss = torch.nn.CrossEntropyLoss(None if w is None else torch.from_numpy(w), **args)
+    s_loss = nn.CrossEntropyLoss(w, **args)
+    return compare(rng, lambda x: s_loss(x, target), lambda x: t_loss(x, torch.from_numpy(target)), [x], grad=(0,))
+
+
 def run_layer(c, rng):
     nn = pytest.importorskip("scratchseg.nn")
     kind = c["kind"]
+    if kind == "CrossEntropyLoss":
+        return run_loss_layer(c, rng, nn)
     x = rng.standard_normal((c["N"], c["C"], c["H"], c["W"]))
     if kind in ("Conv2d", "ConvTranspose2d"):
         args = dict(kernel_size=c["k"], stride=c["stride"], padding=c["padding"], dilation=c["dilation"],

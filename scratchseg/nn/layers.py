@@ -49,10 +49,13 @@ __all__ = [
 ]
 
 
-def _pair(value, name):
-    """``3 -> (3, 3)``; ``(3, 5)`` stays; anything else is a clear error."""
+def _pair(value, name, single=True):
+    """``3 -> (3, 3)``; ``(3, 5)`` stays; ``(3,) -> (3, 3)`` as torch reads it (unless
+    ``single`` is False: a conv kernel); anything else is a clear error."""
     if isinstance(value, numbers.Integral) and not isinstance(value, bool):
         return (int(value), int(value))
+    if single and isinstance(value, (tuple, list)) and len(value) == 1:
+        value = (value[0], value[0])
     if isinstance(value, (tuple, list)) and len(value) == 2 and all(isinstance(v, numbers.Integral) for v in value):
         return (int(value[0]), int(value[1]))
     raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
@@ -75,7 +78,7 @@ class _ConvNd(Module):
         if out_channels % groups:
             raise ValueError(f"out_channels ({out_channels}) must be divisible by groups ({groups})")
         self.in_channels, self.out_channels, self.groups = int(in_channels), int(out_channels), int(groups)
-        self.kernel_size = _pair(kernel_size, "kernel_size")
+        self.kernel_size = _pair(kernel_size, "kernel_size", single=False)  # torch fails on (3,) too
         self.stride = _pair(stride, "stride")
         self.dilation = _pair(dilation, "dilation")
         for name, value in (("kernel_size", self.kernel_size), ("stride", self.stride), ("dilation", self.dilation)):
@@ -659,13 +662,17 @@ class CrossEntropyLoss(Module):
 
     Shape: input (N, K, H, W) and target (N, H, W) of class indices -> a scalar
     (or (N, H, W) with reduction='none'). ``weight`` (K,) is a buffer, saved
-    in the state dict as in torch.
+    in the state dict as in torch. ``label_smoothing`` in [0, 1] mixes each
+    one-hot target with the uniform distribution over the K classes, as torch.
     """
 
-    def __init__(self, weight=None, ignore_index=-100, reduction="mean"):
+    def __init__(self, weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0):
         super().__init__()
         if reduction not in ("mean", "sum", "none"):
             raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+        if not 0.0 <= label_smoothing <= 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing!r}")
+        self.label_smoothing = float(label_smoothing)
         if weight is not None:
             weight = weight.data if isinstance(weight, Tensor) else weight
             if not hasattr(weight, "shape"):
@@ -674,7 +681,10 @@ class CrossEntropyLoss(Module):
         self.ignore_index, self.reduction = int(ignore_index), reduction
 
     def forward(self, input, target):
-        return F.cross_entropy(input, target, self.weight, ignore_index=self.ignore_index, reduction=self.reduction)
+        return F.cross_entropy(
+            input, target, self.weight, ignore_index=self.ignore_index, reduction=self.reduction,
+            label_smoothing=self.label_smoothing,
+        )
 
     def extra_repr(self):
         return f"ignore_index={self.ignore_index}, reduction={self.reduction!r}" if (
