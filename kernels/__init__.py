@@ -26,13 +26,6 @@ kind of machine cost more than the maths:
   hundreds of MiB costs that every call. ``mallopt`` raises the mmap and trim
   thresholds so freed large blocks stay in the heap and are reused.
 
-* **OpenBLAS's kernel choice on AMD Zen 4**: it picks its AVX-512 (SkylakeX)
-  kernels there, which run the skinny GEMMs of a convolution ~10% slower than
-  its Zen (AVX2) kernels (measured: SGEMM 2048^3 210 vs 222 GFLOP/s, conv2d
-  8x64x128x128 forward+backward 173 vs 160 ms on 2 cores). On AMD CPUs of
-  family 25 (Zen 3/4) we default ``OPENBLAS_CORETYPE`` to ``Zen``; like the
-  timeout it only works when scratchseg is imported before NumPy.
-
 Every setting is a default only: a value already in the environment wins, and
 ``SCRATCHSEG_NO_TUNING=1`` turns all three off.
 """
@@ -71,18 +64,6 @@ def _mallopt() -> bool:
         return False
 
 
-def _amd_zen() -> bool:
-    """True on an AMD CPU of family 25 (Zen 3 / Zen 4), from /proc/cpuinfo."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            head = f.read(4096)
-    except OSError:
-        return False
-    fields = dict(line.split(":", 1) for line in head.splitlines() if ":" in line)
-    fields = {k.strip(): v.strip() for k, v in fields.items()}
-    return fields.get("vendor_id") == "AuthenticAMD" and fields.get("cpu family") == "25"
-
-
 def tune_process() -> dict:
     """Apply the process defaults described in the module docstring (idempotent)."""
     if tuning:
@@ -97,9 +78,6 @@ def tune_process() -> dict:
         os.environ.get("OPENBLAS_THREAD_TIMEOUT", "default")
         + (" (numpy was imported first: too late to change)" if numpy_loaded else "")
     )
-    if "OPENBLAS_CORETYPE" not in os.environ and not numpy_loaded and _amd_zen():
-        os.environ["OPENBLAS_CORETYPE"] = "Zen"
-    tuning["openblas_coretype"] = os.environ.get("OPENBLAS_CORETYPE", "auto")
     os.environ.setdefault("NUMBA_THREADING_LAYER", "workqueue")
     tuning["numba_threading_layer"] = os.environ["NUMBA_THREADING_LAYER"]
     tuning["mallopt"] = _mallopt()
