@@ -176,6 +176,8 @@ def no_init(monkeypatch):
 def test_original_unet_has_the_papers_31030658_parameters(no_init):
     model = models.create("unet_original", num_classes=2, in_channels=1, base=64)
     assert models.count_parameters(model) == 31_030_658
+    # the name promises the paper's network: it is the default size
+    assert models.count_parameters(models.create("unet_original", num_classes=2, in_channels=1)) == 31_030_658
     assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
 
 

@@ -21,7 +21,8 @@ name               model (file)                                full size of the 
 =================  ==========================================  =====================================
 
 The defaults are small enough to train on a CPU (U-Net ``base=16``, VGG
-``width=1/8``, ResNet-18 at ``width=1/4``). Each model keeps its settings in
+``width=1/8``, ResNet-18 at ``width=1/4``), except ``unet_original``, which
+is the paper's network unless told otherwise (``base=16`` makes it small). Each model keeps its settings in
 ``model.config`` (a dataclass); unknown options raise a ``TypeError`` that
 lists the valid ones. Up-sampling blocks (transposed convolution, resize +
 convolution, bilinear, trilinear) are in ``upsampling.py``; the VGG16 and

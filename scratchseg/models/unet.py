@@ -30,8 +30,10 @@ the input exactly, ``(N, K, H, W)``; ``'auto'`` (default) is ``'valid'``
 when the size is a valid tile (572 -> 388) and ``'same'`` otherwise.
 
 Sizes: ``base`` is the first level's channel count (64 in the paper). The
-default ``base=16`` trains on a CPU; ``create("unet_original", num_classes=2,
-in_channels=1, base=64)`` is the paper's network, 31,030,658 parameters.
+padded ``unet`` defaults to ``base=16``, which trains on a CPU. The name
+``unet_original`` promises the paper's network, so it defaults to
+``base=64``: ``create("unet_original", num_classes=2, in_channels=1)`` has
+the paper's 31,030,658 parameters (pass ``base=16`` for a CPU-sized one).
 
     >>> import scratchseg
     >>> net = UNet(UNetConfig(num_classes=2, in_channels=1, base=2, padding=False, batchnorm=False))
@@ -267,7 +269,8 @@ def unet(num_classes, in_channels=3, **options):
 
 
 def unet_original(num_classes, in_channels=3, **options):
-    """The paper's U-Net: valid convolutions, no batchnorm, biases everywhere; base=64 is full size."""
+    """The paper's U-Net: valid convolutions, no batchnorm, biases everywhere, ``base=64`` unless given."""
+    options.setdefault("base", 64)
     options.setdefault("padding", False)
     options.setdefault("batchnorm", False)
     return UNet(UNetConfig(num_classes=num_classes, in_channels=in_channels, **options))
