@@ -49,7 +49,7 @@ from .data import Loader, make_task, task_from_spec
 from .data import transforms as T
 from .data.task import DataError
 from .metrics import ConfusionMatrix
-from .viz import colorize, overlay, plot_curves, save_png
+from .viz import colorize, overlay, panel, plot_curves, save_png
 
 __all__ = ["TrainConfig", "train", "evaluate", "load_model", "predict_array", "NonFiniteLossError",
            "TrainingInterrupted", "resolve_checkpoint"]
@@ -407,9 +407,15 @@ def _write_predictions(model, task, folder, count, resize):
         colour = colorize(pred, task.colors)
         save_png(os.path.join(folder, f"{name}_image.png"), image)
         save_png(os.path.join(folder, f"{name}_pred.png"), colour)
-        save_png(os.path.join(folder, f"{name}_overlay.png"), overlay(image, colour))
+        blended = overlay(image, colour)
+        save_png(os.path.join(folder, f"{name}_overlay.png"), blended)
+        pictures = [image, colour, blended]
         if mask is not None:
-            save_png(os.path.join(folder, f"{name}_truth.png"), colorize(mask, task.colors, task.ignore_index))
+            truth = colorize(mask, task.colors, task.ignore_index)
+            save_png(os.path.join(folder, f"{name}_truth.png"), truth)
+            pictures.insert(1, truth)
+        # image | truth | prediction | overlay, enlarged so a small image can be seen
+        save_png(os.path.join(folder, f"{name}_panel.png"), panel(pictures))
         written.append(name)
     return written
 

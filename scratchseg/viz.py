@@ -40,6 +40,27 @@ def overlay(image, color_mask, alpha=0.5):
     return numpy.clip(mixed + 0.5, 0, 255).astype(numpy.uint8)
 
 
+def _as_rgb(array):
+    array = asnumpy(array)
+    if array.ndim == 2:
+        array = array[..., None]
+    return numpy.repeat(array, 3, axis=2) if array.shape[2] == 1 else array
+
+
+def panel(pictures, min_height=128, gap=4):
+    """Pictures of one size side by side, enlarged (nearest, by a whole factor)
+    to at least ``min_height`` pixels so small images can be seen; white gaps."""
+    pictures = [_as_rgb(p).astype(numpy.uint8) for p in pictures]
+    H = pictures[0].shape[0]
+    factor = max(1, -(-min_height // H))  # ceil(min_height / H)
+    big = [p.repeat(factor, axis=0).repeat(factor, axis=1) for p in pictures]  # (H*f, W*f, 3) each
+    white = numpy.full((H * factor, gap, 3), 255, dtype=numpy.uint8)
+    row = [big[0]]
+    for p in big[1:]:
+        row += [white, p]
+    return numpy.concatenate(row, axis=1)  # (H*f, sum of widths + gaps, 3)
+
+
 def save_png(path, array):
     """Save (H, W), (H, W, 1) or (H, W, 3) uint8 as a PNG, making folders as needed."""
     from PIL import Image

@@ -51,6 +51,13 @@ def test_a_run_writes_metrics_checkpoints_curves_and_predictions(tmp_path):
     preds = sorted(os.listdir(os.path.join(run, "predictions")))
     assert len([p for p in preds if p.endswith("_overlay.png")]) == 2
     assert len([p for p in preds if p.endswith("_pred.png")]) == 2
+    # one panel per image: image | truth | prediction | overlay, enlarged to >= 128 px, 4 px gaps
+    panels = [p for p in preds if p.endswith("_panel.png")]
+    assert len(panels) == 2
+    image = np.asarray(Image.open(os.path.join(run, "predictions", panels[0].replace("_panel", "_image"))))
+    h, w = image.shape[:2]
+    factor = -(-128 // h)
+    assert Image.open(os.path.join(run, "predictions", panels[0])).size == (4 * w * factor + 3 * 4, h * factor)
     # the best checkpoint rebuilds the model and scores what metrics.json says
     model, meta = load_model(run)
     from scratchseg.data import task_from_spec
