@@ -333,7 +333,7 @@ def draw_conv_unbatched(rng):
 
 def run_conv_unbatched(c, rng):
     """torch takes a (C, H, W) input as one image; scratchseg deliberately asks for (N, C, H, W)
-    with a ValueError that names the shape (the project's decision, bugs.md #6)."""
+    with a ValueError that names the shape (the project's decision: a 3-D input to conv2d is an error)."""
     x = rng.standard_normal((c["C"], c["H"], c["W"]))
     if c["transposed"]:
         w = rng.standard_normal((c["C"], c["K"] // c["groups"], c["kh"], c["kw"]))
@@ -1113,13 +1113,7 @@ OPS = {
 }
 
 
-KNOWN = {  # ops whose sweep meets an open bug (bugs.md), until it is fixed
-}
-
-
-@pytest.mark.parametrize(
-    "op", [pytest.param(op, marks=pytest.mark.xfail(strict=True, reason=KNOWN[op])) if op in KNOWN else op for op in OPS]
-)
+@pytest.mark.parametrize("op", list(OPS))
 def test_sweep(op):
     draw, run = OPS[op]
     outcomes = sweep(op, draw, run)
@@ -1128,14 +1122,7 @@ def test_sweep(op):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize(
-    "op",
-    [
-        pytest.param(op, marks=pytest.mark.xfail(strict=True, reason=KNOWN[op])) if op in KNOWN else op
-        for op in OPS
-        if op != "layer"
-    ],
-)
+@pytest.mark.parametrize("op", [op for op in OPS if op != "layer"])
 def test_sweep_gpu(op):
     """The same draws with CuPy arrays on the scratchseg side (torch stays on the CPU)."""
     from helpers import cupy_or_skip
