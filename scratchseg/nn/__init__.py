@@ -13,6 +13,7 @@ from .. import functional  # scratchseg.nn.functional, as torch.nn.functional
 from . import init
 from .blocks import ConvBlock
 from .containers import Identity, ModuleDict, ModuleList, Sequential
+from . import layers as _layers
 from .layers import (
     AdaptiveAvgPool2d,
     AvgPool2d,
@@ -49,25 +50,7 @@ __all__ = [
     "ModuleDict",
     "Identity",
     "ConvBlock",
-    "Conv2d",
-    "ConvTranspose2d",
-    "BatchNorm1d",
-    "BatchNorm2d",
-    "BatchNorm3d",
-    "Dropout",
-    "Dropout2d",
-    "MaxPool2d",
-    "AvgPool2d",
-    "AdaptiveAvgPool2d",
-    "ReLU",
-    "LeakyReLU",
-    "Tanh",
-    "Sigmoid",
-    "Softmax",
-    "LogSoftmax",
-    "Upsample",
-    "Flatten",
-    "CrossEntropyLoss",
+    *_layers.__all__,
 ]
 
 _sys.modules[__name__ + ".functional"] = functional  # `import scratchseg.nn.functional as F` works too

@@ -579,37 +579,34 @@ class Sigmoid(Module):
         return F.sigmoid(input)
 
 
-def _softmax_dim(ndim):
-    # torch's legacy choice when dim is not given
-    return 0 if ndim in (0, 1, 3) else 1
+class _SoftmaxBase(Module):
+    """Softmax or log-softmax along ``dim``; the two differ only in the function they call."""
+
+    _function = None  # F.softmax or F.log_softmax
+
+    def __init__(self, dim=None):
+        super().__init__()
+        self.dim = dim
+
+    def forward(self, input):
+        # torch's legacy choice when dim is not given: 0 for 0-, 1- and 3-D input, else 1
+        dim = self.dim if self.dim is not None else (0 if input.ndim in (0, 1, 3) else 1)
+        return type(self)._function(input, dim)
+
+    def extra_repr(self):
+        return f"dim={self.dim}"
 
 
-class Softmax(Module):
+class Softmax(_SoftmaxBase):
     """out_i = exp(x_i) / sum_j exp(x_j) along ``dim``. Shape: any -> the same."""
 
-    def __init__(self, dim=None):
-        super().__init__()
-        self.dim = dim
-
-    def forward(self, input):
-        return F.softmax(input, self.dim if self.dim is not None else _softmax_dim(input.ndim))
-
-    def extra_repr(self):
-        return f"dim={self.dim}"
+    _function = staticmethod(F.softmax)
 
 
-class LogSoftmax(Module):
+class LogSoftmax(_SoftmaxBase):
     """out_i = x_i - log sum_j exp(x_j) along ``dim``. Shape: any -> the same."""
 
-    def __init__(self, dim=None):
-        super().__init__()
-        self.dim = dim
-
-    def forward(self, input):
-        return F.log_softmax(input, self.dim if self.dim is not None else _softmax_dim(input.ndim))
-
-    def extra_repr(self):
-        return f"dim={self.dim}"
+    _function = staticmethod(F.log_softmax)
 
 
 # ------------------------------------------------------------ resampling
