@@ -169,11 +169,17 @@ def main(argv=None):
     parser = _common.add_common_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
     parser.add_argument("--memory-child", choices=("scratchseg", "torch"), help=argparse.SUPPRESS)
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory children")
+    parser.add_argument("--no-tf32", action="store_true",
+                        help="GPU: turn off PyTorch's TF32 convolutions (on by default in cuDNN), so both sides "
+                             "multiply in full float32")
     args = parser.parse_args(argv)
     import torch
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.no_tf32:
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
     if args.memory_child:
         return memory_child(args.memory_child, args.backend)
 
@@ -185,6 +191,8 @@ def main(argv=None):
     theirs.set_data(x, y)
     ours.set_data(x, y)
     n_params = sum(p.numel() for p in theirs.model.parameters())
+    if device == "cuda":
+        print(f"torch TF32: cudnn {torch.backends.cudnn.allow_tf32}, matmul {torch.backends.cuda.matmul.allow_tf32}")
     print(f"U-Net {WIDTHS}, {n_params / 1e6:.2f} M parameters, batch {BATCH}x{IN_CHANNELS}x{SIZE}x{SIZE}, "
           f"{CLASSES} classes, SGD momentum 0.9")
 

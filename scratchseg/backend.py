@@ -149,8 +149,15 @@ def xp():
     return _cupy() if current() == "cupy" else numpy
 
 
+_cupy_types: dict = {}  # type -> whether it is one of CuPy's array types (asked for every op)
+
+
 def is_cupy_array(a) -> bool:
-    return type(a).__module__.split(".")[0] == "cupy"
+    kind = type(a)
+    known = _cupy_types.get(kind)
+    if known is None:
+        known = _cupy_types[kind] = kind.__module__.split(".")[0] == "cupy"
+    return known
 
 
 def get_array_module(*arrays):
@@ -241,7 +248,8 @@ def kernel(name: str, *arrays):
     on_gpu = any(is_cupy_array(a) for a in arrays)
     if not on_gpu and kernels() == "numpy":
         return None
-    module = _kernel_module("cuda" if on_gpu else "cpu")
+    which = "cuda" if on_gpu else "cpu"
+    module = _kernel_modules[which] if which in _kernel_modules else _kernel_module(which)
     return getattr(module, name, None) if module is not None else None
 
 

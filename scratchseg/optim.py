@@ -303,6 +303,9 @@ class SGD(Optimizer):
             lr, momentum, dampening = group["lr"], group["momentum"], group["dampening"]
             weight_decay, nesterov, maximize = group["weight_decay"], group["nesterov"], group["maximize"]
             for p, grad in _grads(group):
+                fast = backend.kernel("sgd_update", p.data)  # the whole rule in one launch on the GPU
+                if fast is not None and self._sgd_fast(fast, p, grad, group):
+                    continue
                 g = -grad if maximize else grad
                 if weight_decay != 0:
                     g = g + weight_decay * p.data
@@ -317,6 +320,20 @@ class SGD(Optimizer):
                         buf += (1 - dampening) * g
                     g = g + momentum * buf if nesterov else buf
                 p.data -= lr * g
+
+    def _sgd_fast(self, fast, p, grad, group):
+        """The same update through a fused kernel; False (nothing changed) where it does not apply."""
+        buf, first = None, False
+        if group["momentum"] != 0:
+            state = self.state.setdefault(p, {})
+            buf = state.get("momentum_buffer")
+            if buf is None:
+                buf, first = backend.get_array_module(p.data).empty_like(p.data), True
+        done = fast(p.data, grad, buf, group["lr"], group["momentum"], group["dampening"], group["weight_decay"],
+                    group["nesterov"], group["maximize"], first)
+        if done and first:
+            state["momentum_buffer"] = buf
+        return done
 
 
 class Adam(Optimizer):

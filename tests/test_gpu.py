@@ -128,6 +128,10 @@ CASES = {
         {"x": normal(3, 5, 4, 6), "y": labels(5, 3, 4, 6, ignore=2), "cw": positive(5)},
         lambda t: F.cross_entropy(t["x"], t["y"], weight=t["cw"].data, ignore_index=2, label_smoothing=0.1),
     ),
+    "cross_entropy_weighted_none": (
+        {"x": normal(3, 5, 4, 6), "y": labels(5, 3, 4, 6, ignore=-1), "cw": positive(5)},
+        lambda t: F.cross_entropy(t["x"], t["y"], weight=t["cw"].data, ignore_index=-1, reduction="none"),
+    ),
     "nll_loss_sum": (
         {"x": normal(6, 4), "y": labels(4, 6)},
         lambda t: F.nll_loss(F.log_softmax(t["x"], dim=1), t["y"], reduction="sum"),

@@ -159,10 +159,19 @@ class CrossEntropy(Function):
     def forward(ctx, x, target, weight, ignore_index, reduction, label_smoothing):
         xp = get_array_module(x)
         N, C = x.shape[0], x.shape[1]
+        eps = float(label_smoothing)
+        ctx.target, ctx.ignore_index, ctx.x_shape = target, ignore_index, x.shape
+        fast = None if eps else backend.kernel("cross_entropy_forward", x)
+        fused = fast(x, target, weight, ignore_index) if fast is not None else None
+        if fused is not None:  # kernels/: p, the loss and w_t of every position in one pass
+            p, loss, w_t = fused
+            out, total = _reduce(loss, w_t, reduction, target.shape)
+            ctx.p, ctx.t, ctx.valid, ctx.w_t, ctx.weight = p, None, None, w_t, weight
+            ctx.reduction, ctx.total, ctx.eps, ctx.N = reduction, total, eps, N
+            return out
         x3, t, valid, w_t = _positions(x, target, weight, ignore_index)
         z = x3 - x3.max(axis=1, keepdims=True)  # (N, C, S) shifted scores, max 0
         z_t = xp.take_along_axis(z, t, axis=1)  # (N, 1, S)
-        eps = float(label_smoothing)
         if eps:
             wz = z if weight is None else weight.reshape(1, C, 1) * z
             wz = wz.sum(axis=1, keepdims=True)  # (N, 1, S): sum_c w_c z_c
@@ -178,7 +187,6 @@ class CrossEntropy(Function):
         out, total = _reduce(loss, w_t, reduction, target.shape)
         ctx.p, ctx.t, ctx.valid, ctx.w_t, ctx.weight = p, t, valid, w_t, weight
         ctx.reduction, ctx.total, ctx.eps, ctx.N = reduction, total, eps, N
-        ctx.x_shape = x.shape
         return out
 
     @staticmethod
@@ -189,6 +197,12 @@ class CrossEntropy(Function):
         p, eps = ctx.p, ctx.eps
         N, C = p.shape[0], p.shape[1]
         g = _upstream(ctx, dout)  # (N, 1, S) or a scalar
+        if ctx.t is None:  # the forward took the fused kernel: its twin, or the targets for the formula below
+            fast = backend.kernel("cross_entropy_backward", p)
+            dx = fast(p, ctx.target, ctx.w_t, xp.asarray(g), ctx.ignore_index) if fast is not None else None
+            if dx is not None:
+                return dx.reshape(ctx.x_shape), None, None, None, None, None
+            _, ctx.t, ctx.valid, _ = _positions(p, ctx.target, ctx.weight, ctx.ignore_index)
         on_target = (1 - eps) * ctx.w_t * g  # (N, 1, S): (1 - eps) w_t g
         dx = xp.empty(p.shape, dtype=p.dtype)  # (N, C, S), C-contiguous for the flat update
         if eps:

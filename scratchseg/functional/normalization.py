@@ -12,6 +12,7 @@ statistics towards them; evaluation uses the running statistics.
 
 from __future__ import annotations
 
+import math
 from numbers import Number
 
 import numpy
@@ -51,7 +52,10 @@ class BatchNorm(Function):
         fast = backend.kernel("batch_norm_train_forward", x) if training else None
         if fast is not None:  # kernels/: the same statistics, xhat and out in three fused passes
             out, xhat, mean, var, inv_std = fast(x, weight, bias, eps)
-            _update_running(running_mean, running_var, mean, var, x.size // x.shape[1], momentum)
+            M = x.size // x.shape[1]
+            update = backend.kernel("batch_norm_update_running", x)  # one launch on the GPU
+            if update is None or not update(running_mean, running_var, mean, var, M, momentum):
+                _update_running(running_mean, running_var, mean, var, M, momentum)
             ctx.xhat, ctx.inv_std, ctx.gamma, ctx.training = xhat, inv_std, weight, training
             ctx.has_bias = bias is not None
             return out
@@ -170,7 +174,7 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
         raise ValueError(f"batch_norm(): eps must be a non-negative number, got {eps!r}")
     if training:
         size = tuple(input.shape)
-        if size[0] * int(numpy.prod(size[2:], dtype=numpy.int64)) == 1:
+        if size[0] * math.prod(size[2:]) == 1:
             raise ValueError(f"Expected more than 1 value per channel when training, got input size {size}")
     elif running_mean is None or running_var is None:
         missing = "running_mean" if running_mean is None else "running_var"
