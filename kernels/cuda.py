@@ -51,15 +51,18 @@ __all__ = [
 ]
 
 _THREADS = 256  # threads per block of the element-wise and unfolding kernels
-_ROWS_THREADS = 512  # threads per block of the one-block-per-channel batch-norm kernels
+_ROWS_THREADS = 1024  # threads per block of the one-block-per-channel batch-norm kernels
 _MAX_Y_BLOCKS = 65535  # CUDA's limit on gridDim.y; the kernels loop over the rest
 
 _SOURCE = r"""
 // ---------------------------------------------------------------- unfolding
-// The unfolding kernels run on a 2-D grid: blockIdx.x picks one row of the
-// output (a (c, i, j) tap row, or an (n, c) plane) and blockIdx.y with
-// threadIdx.x walk along it, so the index arithmetic per element is a couple
-// of 32-bit divisions instead of 64-bit ones.
+// The unfolding kernels run 32 x 8 thread tiles: threadIdx.x walks along an
+// output row (wo, or w for col2im), threadIdx.y picks one of 8 rows (ho, or h).
+// blockIdx.x is one row of the result (a (c, i, j) tap row, or an (n, c)
+// plane) and blockIdx.y walks the tiles down it (and, for the (C*kh*kw, N*P)
+// layout, across the samples). Every division happens once per thread and
+// tile, none per element: on an H200 the per-element divisions of a flat
+// index made these kernels several times slower than the memory allows.
 
 extern "C" __global__ void im2col_SUFFIX(
     const T* __restrict__ x, T* __restrict__ cols,
@@ -69,15 +72,22 @@ extern "C" __global__ void im2col_SUFFIX(
     const int Ho, const int Wo)
 {
     // cols[(c, i, j), (n, ho, wo)] = x[n, c, ho*sh - ph + i*dh, wo*sw - pw + j*dw], 0 outside
-    const int r = blockIdx.x;                      // row (c, i, j)
+    const int r = blockIdx.x;                      // tap row (c, i, j)
     const int j = r % kw, i = (r / kw) % kh, c = r / (kh * kw);
-    const int P = Ho * Wo, L = N * P;               // columns (n, ho, wo)
-    T* row = cols + (long long)r * L;
-    for (int q = blockIdx.y * blockDim.x + threadIdx.x; q < L; q += gridDim.y * blockDim.x) {
-        const int n = q / P, p = q - n * P;
-        const int ho = p / Wo, wo = p - ho * Wo;
-        const int h = ho * sh - ph + i * dh, w = wo * sw - pw + j * dw;
-        row[q] = (h >= 0 && h < H && w >= 0 && w < W) ? x[(((long long)n * C + c) * H + h) * W + w] : (T)0;
+    const long long P = (long long)Ho * Wo;
+    const int tiles = (Ho + blockDim.y - 1) / blockDim.y;  // tiles of output rows per sample
+    for (int t = blockIdx.y; t < N * tiles; t += gridDim.y) {
+        const int n = t / tiles;
+        const int ho = (t - n * tiles) * blockDim.y + threadIdx.y;
+        if (ho >= Ho) continue;
+        const int h = ho * sh - ph + i * dh;
+        const bool row_inside = h >= 0 && h < H;
+        const long long src = (((long long)n * C + c) * H + h) * W;  // row h of plane (n, c), read only inside
+        T* dst = cols + ((long long)r * N + n) * P + (long long)ho * Wo;
+        for (int wo = threadIdx.x; wo < Wo; wo += blockDim.x) {
+            const int w = wo * sw - pw + j * dw;
+            dst[wo] = (row_inside && w >= 0 && w < W) ? x[src + w] : (T)0;
+        }
     }
 }
 
@@ -88,18 +98,24 @@ extern "C" __global__ void im2col_batch_SUFFIX(
     const int ph, const int pw, const int dh, const int dw,
     const int Ho, const int Wo, const int n0)
 {
-    // Sample-major columns of samples n0, n0 + 1, ... (one block row per (n - n0, c, i, j)):
+    // Sample-major columns of samples n0, n0 + 1, ... (blockIdx.x = (n - n0, c, i, j)):
     // cols[n - n0, (c, i, j), (ho, wo)] = x[n, c, ho*sh - ph + i*dh, wo*sw - pw + j*dw], 0 outside
     const int R = C * kh * kw;
     const int n = n0 + blockIdx.x / R, r = blockIdx.x % R;
     const int j = r % kw, i = (r / kw) % kh, c = r / (kh * kw);
-    const int P = Ho * Wo;
-    const T* plane = x + ((long long)n * C + c) * H * W;
-    T* row = cols + (long long)blockIdx.x * P;
-    for (int p = blockIdx.y * blockDim.x + threadIdx.x; p < P; p += gridDim.y * blockDim.x) {
-        const int ho = p / Wo, wo = p - ho * Wo;
-        const int h = ho * sh - ph + i * dh, w = wo * sw - pw + j * dw;
-        row[p] = (h >= 0 && h < H && w >= 0 && w < W) ? plane[h * W + w] : (T)0;
+    const long long plane = ((long long)n * C + c) * H * W;
+    T* row = cols + (long long)blockIdx.x * Ho * Wo;
+    const int tiles = (Ho + blockDim.y - 1) / blockDim.y;
+    for (int t = blockIdx.y; t < tiles; t += gridDim.y) {
+        const int ho = t * blockDim.y + threadIdx.y;
+        if (ho >= Ho) continue;
+        const int h = ho * sh - ph + i * dh;
+        const bool row_inside = h >= 0 && h < H;
+        T* dst = row + (long long)ho * Wo;
+        for (int wo = threadIdx.x; wo < Wo; wo += blockDim.x) {
+            const int w = wo * sw - pw + j * dw;
+            dst[wo] = (row_inside && w >= 0 && w < W) ? x[plane + (long long)h * W + w] : (T)0;
+        }
     }
 }
 
@@ -116,33 +132,43 @@ extern "C" __global__ void col2im_SUFFIX(
     const int Ho, const int Wo, const int n0,
     const long long tap_stride, const long long n_stride)
 {
-    const int plane_index = blockIdx.x;            // (n - n0, c)
-    const int nn = plane_index / C, c = plane_index - nn * C;
+    const int nn = blockIdx.x / C, c = blockIdx.x - nn * C;  // plane (n - n0, c)
     const T* base = cols + (long long)nn * n_stride + (long long)c * kh * kw * tap_stride;
     T* plane = dx + ((long long)(n0 + nn) * C + c) * H * W;
-    for (int pix = blockIdx.y * blockDim.x + threadIdx.x; pix < H * W; pix += gridDim.y * blockDim.x) {
-        const int h = pix / W, w = pix - h * W;
-        T acc = (T)0;
-        for (int i = 0; i < kh; ++i) {
-            const int hs = h + ph - i * dh;        // = ho * sh
-            if (hs < 0 || hs % sh != 0) continue;
-            const int ho = hs / sh;
-            if (ho >= Ho) continue;
-            for (int j = 0; j < kw; ++j) {
-                const int ws = w + pw - j * dw;    // = wo * sw
-                if (ws < 0 || ws % sw != 0) continue;
-                const int wo = ws / sw;
-                if (wo >= Wo) continue;
-                acc += base[(long long)(i * kw + j) * tap_stride + ho * Wo + wo];
+    const int tiles = (H + blockDim.y - 1) / blockDim.y;
+    for (int t = blockIdx.y; t < tiles; t += gridDim.y) {
+        const int h = t * blockDim.y + threadIdx.y;
+        if (h >= H) continue;
+        for (int w = threadIdx.x; w < W; w += blockDim.x) {
+            T acc = (T)0;
+            for (int i = 0; i < kh; ++i) {
+                int ho = h + ph - i * dh;          // = ho * sh for a tap that reads row h
+                if (ho < 0) continue;
+                if (sh != 1) {
+                    if (ho % sh != 0) continue;
+                    ho /= sh;
+                }
+                if (ho >= Ho) continue;
+                for (int j = 0; j < kw; ++j) {
+                    int wo = w + pw - j * dw;      // = wo * sw
+                    if (wo < 0) continue;
+                    if (sw != 1) {
+                        if (wo % sw != 0) continue;
+                        wo /= sw;
+                    }
+                    if (wo >= Wo) continue;
+                    acc += base[(long long)(i * kw + j) * tap_stride + (long long)ho * Wo + wo];
+                }
             }
+            plane[(long long)h * W + w] = acc;
         }
-        plane[pix] = acc;
     }
 }
 
 // ------------------------------------------------------------- batch norm
 // One block per channel c of x viewed as (N, C, L): the block sums the
 // channel's M = N*L values in float64, then writes the channel's outputs.
+// The loops are unrolled so that each thread has several loads in flight.
 
 __device__ double block_sum(double v, double* shared)  // shared: 33 doubles; every thread gets the total
 {
@@ -174,12 +200,14 @@ extern "C" __global__ void bn_forward_SUFFIX(
     double s = 0.0;
     for (int n = 0; n < N; ++n) {
         const T* row = x + ((long long)n * C + c) * L;
+        #pragma unroll 4
         for (int k = threadIdx.x; k < L; k += blockDim.x) s += (double)row[k];
     }
     const double mu = block_sum(s, shared) / M;
     double ss = 0.0;
     for (int n = 0; n < N; ++n) {
         const T* row = x + ((long long)n * C + c) * L;
+        #pragma unroll 4
         for (int k = threadIdx.x; k < L; k += blockDim.x) {
             const double d = (double)row[k] - mu;
             ss += d * d;
@@ -190,6 +218,7 @@ extern "C" __global__ void bn_forward_SUFFIX(
     const T g = has_gamma ? gamma[c] : (T)1, b = has_beta ? beta[c] : (T)0;
     for (int n = 0; n < N; ++n) {
         const long long base = ((long long)n * C + c) * L;
+        #pragma unroll 4
         for (int k = threadIdx.x; k < L; k += blockDim.x) {
             const T h = (T)(((double)x[base + k] - mu) * inv);
             xhat[base + k] = h;
@@ -217,6 +246,7 @@ extern "C" __global__ void bn_backward_SUFFIX(
     double s1 = 0.0, s2 = 0.0;
     for (int n = 0; n < N; ++n) {
         const long long base = ((long long)n * C + c) * L;
+        #pragma unroll 4
         for (int k = threadIdx.x; k < L; k += blockDim.x) {
             const double d = (double)dout[base + k];
             s1 += d;
@@ -234,6 +264,7 @@ extern "C" __global__ void bn_backward_SUFFIX(
     const T a = training ? (T)(s1 / M) : (T)0, b = training ? (T)(s2 / M) : (T)0;
     for (int n = 0; n < N; ++n) {
         const long long base = ((long long)n * C + c) * L;
+        #pragma unroll 4
         for (int k = threadIdx.x; k < L; k += blockDim.x)
             dx[base + k] = (dout[base + k] - a - xhat[base + k] * b) * scale;
     }
@@ -428,6 +459,22 @@ def _launch(kernel, total, args):
     kernel((blocks,), (_THREADS,), args)
 
 
+_TILE = (32, 8)  # threads of the unfolding kernels: along an output row, and across 8 rows
+
+
+def _launch_tiles(kernel, rows, tiles, args):
+    """A launch of 32 x 8 thread tiles: one block row per output row, ``tiles`` tiles down each."""
+    if rows <= 0 or tiles <= 0:
+        return
+    if rows >= 2**31:
+        raise ValueError(f"kernels.cuda: {rows} rows exceed the 32-bit index range")
+    kernel((rows, max(1, min(tiles, _MAX_Y_BLOCKS))), _TILE, args)
+
+
+def _tiles(n):
+    return (n + _TILE[1] - 1) // _TILE[1]
+
+
 def _launch_rows(kernel, rows, length, args):
     """A 2-D launch: one block row per output row, threads along rows of ``length`` elements."""
     if rows <= 0 or length <= 0:
@@ -481,17 +528,18 @@ def im2col(x, kh, kw, stride, padding, dilation):
     Ho, Wo, geo = _geometry(N, C, H, W, kh, kw, stride, padding, dilation)
     x = cupy.ascontiguousarray(x)
     cols = cupy.empty((C * kh * kw, N * Ho * Wo), dtype=x.dtype)
-    _launch_rows(_kernel("im2col", x.dtype), C * kh * kw, N * Ho * Wo,
-                 (x, cols) + _ints(N, C, H, W) + geo + _ints(Ho, Wo))
+    _check_index_range(H * W, N * _tiles(Ho))
+    _launch_tiles(_kernel("im2col", x.dtype), C * kh * kw, N * _tiles(Ho),
+                  (x, cols) + _ints(N, C, H, W) + geo + _ints(Ho, Wo))
     return cols
 
 
 def _col2im_into(cols, dx, n0, nb, C, H, W, geo, Ho, Wo, tap_stride, n_stride):
     """Gather ``cols`` of samples [n0, n0 + nb) onto those samples' planes of ``dx``."""
     _check_index_range(H * W, Ho * Wo)
-    _launch_rows(_kernel("col2im", cols.dtype), nb * C, H * W,
-                 (cols, dx) + _ints(C, H, W) + geo + _ints(Ho, Wo, n0)
-                 + (numpy.int64(tap_stride), numpy.int64(n_stride)))
+    _launch_tiles(_kernel("col2im", cols.dtype), nb * C, _tiles(H),
+                  (cols, dx) + _ints(C, H, W) + geo + _ints(Ho, Wo, n0)
+                  + (numpy.int64(tap_stride), numpy.int64(n_stride)))
 
 
 def col2im(cols, x_shape, kh, kw, stride, padding, dilation):
@@ -540,11 +588,17 @@ def _scalar(value, dtype):
     return address
 
 
+_cublas_modules: list = []
+
+
 def _blas():
     """(the current device's cuBLAS handle, CuPy's cuBLAS bindings)."""
-    from cupy.cuda import device
-    from cupy_backends.cuda.libs import cublas
+    if not _cublas_modules:
+        from cupy.cuda import device
+        from cupy_backends.cuda.libs import cublas
 
+        _cublas_modules.extend((device, cublas))
+    device, cublas = _cublas_modules
     return device.get_cublas_handle(), cublas
 
 
@@ -627,8 +681,8 @@ def conv2d_forward(x, weight, bias=None, stride=1, padding=0, dilation=1, groups
     for n0, n1 in _chunks(N, R * P * x.dtype.itemsize):
         nb = n1 - n0
         cols = cupy.empty((nb, R, P), dtype=x.dtype)  # (nb, C*kh*kw, Ho*Wo)
-        _launch_rows(_kernel("im2col_batch", x.dtype), nb * R, P,
-                     (x, cols) + _ints(N, C, H, W) + geo + _ints(Ho, Wo, n0))
+        _launch_tiles(_kernel("im2col_batch", x.dtype), nb * R, _tiles(Ho),
+                      (x, cols) + _ints(N, C, H, W) + geo + _ints(Ho, Wo, n0))
         for g in range(groups):
             # (K/G, R/G) @ (nb, R/G, P) -> (nb, K/G, P), written into y[n0:n1, g*K/G:(g+1)*K/G]
             _gemm(w, cols, y, Kg, P, Rg, lda=Rg, ldb=P, ldc=P,
@@ -708,7 +762,8 @@ def conv2d_weight_grad(x, dout, weight_shape, stride=1, padding=0, dilation=1, g
         L = (n1 - n0) * P  # columns of this chunk
         cols = cupy.empty((R, L), dtype=x.dtype)  # (C*kh*kw, nb*Ho*Wo)
         xc = x[n0:n1]
-        _launch_rows(_kernel("im2col", x.dtype), R, L, (xc, cols) + _ints(n1 - n0, C, H, W) + geo + _ints(Ho, Wo))
+        _launch_tiles(_kernel("im2col", x.dtype), R, (n1 - n0) * _tiles(Ho),
+                      (xc, cols) + _ints(n1 - n0, C, H, W) + geo + _ints(Ho, Wo))
         for g in range(groups):
             # (K/G, L) @ (R/G, L)^T -> (K/G, R/G), added to dw[g] after the first chunk
             _gemm(doutT, cols, dw, Kg, Rg, L, lda=N * P, ldb=L, ldc=Rg, trans_b=True,

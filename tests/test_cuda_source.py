@@ -50,8 +50,9 @@ static Dim3 threadIdx, blockIdx, blockDim, gridDim;
 #define __shared__ static
 static inline double __shfl_down_sync(unsigned, double, int) { return 0.0; }  // one thread per block
 static inline void __syncthreads() {}
-extern "C" void emu_set(unsigned gx, unsigned gy, unsigned bx, unsigned ix, unsigned iy, unsigned tx) {
-    gridDim = {gx, gy, 1}; blockDim = {bx, 1, 1}; blockIdx = {ix, iy, 0}; threadIdx = {tx, 0, 0};
+extern "C" void emu_set(unsigned gx, unsigned gy, unsigned bx, unsigned by, unsigned ix, unsigned iy,
+                        unsigned tx, unsigned ty) {
+    gridDim = {gx, gy, 1}; blockDim = {bx, by, 1}; blockIdx = {ix, iy, 0}; threadIdx = {tx, ty, 0};
 }
 """
 
@@ -75,7 +76,8 @@ def libraries(tmp_path_factory):
         src = folder / f"kernels_{suffix}.cpp"
         src.write_text(_PRELUDE + f"typedef {ctype} T;\n" + kcuda._SOURCE.replace("SUFFIX", suffix))
         lib = folder / f"kernels_{suffix}.so"
-        out = subprocess.run([CXX, "-O1", "-shared", "-fPIC", "-o", str(lib), str(src)], capture_output=True, text=True)
+        cmd = [CXX, "-O1", "-shared", "-fPIC", "-Wno-unknown-pragmas", "-o", str(lib), str(src)]
+        out = subprocess.run(cmd, capture_output=True, text=True)
         assert out.returncode == 0, f"the CUDA source does not compile as C++:\n{out.stderr[-3000:]}"
         libs[dtype] = (ctypes.CDLL(str(lib)), suffix)
     return libs
@@ -94,13 +96,15 @@ class EmulatedKernel:
             gx, gy = (grid[0] if self.name in _COOPERATIVE else min(grid[0], 2)), 1
         else:  # one block row per output row; the y axis is grid-stride
             gx, gy = grid[0], min(grid[1], 2)
-        bx = 1 if self.name in _COOPERATIVE else 3
+        # a few threads, so that every loop strides; 2-D blocks (the unfolding tiles) keep two rows
+        bx, by = (1, 1) if self.name in _COOPERATIVE else (3, 2 if len(block) > 1 else 1)
         cargs = [self._convert(a) for a in args]
         for ix in range(gx):
             for iy in range(gy):
-                for tx in range(bx):
-                    self.lib.emu_set(gx, gy, bx, ix, iy, tx)
-                    self.fn(*cargs)
+                for ty in range(by):
+                    for tx in range(bx):
+                        self.lib.emu_set(gx, gy, bx, by, ix, iy, tx, ty)
+                        self.fn(*cargs)
 
     @staticmethod
     def _convert(a):
