@@ -1017,8 +1017,8 @@ def relu_backward(dout, out):
     dtype = numpy.dtype(dout.dtype)
     if dtype not in _CTYPES or out.dtype != dtype or dout.shape != out.shape:
         return dout * (out > 0)  # the reference formula
+    dx = cupy.empty(dout.shape, dtype=dtype)  # before ascontiguousarray, which makes a 0-d array 1-d
     dout, out = cupy.ascontiguousarray(dout), cupy.ascontiguousarray(out)
-    dx = cupy.empty_like(dout)
     _launch(_kernel("relu_backward", dtype), dx.size, (dout, out, dx, numpy.int64(dx.size)))
     return dx
 

@@ -297,11 +297,14 @@ def test_max_pool_source(emulated, pool, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_relu_backward_source(emulated, dtype):
+@pytest.mark.parametrize("shape", [(3, 4, 5), (), (1,)])
+def test_relu_backward_source(emulated, shape, dtype):
     rng = np.random.default_rng(5)
-    out = np.maximum(rng.standard_normal((3, 4, 5)), 0).astype(dtype)
+    out = np.maximum(rng.standard_normal(shape) + 0.5, 0).astype(dtype)
     dout = rng.standard_normal(out.shape).astype(dtype)
-    np.testing.assert_array_equal(emulated.relu_backward(dout, out), dout * (out > 0))
+    dx = emulated.relu_backward(dout, out)
+    assert dx.shape == out.shape  # a 0-d gradient stays 0-d
+    np.testing.assert_array_equal(dx, dout * (out > 0))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -310,14 +313,15 @@ def test_relu_backward_source(emulated, dtype):
     dict(momentum=0.9, dampening=0.1, weight_decay=1e-2, nesterov=False, maximize=True),
     dict(momentum=0.9, dampening=0.0, weight_decay=1e-4, nesterov=True, maximize=False),
 ])
-def test_sgd_source(emulated, options, dtype):
+@pytest.mark.parametrize("shape", [(4, 3), ()])
+def test_sgd_source(emulated, options, shape, dtype):
     """Two steps of the fused update against the reference rule of ``optim.SGD`` (run on the CPU)."""
     import scratchseg
     from scratchseg import optim
 
     rng = np.random.default_rng(6)
-    start = rng.standard_normal((4, 3)).astype(dtype)
-    grads = [rng.standard_normal((4, 3)).astype(dtype) for _ in range(2)]
+    start = rng.standard_normal(shape).astype(dtype)
+    grads = [rng.standard_normal(shape).astype(dtype) for _ in range(2)]
     p_ref = scratchseg.Tensor(start.copy(), requires_grad=True)
     opt = optim.SGD([p_ref], lr=0.1, **options)
     p, buf = start.copy(), None if options["momentum"] == 0 else np.empty_like(start)
