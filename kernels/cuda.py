@@ -59,62 +59,37 @@ _SOURCE = r"""
 // The unfolding kernels run 32 x 8 thread tiles: threadIdx.x walks along an
 // output row (wo, or w for col2im), threadIdx.y picks one of 8 rows (ho, or h).
 // blockIdx.x is one row of the result (a (c, i, j) tap row, or an (n, c)
-// plane) and blockIdx.y walks the tiles down it (and, for the (C*kh*kw, N*P)
-// layout, across the samples). Every division happens once per thread and
+// plane) and blockIdx.y walks the tiles down it (and, for im2col, across the
+// samples). Every division happens once per thread and
 // tile, none per element: on an H200 the per-element divisions of a flat
 // index made these kernels several times slower than the memory allows.
 
+// Unfold samples n0, n0 + 1, ..., n0 + nb - 1: tap row r = (c, i, j) of sample n starts at
+// cols + r*tap_stride + (n - n0)*n_stride, holding x[n, c, ho*sh - ph + i*dh, wo*sw - pw + j*dw]
+// (0 outside) at ho*Wo + wo. (tap_stride, n_stride) is (nb*P, P) for the (C*kh*kw, nb*P)
+// layout and (P, R*P) for the sample-major (nb, C*kh*kw, P) one.
 extern "C" __global__ void im2col_SUFFIX(
     const T* __restrict__ x, T* __restrict__ cols,
-    const int N, const int C, const int H, const int W,
+    const int C, const int H, const int W,
     const int kh, const int kw, const int sh, const int sw,
     const int ph, const int pw, const int dh, const int dw,
-    const int Ho, const int Wo)
+    const int Ho, const int Wo, const int n0, const int nb,
+    const long long tap_stride, const long long n_stride)
 {
-    // cols[(c, i, j), (n, ho, wo)] = x[n, c, ho*sh - ph + i*dh, wo*sw - pw + j*dw], 0 outside
     const int r = blockIdx.x;                      // tap row (c, i, j)
     const int j = r % kw, i = (r / kw) % kh, c = r / (kh * kw);
-    const long long P = (long long)Ho * Wo;
     const int tiles = (Ho + blockDim.y - 1) / blockDim.y;  // tiles of output rows per sample
-    for (int t = blockIdx.y; t < N * tiles; t += gridDim.y) {
-        const int n = t / tiles;
-        const int ho = (t - n * tiles) * blockDim.y + threadIdx.y;
+    for (int t = blockIdx.y; t < nb * tiles; t += gridDim.y) {
+        const int nn = t / tiles;                  // n - n0
+        const int ho = (t - nn * tiles) * blockDim.y + threadIdx.y;
         if (ho >= Ho) continue;
         const int h = ho * sh - ph + i * dh;
         const bool row_inside = h >= 0 && h < H;
-        const long long src = (((long long)n * C + c) * H + h) * W;  // row h of plane (n, c), read only inside
-        T* dst = cols + ((long long)r * N + n) * P + (long long)ho * Wo;
+        const long long src = (((long long)(n0 + nn) * C + c) * H + h) * W;  // row h of plane (n, c), read only inside
+        T* dst = cols + r * tap_stride + nn * n_stride + (long long)ho * Wo;
         for (int wo = threadIdx.x; wo < Wo; wo += blockDim.x) {
             const int w = wo * sw - pw + j * dw;
             dst[wo] = (row_inside && w >= 0 && w < W) ? x[src + w] : (T)0;
-        }
-    }
-}
-
-extern "C" __global__ void im2col_batch_SUFFIX(
-    const T* __restrict__ x, T* __restrict__ cols,
-    const int N, const int C, const int H, const int W,
-    const int kh, const int kw, const int sh, const int sw,
-    const int ph, const int pw, const int dh, const int dw,
-    const int Ho, const int Wo, const int n0)
-{
-    // Sample-major columns of samples n0, n0 + 1, ... (blockIdx.x = (n - n0, c, i, j)):
-    // cols[n - n0, (c, i, j), (ho, wo)] = x[n, c, ho*sh - ph + i*dh, wo*sw - pw + j*dw], 0 outside
-    const int R = C * kh * kw;
-    const int n = n0 + blockIdx.x / R, r = blockIdx.x % R;
-    const int j = r % kw, i = (r / kw) % kh, c = r / (kh * kw);
-    const long long plane = ((long long)n * C + c) * H * W;
-    T* row = cols + (long long)blockIdx.x * Ho * Wo;
-    const int tiles = (Ho + blockDim.y - 1) / blockDim.y;
-    for (int t = blockIdx.y; t < tiles; t += gridDim.y) {
-        const int ho = t * blockDim.y + threadIdx.y;
-        if (ho >= Ho) continue;
-        const int h = ho * sh - ph + i * dh;
-        const bool row_inside = h >= 0 && h < H;
-        T* dst = row + (long long)ho * Wo;
-        for (int wo = threadIdx.x; wo < Wo; wo += blockDim.x) {
-            const int w = wo * sw - pw + j * dw;
-            dst[wo] = (row_inside && w >= 0 && w < W) ? x[plane + (long long)h * W + w] : (T)0;
         }
     }
 }
@@ -528,10 +503,18 @@ def im2col(x, kh, kw, stride, padding, dilation):
     Ho, Wo, geo = _geometry(N, C, H, W, kh, kw, stride, padding, dilation)
     x = cupy.ascontiguousarray(x)
     cols = cupy.empty((C * kh * kw, N * Ho * Wo), dtype=x.dtype)
-    _check_index_range(H * W, N * _tiles(Ho))
-    _launch_tiles(_kernel("im2col", x.dtype), C * kh * kw, N * _tiles(Ho),
-                  (x, cols) + _ints(N, C, H, W) + geo + _ints(Ho, Wo))
+    # rows (c, i, j) are N*P apart, samples P apart
+    _im2col_into(x, cols, 0, N, C, H, W, geo, Ho, Wo, N * Ho * Wo, Ho * Wo)
     return cols
+
+
+def _im2col_into(x, cols, n0, nb, C, H, W, geo, Ho, Wo, tap_stride, n_stride):
+    """Unfold samples [n0, n0 + nb) of ``x`` into ``cols``, laid out by the two strides (see the kernel)."""
+    kh, kw = int(geo[0]), int(geo[1])  # geo: the kernel's (kh, kw, sh, sw, ph, pw, dh, dw)
+    _check_index_range(H * W, nb * _tiles(Ho))
+    _launch_tiles(_kernel("im2col", x.dtype), C * kh * kw, nb * _tiles(Ho),
+                  (x, cols) + _ints(C, H, W) + geo + _ints(Ho, Wo, n0, nb)
+                  + (numpy.int64(tap_stride), numpy.int64(n_stride)))
 
 
 def _col2im_into(cols, dx, n0, nb, C, H, W, geo, Ho, Wo, tap_stride, n_stride):
@@ -681,8 +664,7 @@ def conv2d_forward(x, weight, bias=None, stride=1, padding=0, dilation=1, groups
     for n0, n1 in _chunks(N, R * P * x.dtype.itemsize):
         nb = n1 - n0
         cols = cupy.empty((nb, R, P), dtype=x.dtype)  # (nb, C*kh*kw, Ho*Wo)
-        _launch_tiles(_kernel("im2col_batch", x.dtype), nb * R, _tiles(Ho),
-                      (x, cols) + _ints(N, C, H, W) + geo + _ints(Ho, Wo, n0))
+        _im2col_into(x, cols, n0, nb, C, H, W, geo, Ho, Wo, P, R * P)  # sample-major: taps P apart
         for g in range(groups):
             # (K/G, R/G) @ (nb, R/G, P) -> (nb, K/G, P), written into y[n0:n1, g*K/G:(g+1)*K/G]
             _gemm(w, cols, y, Kg, P, Rg, lda=Rg, ldb=P, ldc=P,
@@ -761,9 +743,7 @@ def conv2d_weight_grad(x, dout, weight_shape, stride=1, padding=0, dilation=1, g
     for n0, n1 in _chunks(N, R * P * x.dtype.itemsize):
         L = (n1 - n0) * P  # columns of this chunk
         cols = cupy.empty((R, L), dtype=x.dtype)  # (C*kh*kw, nb*Ho*Wo)
-        xc = x[n0:n1]
-        _launch_tiles(_kernel("im2col", x.dtype), R, (n1 - n0) * _tiles(Ho),
-                      (xc, cols) + _ints(n1 - n0, C, H, W) + geo + _ints(Ho, Wo))
+        _im2col_into(x, cols, n0, n1 - n0, C, H, W, geo, Ho, Wo, L, P)
         for g in range(groups):
             # (K/G, L) @ (R/G, L)^T -> (K/G, R/G), added to dw[g] after the first chunk
             _gemm(doutT, cols, dw, Kg, Rg, L, lda=N * P, ldb=L, ldc=Rg, trans_b=True,
