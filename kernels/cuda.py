@@ -441,8 +441,7 @@ def _launch_tiles(kernel, rows, tiles, args):
     """A launch of 32 x 8 thread tiles: one block row per output row, ``tiles`` tiles down each."""
     if rows <= 0 or tiles <= 0:
         return
-    if rows >= 2**31:
-        raise ValueError(f"kernels.cuda: {rows} rows exceed the 32-bit index range")
+    _check_index_range(rows)
     kernel((rows, max(1, min(tiles, _MAX_Y_BLOCKS))), _TILE, args)
 
 
@@ -454,8 +453,7 @@ def _launch_rows(kernel, rows, length, args):
     """A 2-D launch: one block row per output row, threads along rows of ``length`` elements."""
     if rows <= 0 or length <= 0:
         return
-    if rows >= 2**31 or length >= 2**31:
-        raise ValueError(f"kernels.cuda: {rows} rows of {length} elements exceed the 32-bit index range")
+    _check_index_range(rows, length)
     blocks_y = max(1, min((length + _THREADS - 1) // _THREADS, _MAX_Y_BLOCKS))
     kernel((rows, blocks_y), (_THREADS,), args)
 
@@ -768,12 +766,6 @@ def _channels_view(a):
 
     a = cupy.ascontiguousarray(a)
     return a.reshape(a.shape[0], a.shape[1], -1)
-
-
-def _per_channel(a, C, dtype, fill):
-    import cupy
-
-    return cupy.full(C, fill, dtype=dtype) if a is None else cupy.ascontiguousarray(a, dtype=dtype)
 
 
 def batch_norm_train_forward(x, weight, bias, eps):
