@@ -3,7 +3,7 @@
     python benchmarks/profile_step.py                  # CPU
     python benchmarks/profile_step.py --backend cupy   # GPU
 
-Three views of the same step:
+Four views of the same step:
 
 1. host time against device time of a whole step (on the GPU: CUDA events
    around the step beside the host's clock; when the two are close the step
@@ -193,15 +193,11 @@ def main(argv=None):
             start.record()
         t0 = time.perf_counter()
         runner.step()
-        t1 = time.perf_counter()
+        host.append(time.perf_counter() - t0)  # the host's time to issue the step (no wait at its end)
         if device == "cuda":
             end.record()
             end.synchronize()
             dev.append(cupy.cuda.get_elapsed_time(start, end) / 1e3)
-        sync()
-        host.append(time.perf_counter() - t0)
-        if device == "cuda":
-            host[-1] = t1 - t0  # host time to issue the step (no wait)
     print(f"\nstep: host issue time median {1e3 * numpy.median(host):.2f} ms"
           + (f", device time (events) median {1e3 * numpy.median(dev):.2f} ms" if dev else ""))
 
