@@ -139,6 +139,28 @@ def _subtract_at_targets(dx, t, amount):
 
 
 # ------------------------------------------------------------ cross entropy
+def _softmax_loss(x, target, weight, ignore_index, eps):
+    """Softmax and per-position loss (see ``CrossEntropy``): returns p (N, C, S), loss, t, valid, w_t (N, 1, S)."""
+    xp = get_array_module(x)
+    C = x.shape[1]
+    x3, t, valid, w_t = _positions(x, target, weight, ignore_index)
+    z = x3 - x3.max(axis=1, keepdims=True)  # (N, C, S) shifted scores, max 0
+    z_t = xp.take_along_axis(z, t, axis=1)  # (N, 1, S)
+    if eps:
+        wz = z if weight is None else weight.reshape(1, C, 1) * z
+        wz = wz.sum(axis=1, keepdims=True)  # (N, 1, S): sum_c w_c z_c
+    p = xp.exp(z, out=z)  # (N, C, S), reuses z's memory
+    total_exp = p.sum(axis=1, keepdims=True)  # (N, 1, S)
+    lse = xp.log(total_exp)  # log sum_k exp(z_k)
+    loss = w_t * (lse - z_t)  # w_t (-log p_t), 0 where ignored
+    if eps:
+        W = C if weight is None else weight.sum()
+        smooth = valid * (W * lse - wz)  # sum_c w_c (-log p_c)
+        loss = (1 - eps) * loss + (eps / C) * smooth
+    p /= total_exp  # softmax
+    return p, loss, t, valid, w_t
+
+
 class CrossEntropy(Function):
     """Softmax cross-entropy with class weights, ignore_index and label smoothing.
 
@@ -157,36 +179,17 @@ class CrossEntropy(Function):
 
     @staticmethod
     def forward(ctx, x, target, weight, ignore_index, reduction, label_smoothing):
-        xp = get_array_module(x)
-        N, C = x.shape[0], x.shape[1]
         eps = float(label_smoothing)
-        ctx.target, ctx.ignore_index, ctx.x_shape = target, ignore_index, x.shape
         fast = None if eps else backend.kernel("cross_entropy_forward", x)
         fused = fast(x, target, weight, ignore_index) if fast is not None else None
         if fused is not None:  # kernels/: p, the loss and w_t of every position in one pass
-            p, loss, w_t = fused
-            out, total = _reduce(loss, w_t, reduction, target.shape)
-            ctx.p, ctx.t, ctx.valid, ctx.w_t, ctx.weight = p, None, None, w_t, weight
-            ctx.reduction, ctx.total, ctx.eps, ctx.N = reduction, total, eps, N
-            return out
-        x3, t, valid, w_t = _positions(x, target, weight, ignore_index)
-        z = x3 - x3.max(axis=1, keepdims=True)  # (N, C, S) shifted scores, max 0
-        z_t = xp.take_along_axis(z, t, axis=1)  # (N, 1, S)
-        if eps:
-            wz = z if weight is None else weight.reshape(1, C, 1) * z
-            wz = wz.sum(axis=1, keepdims=True)  # (N, 1, S): sum_c w_c z_c
-        p = xp.exp(z, out=z)  # (N, C, S), reuses z's memory
-        total_exp = p.sum(axis=1, keepdims=True)  # (N, 1, S)
-        lse = xp.log(total_exp)  # log sum_k exp(z_k)
-        loss = w_t * (lse - z_t)  # w_t (-log p_t), 0 where ignored
-        if eps:
-            W = C if weight is None else weight.sum()
-            smooth = valid * (W * lse - wz)  # sum_c w_c (-log p_c)
-            loss = (1 - eps) * loss + (eps / C) * smooth
-        p /= total_exp  # softmax
+            (p, loss, w_t), t, valid = fused, None, None
+        else:
+            p, loss, t, valid, w_t = _softmax_loss(x, target, weight, ignore_index, eps)
         out, total = _reduce(loss, w_t, reduction, target.shape)
         ctx.p, ctx.t, ctx.valid, ctx.w_t, ctx.weight = p, t, valid, w_t, weight
-        ctx.reduction, ctx.total, ctx.eps, ctx.N = reduction, total, eps, N
+        ctx.reduction, ctx.total, ctx.eps, ctx.N = reduction, total, eps, x.shape[0]
+        ctx.target, ctx.ignore_index, ctx.x_shape = target, ignore_index, x.shape
         return out
 
     @staticmethod
