@@ -178,18 +178,27 @@ def test_cpu_conv2d_kernels_match_torch(case, dtype):
 
 
 def test_cpu_conv2d_blocks_cover_every_output_row():
-    """The block plan visits each (n, ho) exactly once, whatever the block size."""
-    for N, Ho, Wo, R, block in [(3, 7, 5, 9, 1), (3, 7, 5, 9, 4 * 9 * 5 * 3), (4, 2, 3, 2, 4 * 2 * 3 * 2 * 3), (2, 5, 1, 1, 1 << 30)]:
+    """The block plan visits each (n, ho) exactly once, whatever the block size; blocks
+    of part of a sample stay within the budget and have equal heights (within a row)."""
+    cases = [(3, 7, 5, 9, 1), (3, 7, 5, 9, 4 * 9 * 5 * 3), (4, 2, 3, 2, 4 * 2 * 3 * 2 * 3), (2, 5, 1, 1, 1 << 30),
+             (2, 128, 128, 576, 2 << 20), (1, 13, 4, 3, 4 * 3 * 4 * 6)]
+    for N, Ho, Wo, R, block in cases:
         saved = kcpu._BLOCK_BYTES
         kcpu._BLOCK_BYTES = block
         try:
             seen = np.zeros((N, Ho), int)
+            heights = []
             for n0, n1, ho0, ho1 in kcpu._blocks(0, N, Ho, Wo, R, 4):
                 assert n1 == n0 + 1 or (ho0, ho1) == (0, Ho)
                 seen[n0:n1, ho0:ho1] += 1
+                if (ho0, ho1) != (0, Ho):
+                    heights.append(ho1 - ho0)
         finally:
             kcpu._BLOCK_BYTES = saved
         assert (seen == 1).all()
+        if heights:
+            assert max(heights) <= max(block // (R * Wo * 4), 1), (heights, block)
+            assert max(heights) - min(heights) <= 1, heights
 
 
 def test_cpu_workspace_is_reused():

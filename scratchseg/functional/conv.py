@@ -72,11 +72,11 @@ def _fit_output(dout, Ho, Wo):
     return xp.pad(dout, ((0, 0), (0, 0), (0, Ho - h), (0, Wo - w)))
 
 
-def _conv(x, w, stride, padding, dilation, groups, out_hw=None):
-    """out = conv(x, w), no bias: ``W @ im2col(x)``, one batched GEMM over the groups.
+def _conv(x, w, stride, padding, dilation, groups, out_hw=None, bias=None):
+    """out = conv(x, w) + bias: ``W @ im2col(x) + b``, one batched GEMM over the groups.
 
-    x (N, C, H, W), w (K, C/G, kh, kw) -> out (N, K, Ho, Wo), cropped to
-    ``out_hw`` when given (see ``_fit_output``).
+    x (N, C, H, W), w (K, C/G, kh, kw), bias (K,) or None -> out (N, K, Ho, Wo),
+    cropped to ``out_hw`` when given (see ``_fit_output``).
     """
     xp = get_array_module(x)
     N, C, H, W = x.shape
@@ -87,7 +87,7 @@ def _conv(x, w, stride, padding, dilation, groups, out_hw=None):
 
     fast = backend.kernel("conv2d_forward", x)  # blocked im2col + GEMM, no full columns
     if fast is not None:
-        out = fast(x, w, None, stride, padding, dilation, groups)  # (N, K, Ho, Wo)
+        out = fast(x, w, bias, stride, padding, dilation, groups)  # (N, K, Ho, Wo), bias added block by block
         return out if out_hw is None else xp.ascontiguousarray(out[:, :, : out_hw[0], : out_hw[1]])
 
     cols = _im2col(x, kh, kw, stride, padding, dilation)  # (C*kh*kw, N*Ho*Wo)
@@ -97,7 +97,10 @@ def _conv(x, w, stride, padding, dilation, groups, out_hw=None):
     out = out.reshape(K, N, Ho, Wo).transpose(1, 0, 2, 3)  # (N, K, Ho, Wo)
     if out_hw is not None:
         out = out[:, :, : out_hw[0], : out_hw[1]]  # (N, K, out_h, out_w)
-    return xp.ascontiguousarray(out)
+    out = xp.ascontiguousarray(out)
+    if bias is not None:
+        out += bias.reshape(1, K, 1, 1)  # (1, K, 1, 1) broadcast over N, Ho, Wo
+    return out
 
 
 def _conv_transpose(dout, w, x_shape, stride, padding, dilation, groups):
@@ -162,10 +165,7 @@ class Conv2d(Function):
     def forward(ctx, x, w, b, *, stride, padding, dilation, groups):
         ctx.x, ctx.w = x, w  # the inputs themselves: no columns are kept
         ctx.geometry = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
-        out = _conv(x, w, stride, padding, dilation, groups)  # (N, K, Ho, Wo)
-        if b is not None:
-            out += b.reshape(1, -1, 1, 1)  # (1, K, 1, 1) broadcast over N, Ho, Wo
-        return out
+        return _conv(x, w, stride, padding, dilation, groups, bias=b)  # (N, K, Ho, Wo)
 
     @staticmethod
     def backward(ctx, dout):
