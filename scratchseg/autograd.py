@@ -22,6 +22,7 @@ Python's recursion limit.
 from __future__ import annotations
 
 import contextlib
+import sys
 import threading
 from numbers import Number
 
@@ -780,10 +781,11 @@ class Tensor:
             if g is None:
                 continue
             if node._fn is None:  # a leaf
-                node._accumulate(g)
+                owned = _sole_reference(g)  # (its own statement: g on the stack of a call would count)
+                node._accumulate(g, owned=owned)
                 continue
             if node._retain_grad:
-                node._accumulate(g)
+                node._accumulate(g, owned=False)  # g still flows on to the parents
             if node._ctx is None:
                 raise RuntimeError(
                     "trying to backward through the graph a second time; "
@@ -805,16 +807,19 @@ class Tensor:
                     grads[key] = grads[key] + pg
                 else:
                     grads[key] = pg
+            parent_grads = pg = None  # grads[] holds the only references the engine keeps
             if not retain_graph:
                 node._ctx = None
 
-    def _accumulate(self, g):
+    def _accumulate(self, g, owned=False):
+        """Add ``g`` into ``.grad``; ``owned``: nothing else can see ``g``, so it may become ``.grad`` itself."""
         if g.dtype != self.data.dtype:
-            g = g.astype(self.data.dtype)
+            g, owned = g.astype(self.data.dtype), True
         if self.grad is None:
-            # own the memory: g may be a read-only broadcast, the caller's grad array, or
-            # the very array another input also received (Add passes dout to both sides)
-            self.grad = g.copy()
+            # own the memory: unless the engine knows g is its own, g may be a read-only
+            # broadcast, the caller's grad array, or the very array another input also
+            # received (Add passes dout to both sides)
+            self.grad = g if owned else g.copy()
         else:
             self.grad = self.grad + g
 
@@ -836,6 +841,37 @@ class Tensor:
                     stack.append((parent, False))
         order.reverse()
         return order
+
+
+def _count_references(a):
+    return sys.getrefcount(a)
+
+
+def _one_local(extra=False):
+    a = object()
+    b = a if extra else None  # noqa: F841  (a second reference, to check that it shows)
+    return _count_references(a)
+
+
+# What sys.getrefcount reports, one call down, for an object that one local
+# variable of the caller holds; -1 (never) where counts are not reliable.
+_SOLE = _one_local() if hasattr(sys, "getrefcount") else -1
+if _one_local(extra=True) <= _SOLE:
+    _SOLE = -1
+
+
+def _sole_reference(a):
+    """True when ``a`` owns its memory and only the caller's variable refers to it.
+
+    Then no view, no user variable, no saved context and no other gradient can
+    see it, and a leaf can keep it as ``.grad`` without a copy (torch decides
+    by the reference count too when it steals a gradient's buffer). Called as
+    ``_sole_reference(g)`` with ``g`` a local variable: the same references as
+    in ``_one_local``, whose count is ``_SOLE``.
+    """
+    if not (hasattr(a, "flags") and a.flags.owndata and a.flags.writeable):
+        return False  # (no flags object kept in a variable: it would refer to a)
+    return sys.getrefcount(a) <= _SOLE
 
 
 def tensor(data, dtype=None, requires_grad=False, device=None):

@@ -287,6 +287,55 @@ def test_leaf_gradient_owns_its_memory(rng):
     assert_close(z.grad, np.ones((2, 3)))
 
 
+class _FreshGrad(Function):
+    """out = 2 x; backward returns a new array and records where its memory is (no reference kept)."""
+
+    addresses: list = []
+    kept: list = []
+
+    @staticmethod
+    def forward(ctx, x, keep=False):
+        ctx.keep = keep
+        return 2 * x
+
+    @staticmethod
+    def backward(ctx, dout):
+        dx = 2 * dout  # a new array nobody else sees...
+        _FreshGrad.addresses.append(dx.ctypes.data)
+        if ctx.keep:  # ...unless the function keeps it
+            _FreshGrad.kept.append(dx)
+        return (dx,)
+
+
+def test_leaf_takes_a_fresh_gradient_without_copying_it(rng):
+    """A gradient only the engine refers to becomes .grad itself, as torch steals such a buffer."""
+    x = Tensor(rng.standard_normal((4, 5)), requires_grad=True)
+    _FreshGrad.addresses.clear()
+    _FreshGrad.apply(x).backward(np.ones((4, 5)))
+    assert x.grad.ctypes.data == _FreshGrad.addresses[-1]
+    assert_close(x.grad, 2 * np.ones((4, 5)))
+    x.grad += 1  # it is writable and ours
+    assert_close(x.grad, 3 * np.ones((4, 5)))
+
+
+def test_leaf_copies_a_gradient_someone_else_still_sees(rng):
+    x = Tensor(rng.standard_normal((4, 5)), requires_grad=True)
+    _FreshGrad.kept.clear()
+    _FreshGrad.apply(x, True).backward(np.ones((4, 5)))
+    assert not np.shares_memory(x.grad, _FreshGrad.kept[-1])
+    # the caller's own gradient array passes straight through x * 1 (Mul gives dout * 1,
+    # a new array) or y.backward(g) on a leaf-like identity: never aliased
+    g = np.ones((4, 5))
+    x.grad = None
+    x.backward(g)  # the seed reaches the leaf itself
+    assert not np.shares_memory(x.grad, g)
+    # a retained non-leaf grad and the leaf's grad must stay apart
+    x.grad = None
+    y = (x + 0).retain_grad()
+    y.backward(np.ones((4, 5)))
+    assert not np.shares_memory(x.grad, y.grad)
+
+
 def test_comparisons_give_boolean_tensors(rng):
     x = Tensor(np.array([1.0, 2.0, 3.0]), requires_grad=True)
     m = x > 1.5
