@@ -869,8 +869,10 @@ def _sole_reference(a):
     ``_sole_reference(g)`` with ``g`` a local variable: the same references as
     in ``_one_local``, whose count is ``_SOLE``.
     """
-    if not (hasattr(a, "flags") and a.flags.owndata and a.flags.writeable):
-        return False  # (no flags object kept in a variable: it would refer to a)
+    # (no flags object is kept in a variable: it would refer to a; CuPy's flags
+    # have no ``writeable``: its arrays always are)
+    if not (hasattr(a, "flags") and a.flags.owndata and getattr(a.flags, "writeable", True)):
+        return False
     return sys.getrefcount(a) <= _SOLE
 
 

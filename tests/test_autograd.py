@@ -336,6 +336,25 @@ def test_leaf_copies_a_gradient_someone_else_still_sees(rng):
     assert not np.shares_memory(x.grad, y.grad)
 
 
+def test_sole_reference_reads_only_the_flags_cupy_arrays_have():
+    """CuPy's flags are c_contiguous, f_contiguous and owndata (no writeable)."""
+    from scratchseg.autograd import _sole_reference
+
+    class Flags:
+        def __init__(self, owndata):
+            self.c_contiguous, self.f_contiguous, self.owndata = True, False, owndata
+
+    class DeviceArray:
+        def __init__(self, owndata):
+            self.flags = Flags(owndata)
+
+    fresh, view = DeviceArray(True), DeviceArray(False)
+    assert _sole_reference(fresh)
+    assert not _sole_reference(view)
+    other = fresh  # noqa: F841  (a second reference)
+    assert not _sole_reference(fresh)
+
+
 def test_comparisons_give_boolean_tensors(rng):
     x = Tensor(np.array([1.0, 2.0, 3.0]), requires_grad=True)
     m = x > 1.5
