@@ -54,7 +54,29 @@ def add_common_args(parser):
     parser.add_argument("--warmup", type=int, default=2, help="untimed warm-up rounds per framework (default 2)")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch.set_num_threads (default: leave torch's default, one per core)")
+    precision = parser.add_mutually_exclusive_group()
+    precision.add_argument("--no-tf32", action="store_true",
+                           help="GPU: turn off PyTorch's TF32 convolutions (on by default in cuDNN), so both sides "
+                                "multiply in full float32, scratchseg's default")
+    precision.add_argument("--tf32", action="store_true",
+                           help="GPU: let scratchseg's convolutions multiply in TF32 too "
+                                "(scratchseg.backend.set_allow_tf32(True)), so both sides do PyTorch's default")
     return parser
+
+
+def apply_precision(args, device):
+    """Set both libraries' TF32 switches from --no-tf32 / --tf32; returns a line that says what they are."""
+    import torch
+
+    if args.no_tf32:
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+    if args.tf32:
+        scratchseg.backend.set_allow_tf32(True)
+    if device != "cuda":
+        return "precision: float32 on both sides (TF32 is a GPU matter)"
+    return (f"TF32 convolutions: scratchseg {scratchseg.backend.allow_tf32()}, torch cuDNN "
+            f"{torch.backends.cudnn.allow_tf32} (torch matmul {torch.backends.cuda.matmul.allow_tf32})")
 
 
 def setup_backend(name):

@@ -73,6 +73,7 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     xp, device = _common.setup_backend(args.backend)
     print("\n".join(_common.environment_report(device)))
+    print(_common.apply_precision(args, device))
     peak = _common.sgemm_peak(device)
     print(f"SGEMM peak (2048^3, best of 5): numpy/cupy {peak['scratchseg']:.0f} GFLOP/s, "
           f"torch {peak['torch']:.0f} GFLOP/s")

@@ -171,10 +171,14 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=10, help="profiled steps (default 10)")
     parser.add_argument("--top", type=int, default=30, help="rows of the sampled-profile table")
     parser.add_argument("--gpu-kernels", action="store_true", help="GPU: device time per kernel (needs PyTorch)")
+    parser.add_argument("--tf32", action="store_true", help="GPU: convolutions multiply in TF32 (set_allow_tf32)")
     args = parser.parse_args(argv)
 
     xp, device = _common.setup_backend(args.backend)
     print("\n".join(_common.environment_report(device)))
+    if args.tf32:
+        _common.scratchseg.backend.set_allow_tf32(True)
+    print(f"TF32 convolutions: {_common.scratchseg.backend.allow_tf32()}")
     runner = OursRunner(xp)
     runner.set_data(*make_data())
     sync = (lambda: _common.synchronize(device)) if device == "cuda" else (lambda: None)

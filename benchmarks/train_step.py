@@ -169,30 +169,24 @@ def main(argv=None):
     parser = _common.add_common_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
     parser.add_argument("--memory-child", choices=("scratchseg", "torch"), help=argparse.SUPPRESS)
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory children")
-    parser.add_argument("--no-tf32", action="store_true",
-                        help="GPU: turn off PyTorch's TF32 convolutions (on by default in cuDNN), so both sides "
-                             "multiply in full float32")
     args = parser.parse_args(argv)
     import torch
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.no_tf32:
-        torch.backends.cudnn.allow_tf32 = False
-        torch.backends.cuda.matmul.allow_tf32 = False
     if args.memory_child:
+        _common.apply_precision(args, "cuda" if args.backend == "cupy" else "cpu")
         return memory_child(args.memory_child, args.backend)
 
     xp, device = _common.setup_backend(args.backend)
     print("\n".join(_common.environment_report(device)))
+    print(_common.apply_precision(args, device))
     theirs = TorchRunner(device)
     ours = OursRunner(xp, theirs.state_dict_numpy())
     x, y = make_data()
     theirs.set_data(x, y)
     ours.set_data(x, y)
     n_params = sum(p.numel() for p in theirs.model.parameters())
-    if device == "cuda":
-        print(f"torch TF32: cudnn {torch.backends.cudnn.allow_tf32}, matmul {torch.backends.cuda.matmul.allow_tf32}")
     print(f"U-Net {WIDTHS}, {n_params / 1e6:.2f} M parameters, batch {BATCH}x{IN_CHANNELS}x{SIZE}x{SIZE}, "
           f"{CLASSES} classes, SGD momentum 0.9")
 
@@ -212,6 +206,7 @@ def main(argv=None):
         del ours, theirs  # the children measure in fresh processes
         script = os.path.abspath(__file__)
         extra = ["--backend", args.backend] + (["--threads", str(args.threads)] if args.threads else [])
+        extra += ["--no-tf32"] if args.no_tf32 else ["--tf32"] if args.tf32 else []
         m_ours = _common.child_peak_memory(script, "scratchseg", extra)
         m_theirs = _common.child_peak_memory(script, "torch", extra)
         mib = 2.0**20

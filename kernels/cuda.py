@@ -588,6 +588,20 @@ def _ptr(a):
     return a.data.ptr
 
 
+# TF32: cuBLAS may multiply float32 matrices on the tensor cores in TF32
+# (inputs rounded to a 10-bit mantissa, products summed in float32): several
+# times the float32 rate on Ampere and later GPUs, for a relative error of
+# about 1e-3 per product. Off by default, so a GPU computes what the reference
+# computes; scratchseg.backend.set_allow_tf32(True) turns it on for the
+# convolution GEMMs, as torch.backends.cudnn.allow_tf32 does for torch's
+# convolutions (on there by default).
+allow_tf32 = False
+
+_CUDA_R_32F = 0  # cudaDataType_t of float32 matrices
+_CUBLAS_COMPUTE_32F_FAST_TF32 = 77  # cublasComputeType_t: float32 in and out, TF32 products
+_CUBLAS_GEMM_DEFAULT = -1  # cublasGemmAlgo_t: let cuBLAS choose
+
+
 def _gemm(a, b, c, M, N, K, *, lda, ldb, ldc, trans_a=False, trans_b=False,
           a_offset=0, b_offset=0, c_offset=0, stride_a=0, stride_b=0, stride_c=0, batch=1, accumulate=False):
     """Row-major ``C[M, N] (+)= op(A)[M, K] @ op(B)[K, N]`` for ``batch`` matrices, through cuBLAS.
@@ -595,18 +609,25 @@ def _gemm(a, b, c, M, N, K, *, lda, ldb, ldc, trans_a=False, trans_b=False,
     ``a``, ``b``, ``c`` are CuPy arrays of one float dtype; offsets and strides
     (between the matrices of a batch) count elements; op(X) = X^T when
     ``trans_x`` (X then stored as (K, M) / (N, K)). ``accumulate`` adds to C.
+    float32 products run in TF32 when ``allow_tf32`` is set.
     """
     handle, cublas = _blas()
     dtype = numpy.dtype(c.dtype)
-    gemm = cublas.sgemmStridedBatched if dtype == numpy.float32 else cublas.dgemmStridedBatched
     size = dtype.itemsize
     cublas.setPointerMode(handle, cublas.CUBLAS_POINTER_MODE_HOST)
     op = (cublas.CUBLAS_OP_N, cublas.CUBLAS_OP_T)
-    gemm(handle, op[trans_b], op[trans_a], N, M, K, _scalar(1.0, dtype),
-         _ptr(b) + b_offset * size, ldb, stride_b,
-         _ptr(a) + a_offset * size, lda, stride_a,
-         _scalar(1.0 if accumulate else 0.0, dtype),
-         _ptr(c) + c_offset * size, ldc, stride_c, batch)
+    alpha, beta = _scalar(1.0, dtype), _scalar(1.0 if accumulate else 0.0, dtype)
+    pa, pb, pc = _ptr(a) + a_offset * size, _ptr(b) + b_offset * size, _ptr(c) + c_offset * size
+    if dtype == numpy.float32 and allow_tf32:
+        f32 = _CUDA_R_32F
+        cublas.gemmStridedBatchedEx(handle, op[trans_b], op[trans_a], N, M, K, alpha,
+                                    pb, f32, ldb, stride_b, pa, f32, lda, stride_a, beta,
+                                    pc, f32, ldc, stride_c, batch,
+                                    _CUBLAS_COMPUTE_32F_FAST_TF32, _CUBLAS_GEMM_DEFAULT)
+        return
+    gemm = cublas.sgemmStridedBatched if dtype == numpy.float32 else cublas.dgemmStridedBatched
+    gemm(handle, op[trans_b], op[trans_a], N, M, K, alpha, pb, ldb, stride_b, pa, lda, stride_a,
+         beta, pc, ldc, stride_c, batch)
 
 
 # ------------------------------------------------------------------ conv2d

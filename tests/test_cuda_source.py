@@ -143,13 +143,44 @@ class FakeCublas(types.SimpleNamespace):
             product = alpha * ((a if transa == 0 else a.T) @ (bb if transb == 0 else bb.T))
             c[...] = product if beta == 0 else product + beta * c  # beta 0: C is not read
 
+    calls: list = []  # the name of each GEMM entry point called (and its compute type)
+
     @classmethod
     def sgemmStridedBatched(cls, *args):
+        cls.calls.append("sgemm")
         cls._gemm(ctypes.c_float, *args)
 
     @classmethod
     def dgemmStridedBatched(cls, *args):
+        cls.calls.append("dgemm")
         cls._gemm(ctypes.c_double, *args)
+
+    @classmethod
+    def gemmStridedBatchedEx(cls, handle, transa, transb, m, n, k, alpha, A, Atype, lda, sA, B, Btype, ldb, sB,
+                             beta, C, Ctype, ldc, sC, batch, compute, algo):
+        """cublasGemmStridedBatchedEx for float32 matrices; TF32 products round each input to 10 mantissa bits."""
+        assert (Atype, Btype, Ctype) == (0, 0, 0), "float32 matrices are CUDA_R_32F (0)"
+        assert compute in (68, 77) and algo == -1
+        cls.calls.append(("gemmEx", compute))
+        if compute == 77:
+            A, B = cls._tf32_copy(A, m, k, lda, sA, batch, transa), cls._tf32_copy(B, k, n, ldb, sB, batch, transb)
+            A, B = A.ctypes.data, B.ctypes.data
+        cls._gemm(ctypes.c_float, handle, transa, transb, m, n, k, alpha, A, lda, sA, B, ldb, sB, beta, C, ldc, sC,
+                  batch)
+
+    _kept: list = []
+
+    @classmethod
+    def _tf32_copy(cls, ptr, rows, cols, ld, stride, batch, trans):
+        """A copy of the float32 operand at ``ptr`` (the whole strided extent), rounded to TF32."""
+        r, c = (rows, cols) if trans == 0 else (cols, rows)
+        extent = (batch - 1) * stride + (r - 1) + (c - 1) * ld + 1
+        flat = np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)), shape=(extent,)).copy()
+        bits = flat.view(np.uint32)
+        bits += np.uint32(0xFFF) + ((bits >> np.uint32(13)) & np.uint32(1))  # round to nearest even
+        bits &= np.uint32(0xFFFFE000)  # keep 10 of the 23 mantissa bits
+        cls._kept.append(flat)
+        return flat
 
 
 def _poisoned_empty(shape, dtype=np.float32):
@@ -224,6 +255,53 @@ def test_conv2d_source(emulated, monkeypatch, geometry, chunk, dtype):
     for name, g, e in zip(("forward", "input grad", "weight grad"), got, expected):
         assert g.dtype == dtype, name
         assert_close(g, e, **tol, msg=name)
+
+
+@pytest.mark.parametrize("geometry", GEOMETRIES[:3])
+def test_conv2d_tf32_source(emulated, monkeypatch, geometry):
+    """With TF32 allowed, float32 convolutions call the TF32 GEMM, float64 ones do not, and the results
+    are those of TF32 products: within 1e-2 of float64, further from it than full float32."""
+    x_shape, K, kh, kw, stride, padding, dilation, groups = geometry
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal(x_shape)
+    w = rng.standard_normal((K, x_shape[1] // groups, kh, kw))
+    dout = rng.standard_normal((x_shape[0], K) + _out_hw(x_shape, kh, kw, stride, padding, dilation))
+    args = (stride, padding, dilation, groups)
+
+    def run(dtype):
+        c = [a.astype(dtype) for a in (x, w, dout)]
+        return (emulated.conv2d_forward(c[0], c[1], None, *args), emulated.conv2d_input_grad(c[2], c[1], x_shape, *args),
+                emulated.conv2d_weight_grad(c[0], c[2], w.shape, *args))
+
+    FakeCublas.calls.clear()
+    full = run(np.float32)
+    assert FakeCublas.calls and set(FakeCublas.calls) == {"sgemm"}
+    monkeypatch.setattr(kcuda, "allow_tf32", True)
+    FakeCublas.calls.clear()
+    tf32 = run(np.float32)
+    assert FakeCublas.calls and set(FakeCublas.calls) == {("gemmEx", 77)}
+    FakeCublas.calls.clear()
+    exact = run(np.float64)
+    assert set(FakeCublas.calls) == {"dgemm"}  # TF32 is for float32 only
+    for name, t, f, e in zip(("forward", "input grad", "weight grad"), tf32, full, exact):
+        assert t.dtype == np.float32, name
+        scale = np.abs(e).max()
+        err_tf32, err_full = np.abs(t - e).max() / scale, np.abs(f - e).max() / scale
+        assert err_tf32 < 1e-2, (name, err_tf32)
+        assert err_tf32 > 4 * err_full, (name, err_tf32, err_full)  # the products really were rounded
+
+
+def test_backend_switches_tf32(monkeypatch):
+    import scratchseg
+
+    monkeypatch.setattr(kcuda, "allow_tf32", False)
+    assert scratchseg.backend.allow_tf32() is False
+    scratchseg.backend.set_allow_tf32(True)
+    assert kcuda.allow_tf32 is True and scratchseg.backend.allow_tf32() is True
+    scratchseg.backend.set_allow_tf32(False)
+    assert kcuda.allow_tf32 is False
+    with pytest.raises(TypeError, match="True or False"):
+        scratchseg.backend.set_allow_tf32(1)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -273,3 +273,39 @@ def test_model_training_step_on_cupy_matches_numpy(dtype):
     assert_close(np.array(results["cuda"][0]), np.array(results["cpu"][0]), **tol, msg="losses")
     for k, v in results["cpu"][1].items():
         assert_close(results["cuda"][1][k], v, **tol, msg=f"state {k}")
+
+
+@pytest.mark.gpu
+def test_conv2d_tf32_on_cupy():
+    """set_allow_tf32(True): the float32 convolution GEMMs run in TF32, within TF32's error of float64
+    and further from it than full float32; switched off again, the results are full float32."""
+    cupy = _cupy()
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((2, 64, 24, 24))
+    w = rng.standard_normal((48, 64, 3, 3)) / 24
+    dout = rng.standard_normal((2, 48, 24, 24))
+    exact = F.conv2d(scratchseg.Tensor(x), scratchseg.Tensor(w), padding=1).data  # float64 on the CPU
+
+    def conv_on_gpu():
+        xs = scratchseg.Tensor(cupy.asarray(x, dtype=np.float32), requires_grad=True)
+        ws = scratchseg.Tensor(cupy.asarray(w, dtype=np.float32), requires_grad=True)
+        y = F.conv2d(xs, ws, padding=1)
+        y.backward(cupy.asarray(dout, dtype=np.float32))
+        return backend.asnumpy(y.data), backend.asnumpy(xs.grad), backend.asnumpy(ws.grad)
+
+    assert backend.allow_tf32() is False
+    full = conv_on_gpu()
+    backend.set_allow_tf32(True)
+    try:
+        tf32 = conv_on_gpu()
+    finally:
+        backend.set_allow_tf32(False)
+    again = conv_on_gpu()
+    scale = np.abs(exact).max()
+    err_full, err_tf32 = np.abs(full[0] - exact).max() / scale, np.abs(tf32[0] - exact).max() / scale
+    assert err_tf32 < 1e-2, err_tf32
+    assert err_tf32 > 4 * err_full, (err_tf32, err_full)  # the tensor cores' TF32 products were used
+    for name, t, f in zip(("input grad", "weight grad"), tf32[1:], full[1:]):
+        assert_close(t, f, rtol=2e-2, atol=2e-2 * np.abs(f).max(), msg=name)
+    for a, b in zip(again, full):
+        assert_close(a, b, rtol=1e-6, atol=1e-6, msg="TF32 switched off again")
