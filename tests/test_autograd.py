@@ -154,6 +154,17 @@ def test_getitem(rng, index):
     check(lambda x: x[index], [a], rng, lambda x: x.reshape(-1)[flat])
 
 
+def test_basic_indices_are_told_from_advanced_ones():
+    """Basic indices (each element read at most once) take the plain-assignment backward."""
+    from scratchseg.autograd import _is_basic
+
+    for index in [1, np.int64(2), slice(1, 3), (slice(None), 0), (Ellipsis, None, slice(None, None, -2)), ()]:
+        assert _is_basic(index), index
+    for index in [[0, 0], np.array([1, 1]), (slice(None), np.array([0, 0])), True, (np.bool_(True),),
+                  np.zeros((2,), bool)]:
+        assert not _is_basic(index), index
+
+
 def test_getitem_boolean_mask_and_tensor_index(rng):
     a = rng.standard_normal((3, 4))
     mask = a > 0.2

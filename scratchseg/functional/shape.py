@@ -127,5 +127,7 @@ def center_crop(input, size):
     H, W = input.shape[-2], input.shape[-1]
     if h > H or w > W:
         raise ValueError(f"cannot center-crop a {H}x{W} input to {h}x{w}: the crop is larger")
+    if (h, w) == (H, W):
+        return input  # nothing to crop (a padded U-Net): no copy, no gradient pass
     top, left = (H - h) // 2, (W - w) // 2
     return input[..., top : top + h, left : left + w]
