@@ -10,6 +10,9 @@ For each: the median and minimum time of both frameworks over interleaved
 rounds after warm-up, the ratio of the medians (scratchseg / torch), and the
 achieved GFLOP/s (2*N*K*C*kh*kw*Ho*Wo per product; forward+backward counts
 three products) beside this machine's SGEMM peak measured in the same run.
+These are the flops of the direct sum: a product computed with Winograd's
+F(2x2, 3x3) (scratchseg's CPU forward and input gradient of these shapes)
+does 16/36 of those multiply-adds, so its effective rate can pass the peak.
 On the CPU it also times the first conv2d in a fresh process (Numba cache warm).
 """
 

@@ -19,7 +19,7 @@ import sys
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from helpers import assert_close
@@ -475,3 +475,96 @@ def test_cpu_conv2d_split_between_threads_equals_inline(monkeypatch):
         assert kcpu._blas_threads.get() >= 1  # restored after the split
     for a, b in zip(results["1"], results["3"]):
         assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------- Winograd F(2x2, 3x3)
+@pytest.fixture
+def winograd_everywhere(monkeypatch):
+    """Lower the thresholds so small test shapes take the Winograd path; count its uses."""
+    monkeypatch.setattr(kcpu, "_WINOGRAD_MIN_CHANNELS", 1)
+    monkeypatch.setattr(kcpu, "_WINOGRAD_MIN_TILES", 1)
+    calls = []
+    inner = kcpu._winograd_conv
+
+    def counted(*args):
+        calls.append(args[0].shape)
+        return inner(*args)
+
+    monkeypatch.setattr(kcpu, "_winograd_conv", counted)
+    return calls
+
+
+@st.composite
+def winograd_cases(draw):
+    N = draw(st.integers(1, 3))
+    C, K = draw(st.integers(1, 5)), draw(st.integers(1, 5))
+    H, W = draw(st.integers(1, 13)), draw(st.integers(1, 13))
+    dilation = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
+    padding = (draw(st.integers(0, 2 * dilation[0])), draw(st.integers(0, 2 * dilation[1])))
+    # every residue class of the output (forward) and of the input (input gradient) has pixels
+    Ho, Wo = H + 2 * padding[0] - 2 * dilation[0], W + 2 * padding[1] - 2 * dilation[1]
+    assume(min(Ho, H) >= dilation[0] and min(Wo, W) >= dilation[1])
+    block = draw(st.sampled_from([768 << 10, 1, 200]))  # 1, 200 bytes: one tile row per block
+    return (N, C, H, W), K, padding, dilation, block
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(winograd_cases(), st.sampled_from(DTYPES), st.booleans())
+def test_cpu_winograd_conv_matches_torch(winograd_everywhere, case, dtype, with_bias):
+    """Forward and input gradient through Winograd's tiles: every residue class of a dilated
+    kernel, tiles cut by the image edge, padding up to the kernel's span, blocks of one tile row."""
+    x_shape, K, padding, dilation, block = case
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal(x_shape).astype(dtype)
+    w = rng.standard_normal((K, x_shape[1], 3, 3)).astype(dtype)
+    b = rng.standard_normal(K).astype(dtype)
+    Ho = conv_output_size(x_shape[2], 3, 1, padding[0], dilation[0])
+    Wo = conv_output_size(x_shape[3], 3, 1, padding[1], dilation[1])
+    dout = rng.standard_normal((x_shape[0], K, Ho, Wo)).astype(dtype)
+    y_t, dx_t, _ = _torch_conv(x, w, b, dout, 1, padding, dilation, 1)
+    old = kcpu._WINOGRAD_BLOCK_BYTES
+    kcpu._WINOGRAD_BLOCK_BYTES = block
+    try:
+        winograd_everywhere.clear()
+        y = kcpu.conv2d_forward(x, w, b if with_bias else None, 1, padding, dilation, 1)
+        dx = kcpu.conv2d_input_grad(dout, w, x_shape, 1, padding, dilation, 1)
+    finally:
+        kcpu._WINOGRAD_BLOCK_BYTES = old
+    assert len(winograd_everywhere) == 2, "both products should have taken the Winograd path"
+    if not with_bias:
+        y_t = y_t - b.reshape(1, -1, 1, 1)
+    tol = dict(rtol=1e-9, atol=1e-9) if dtype == np.float64 else dict(rtol=1e-4, atol=1e-4)
+    assert y.dtype == dx.dtype == dtype
+    assert_close(y, y_t, **tol, msg="forward")
+    assert_close(dx, dx_t, **tol, msg="input grad")
+
+
+def test_cpu_winograd_writes_every_output(winograd_everywhere):
+    """The output transform covers the whole output: a NaN-poisoned out= comes back finite."""
+    rng = np.random.default_rng(6)
+    for (H, W), padding, dilation in [((9, 7), (1, 1), (1, 1)), ((10, 11), (2, 1), (2, 3)), ((5, 6), (0, 0), (1, 1))]:
+        x = rng.standard_normal((2, 3, H, W)).astype(np.float32)
+        w = rng.standard_normal((4, 3, 3, 3)).astype(np.float32)
+        Ho = conv_output_size(H, 3, 1, padding[0], dilation[0])
+        Wo = conv_output_size(W, 3, 1, padding[1], dilation[1])
+        out = np.full((2, 4, Ho, Wo), np.nan, np.float32)
+        kcpu.conv2d_forward(x, w, None, 1, padding, dilation, 1, out=out)
+        assert np.isfinite(out).all()
+        expected = kcpu.conv2d_forward(x.astype(np.float64), w.astype(np.float64), None, 1, padding, dilation, 1)
+        assert_close(out, expected, rtol=1e-4, atol=1e-4)
+    assert winograd_everywhere
+
+
+def test_cpu_winograd_is_taken_where_it_pays():
+    """The U-Net and DeepLab shapes of the benchmarks take Winograd; thin, strided, grouped
+    or small convolutions keep im2col + GEMM."""
+    takes = kcpu._winograd_applies
+    assert takes(64, 64, 3, 3, 1, 1, 1, 1, 1, 128, 128)
+    assert takes(128, 128, 3, 3, 1, 1, 1, 1, 1, 64, 64)
+    assert takes(64, 64, 3, 3, 1, 1, 2, 2, 1, 128, 128)  # dilation 2: four residue classes of 64x64
+    assert takes(256, 256, 3, 3, 1, 1, 1, 1, 1, 16, 16)
+    assert not takes(3, 32, 3, 3, 1, 1, 1, 1, 1, 128, 128)  # an RGB input layer
+    assert not takes(64, 64, 3, 3, 2, 2, 1, 1, 1, 64, 64)  # strided
+    assert not takes(64, 64, 3, 3, 1, 1, 1, 1, 2, 128, 128)  # grouped
+    assert not takes(64, 64, 1, 1, 1, 1, 1, 1, 1, 128, 128)  # 1x1
+    assert not takes(256, 256, 3, 3, 1, 1, 1, 1, 1, 8, 8)  # 16 tiles

@@ -28,7 +28,9 @@ On the CPU the three core computations hand over to ``kernels.cpu``
 (``conv2d_forward``, ``conv2d_input_grad``, ``conv2d_weight_grad``) when
 ``scratchseg.backend.kernel`` offers them: the same products, computed block
 by block over output pixels so the columns of one block stay in the cache and
-the full column matrix is never allocated. The code below stays the reference.
+the full column matrix is never allocated (3x3 unit-stride convolutions
+there use Winograd's F(2x2, 3x3) tiles instead of columns for the forward and
+the input gradient). The code below stays the reference.
 """
 
 from __future__ import annotations
