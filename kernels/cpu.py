@@ -9,9 +9,9 @@ holds them equal; im2col/col2im also take an optional ``out=`` workspace):
   three products of ``scratchseg.functional.conv`` (``_conv``,
   ``_conv_transpose``, ``_conv_weight_grad``), computed block by block so the
   full column matrix never exists; the forward and the input gradient of a
-  3x3 unit-stride convolution with enough channels use Winograd's minimal
-  filtering F(2x2, 3x3) instead of im2col (16 multiplications per 2x2 tile
-  instead of 36; see its section);
+  3x3 unit-stride convolution with enough channels (and the weight gradient
+  of a wide one) use Winograd's minimal filtering F(2x2, 3x3) instead of
+  im2col (16 multiplications per 2x2 tile instead of 36; see its section);
 * ``batch_norm_train_forward``, ``batch_norm_backward``,
   ``max_pool2d_forward``, ``max_pool2d_backward`` -- fused one-to-three-pass
   versions of the reference in ``normalization.py`` and ``pooling.py``.
@@ -621,6 +621,9 @@ def conv2d_weight_grad(x, dout, weight_shape, stride=1, padding=0, dilation=1, g
     given = np.result_type(x.dtype, dout.dtype)
     dtype = _working_dtype(given)
     x = np.ascontiguousarray(x, dtype=dtype)
+    if _winograd_applies(C, K, kh, kw, sh, sw, dh, dw, groups, Ho, Wo, _WINOGRAD_GRAD_MIN_CHANNELS):
+        dwt = _winograd_weight_grad(x, np.ascontiguousarray(dout, dtype=dtype), ph, pw, dh, dw)
+        return dwt if given == dtype else dwt.astype(given)
     dout3 = np.ascontiguousarray(dout, dtype=dtype).reshape(N, K, Ho * Wo)  # (N, K, Ho*Wo)
     R = Cg * kh * kw
 
@@ -677,15 +680,16 @@ def conv2d_weight_grad(x, dout, weight_shape, stride=1, padding=0, dilation=1, g
 # differs from the direct sum by a few units in the last place of the largest
 # terms. Measured here (2 cores, 8x64x128x128 -> 64, float32): forward 52 ms
 # against 82 ms for im2col + GEMM; the input gradient is the same computation
-# with the kernel flipped.
+# with the kernel flipped; the weight gradient, further down, is its transpose.
 _WINOGRAD_MIN_CHANNELS = 32  # below this the 16 GEMMs are too thin to win
 _WINOGRAD_MIN_TILES = 64  # tiles of one residue class of one sample
 _WINOGRAD_BLOCK_BYTES = 768 << 10  # transformed inputs of one block, about half a core's L2
 
 
-def _winograd_applies(C, K, kh, kw, sh, sw, dh, dw, groups, Ho, Wo):
-    """Whether ``conv2d_forward`` takes the Winograd path for this geometry."""
-    if (kh, kw, sh, sw, groups) != (3, 3, 1, 1, 1) or min(C, K) < _WINOGRAD_MIN_CHANNELS:
+def _winograd_applies(C, K, kh, kw, sh, sw, dh, dw, groups, Ho, Wo, min_channels=None):
+    """Whether a product of this geometry takes the Winograd path (the forward's thresholds by default)."""
+    min_channels = _WINOGRAD_MIN_CHANNELS if min_channels is None else min_channels
+    if (kh, kw, sh, sw, groups) != (3, 3, 1, 1, 1) or min(C, K) < min_channels:
         return False
     tiles = -(-(Ho // dh) // 2) * -(-(Wo // dw) // 2)  # tiles of the smallest residue class
     return tiles >= _WINOGRAD_MIN_TILES
@@ -816,6 +820,25 @@ def _winograd_output(M, n, a, b, dh, dw, r0, r1, TW, bias, y):
     return y
 
 
+def _winograd_blocks(Ho, Wo, dh, dw, tile_bytes, budget):
+    """The blocks of one sample: (a, b, TW, r0, r1, T) for tile rows [r0, r1) of residue class (a, b).
+
+    TW is the class's tiles per tile row; T the most tiles a block of this
+    class holds, about ``budget`` bytes at ``tile_bytes`` per tile (and at
+    least ~128 tiles, so that the GEMMs are not too thin).
+    """
+    for a in range(dh):
+        TH = -(-len(range(a, Ho, dh)) // 2)  # tile rows of residue class a
+        for b in range(dw):
+            TW = -(-len(range(b, Wo, dw)) // 2)
+            if TH == 0 or TW == 0:  # an output smaller than the dilation: a class with no pixels
+                continue
+            rows = max(1, min(TH, budget // (tile_bytes * TW)))
+            rows = max(rows, min(TH, -(-128 // TW)))
+            for r0 in range(0, TH, rows):
+                yield a, b, TW, r0, min(r0 + rows, TH), rows * TW
+
+
 def _winograd_conv(x, w, bias, ph, pw, dh, dw, y):
     """y = conv2d(x, w, bias) for a 3x3 kernel, unit stride, one group: Winograd F(2x2, 3x3).
 
@@ -831,27 +854,141 @@ def _winograd_conv(x, w, bias, ph, pw, dh, dw, y):
 
     def part(n_lo, n_hi):
         for n in range(n_lo, n_hi):
-            for a in range(dh):
-                TH = -(-len(range(a, Ho, dh)) // 2)  # tile rows of residue class a
-                for bb in range(dw):
-                    TW = -(-len(range(bb, Wo, dw)) // 2)
-                    if TH == 0 or TW == 0:  # an output smaller than the dilation: a class with no pixels
-                        continue
-                    rows_per_block = max(1, min(TH, _WINOGRAD_BLOCK_BYTES // (16 * C * TW * dtype.itemsize)))
-                    rows_per_block = max(rows_per_block, min(TH, -(-128 // TW)))  # at least ~128 tiles
-                    T = rows_per_block * TW
-                    V = workspace(16 * C * T, dtype, 0).reshape(16, C, T)
-                    M = workspace(16 * K * T, dtype, 1).reshape(16, K, T)
-                    for r0 in range(0, TH, rows_per_block):
-                        r1 = min(r0 + rows_per_block, TH)
-                        t = (r1 - r0) * TW
-                        Vb, Mb = V[:, :, :t], M[:, :, :t]
-                        _winograd_input(x, n, a, bb, dh, dw, ph, pw, r0, r1, TW, Vb)
-                        np.matmul(U, Vb, out=Mb)  # 16 GEMMs (K, C) @ (C, t)
-                        _winograd_output(Mb, n, a, bb, dh, dw, r0, r1, TW, b, y)
+            for a, bb, TW, r0, r1, T in _winograd_blocks(Ho, Wo, dh, dw, 16 * C * dtype.itemsize,
+                                                        _WINOGRAD_BLOCK_BYTES):
+                t = (r1 - r0) * TW
+                V = workspace(16 * C * T, dtype, 0).reshape(16, C, T)[:, :, :t]
+                M = workspace(16 * K * T, dtype, 1).reshape(16, K, T)[:, :, :t]
+                _winograd_input(x, n, a, bb, dh, dw, ph, pw, r0, r1, TW, V)
+                np.matmul(U, V, out=M)  # 16 GEMMs (K, C) @ (C, t)
+                _winograd_output(M, n, a, bb, dh, dw, r0, r1, TW, b, y)
 
     _run(N, part)
     return y
+
+
+# The weight gradient by the same tiles (the transpose of the forward's algorithm):
+#
+#     dw[k, c] = G^T [ sum over tiles of (A dY A^T) * (B^T d B) ] G
+#
+# with dY the 2x2 tile of dout and d the 4x4 tile of x it came from. The sum
+# over tiles is, for each of the 16 positions, a GEMM whose inner dimension is
+# the number of tiles: D[xi nu] (K, T) @ V[xi nu]^T (T, C).
+_WINOGRAD_GRAD_BLOCK_BYTES = 1 << 20  # transformed inputs of one weight-gradient block
+# Its transforms move more memory per multiply-add than the forward's, and with
+# both cores busy that only pays off for wide layers: 8x128x64x64 54 ms against
+# 65 ms by im2col + GEMM, 8x256x32x32 53 against 71, but 8x64x128x128 73
+# against 69 (medians, methods interleaved in one process).
+_WINOGRAD_GRAD_MIN_CHANNELS = 128
+
+
+@njit(cache=True, nogil=True)
+def _winograd_output_grad(dout, n, a, b, dh, dw, r0, r1, TW, D):
+    # D[(xi, nu), k, t] = (A g A^T)[xi, nu] for the 2x2 tile g of dout at tile (r, s) of residue
+    # class (a, b): g[i, j] = dout[n, k, a + dh*(2r + i), b + dw*(2s + j)], zero outside dout.
+    # A = [[1, 0], [1, 1], [1, -1], [0, -1]] (the forward's A^T, transposed).
+    K, Ho, Wo = dout.shape[1], dout.shape[2], dout.shape[3]
+    z = np.empty((2, 2 * TW), dtype=D.dtype)
+    e = np.empty((4, 2 * TW), dtype=D.dtype)
+    n_out = 0  # the outputs of residue class b along a row
+    while b + dw * n_out < Wo and n_out < 2 * TW:
+        n_out += 1
+    for k in range(K):
+        plane = dout[n, k]
+        for r in range(r0, r1):
+            for i in range(2):  # the tile row's 2 rows of dout, zero outside
+                oh = a + dh * (2 * r + i)
+                zi = z[i]
+                if oh >= Ho:
+                    for m in range(2 * TW):
+                        zi[m] = 0
+                    continue
+                src = plane[oh]
+                if dw == 1:
+                    for m in range(n_out):
+                        zi[m] = src[b + m]
+                else:
+                    for m in range(n_out):
+                        zi[m] = src[b + dw * m]
+                for m in range(n_out, 2 * TW):
+                    zi[m] = 0
+            z0, z1 = z[0], z[1]
+            e0, e1, e2, e3 = e[0], e[1], e[2], e[3]
+            for m in range(2 * TW):  # A g: combine the 2 rows
+                e0[m] = z0[m]
+                e1[m] = z0[m] + z1[m]
+                e2[m] = z0[m] - z1[m]
+                e3[m] = -z1[m]
+            t0 = (r - r0) * TW
+            for f in range(4):  # (A g) A^T: tile s combines columns 2s, 2s+1
+                ef = e[f]
+                v0 = D[4 * f, k, t0:t0 + TW]
+                v1 = D[4 * f + 1, k, t0:t0 + TW]
+                v2 = D[4 * f + 2, k, t0:t0 + TW]
+                v3 = D[4 * f + 3, k, t0:t0 + TW]
+                for s in range(TW):
+                    g0 = ef[2 * s]
+                    g1 = ef[2 * s + 1]
+                    v0[s] = g0
+                    v1[s] = g0 + g1
+                    v2[s] = g0 - g1
+                    v3[s] = -g1
+    return D
+
+
+@njit(cache=True, nogil=True)
+def _winograd_fold(S, dw):
+    # dw[k, c] = G^T S[:, k, c] G, S (16, K, C) -> dw (K, C, 3, 3);
+    # G^T = [[1, 1/2, 1/2, 0], [0, 1/2, -1/2, 0], [0, 1/2, 1/2, 1]]
+    K, C = S.shape[1], S.shape[2]
+    for k in range(K):
+        for c in range(C):
+            t = np.empty((3, 4), dtype=dw.dtype)  # G^T S
+            for j in range(4):
+                s0 = S[j, k, c]
+                s1 = S[4 + j, k, c]
+                s2 = S[8 + j, k, c]
+                s3 = S[12 + j, k, c]
+                t[0, j] = s0 + (s1 + s2) * 0.5
+                t[1, j] = (s1 - s2) * 0.5
+                t[2, j] = (s1 + s2) * 0.5 + s3
+            for i in range(3):  # (G^T S) G
+                dw[k, c, i, 0] = t[i, 0] + (t[i, 1] + t[i, 2]) * 0.5
+                dw[k, c, i, 1] = (t[i, 1] - t[i, 2]) * 0.5
+                dw[k, c, i, 2] = (t[i, 1] + t[i, 2]) * 0.5 + t[i, 3]
+    return dw
+
+
+def _winograd_weight_grad(x, dout, ph, pw, dh, dw):
+    """dw of conv2d for a 3x3 kernel, unit stride, one group, by Winograd F(2x2, 3x3)'s tiles.
+
+    Shape:
+        x (N, C, H, W), dout (N, K, Ho, Wo), contiguous, of one dtype -> dw (K, C, 3, 3).
+    """
+    N, C = x.shape[0], x.shape[1]
+    K, Ho, Wo = dout.shape[1], dout.shape[2], dout.shape[3]
+    dtype = x.dtype
+
+    def part(n_lo, n_hi):  # each worker sums its own samples' share
+        S = np.zeros((16, K, C), dtype)
+        for n in range(n_lo, n_hi):
+            for a, b, TW, r0, r1, T in _winograd_blocks(Ho, Wo, dh, dw, 16 * C * dtype.itemsize,
+                                                       _WINOGRAD_GRAD_BLOCK_BYTES):
+                t = (r1 - r0) * TW
+                V = workspace(16 * C * T, dtype, 0).reshape(16, C, T)[:, :, :t]
+                D = workspace(16 * K * T, dtype, 1).reshape(16, K, T)[:, :, :t]
+                P = workspace(16 * K * C, dtype, 2).reshape(16, K, C)
+                _winograd_input(x, n, a, b, dh, dw, ph, pw, r0, r1, TW, V)
+                _winograd_output_grad(dout, n, a, b, dh, dw, r0, r1, TW, D)
+                np.matmul(D, V.transpose(0, 2, 1), out=P)  # 16 GEMMs (K, t) @ (t, C)
+                S += P
+        return S
+
+    partials = _run(N, part)
+    S = partials[0]
+    for p in partials[1:]:
+        S += p
+    return _winograd_fold(S, np.empty((K, C, 3, 3), dtype))
 
 
 # -------------------------------------------------------------- batch norm

@@ -482,15 +482,17 @@ def test_cpu_conv2d_split_between_threads_equals_inline(monkeypatch):
 def winograd_everywhere(monkeypatch):
     """Lower the thresholds so small test shapes take the Winograd path; count its uses."""
     monkeypatch.setattr(kcpu, "_WINOGRAD_MIN_CHANNELS", 1)
+    monkeypatch.setattr(kcpu, "_WINOGRAD_GRAD_MIN_CHANNELS", 1)
     monkeypatch.setattr(kcpu, "_WINOGRAD_MIN_TILES", 1)
     calls = []
-    inner = kcpu._winograd_conv
+    for name in ("_winograd_conv", "_winograd_weight_grad"):
+        inner = getattr(kcpu, name)
 
-    def counted(*args):
-        calls.append(args[0].shape)
-        return inner(*args)
+        def counted(*args, _inner=inner, _name=name):
+            calls.append(_name)
+            return _inner(*args)
 
-    monkeypatch.setattr(kcpu, "_winograd_conv", counted)
+        monkeypatch.setattr(kcpu, name, counted)
     return calls
 
 
@@ -511,8 +513,9 @@ def winograd_cases(draw):
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(winograd_cases(), st.sampled_from(DTYPES), st.booleans())
 def test_cpu_winograd_conv_matches_torch(winograd_everywhere, case, dtype, with_bias):
-    """Forward and input gradient through Winograd's tiles: every residue class of a dilated
-    kernel, tiles cut by the image edge, padding up to the kernel's span, blocks of one tile row."""
+    """Forward, input gradient and weight gradient through Winograd's tiles: every residue class
+    of a dilated kernel, tiles cut by the image edge, padding up to the kernel's span, blocks of
+    one tile row."""
     x_shape, K, padding, dilation, block = case
     rng = np.random.default_rng(4)
     x = rng.standard_normal(x_shape).astype(dtype)
@@ -521,22 +524,25 @@ def test_cpu_winograd_conv_matches_torch(winograd_everywhere, case, dtype, with_
     Ho = conv_output_size(x_shape[2], 3, 1, padding[0], dilation[0])
     Wo = conv_output_size(x_shape[3], 3, 1, padding[1], dilation[1])
     dout = rng.standard_normal((x_shape[0], K, Ho, Wo)).astype(dtype)
-    y_t, dx_t, _ = _torch_conv(x, w, b, dout, 1, padding, dilation, 1)
-    old = kcpu._WINOGRAD_BLOCK_BYTES
-    kcpu._WINOGRAD_BLOCK_BYTES = block
+    y_t, dx_t, dw_t = _torch_conv(x, w, b, dout, 1, padding, dilation, 1)
+    old = kcpu._WINOGRAD_BLOCK_BYTES, kcpu._WINOGRAD_GRAD_BLOCK_BYTES
+    kcpu._WINOGRAD_BLOCK_BYTES = kcpu._WINOGRAD_GRAD_BLOCK_BYTES = block
     try:
         winograd_everywhere.clear()
         y = kcpu.conv2d_forward(x, w, b if with_bias else None, 1, padding, dilation, 1)
         dx = kcpu.conv2d_input_grad(dout, w, x_shape, 1, padding, dilation, 1)
+        dw = kcpu.conv2d_weight_grad(x, dout, w.shape, 1, padding, dilation, 1)
     finally:
-        kcpu._WINOGRAD_BLOCK_BYTES = old
-    assert len(winograd_everywhere) == 2, "both products should have taken the Winograd path"
+        kcpu._WINOGRAD_BLOCK_BYTES, kcpu._WINOGRAD_GRAD_BLOCK_BYTES = old
+    assert winograd_everywhere == ["_winograd_conv", "_winograd_conv", "_winograd_weight_grad"], \
+        "all three products should have taken the Winograd path"
     if not with_bias:
         y_t = y_t - b.reshape(1, -1, 1, 1)
     tol = dict(rtol=1e-9, atol=1e-9) if dtype == np.float64 else dict(rtol=1e-4, atol=1e-4)
-    assert y.dtype == dx.dtype == dtype
+    assert y.dtype == dx.dtype == dw.dtype == dtype
     assert_close(y, y_t, **tol, msg="forward")
     assert_close(dx, dx_t, **tol, msg="input grad")
+    assert_close(dw, dw_t, **tol, msg="weight grad")
 
 
 def test_cpu_winograd_writes_every_output(winograd_everywhere):
@@ -568,3 +574,6 @@ def test_cpu_winograd_is_taken_where_it_pays():
     assert not takes(64, 64, 3, 3, 1, 1, 1, 1, 2, 128, 128)  # grouped
     assert not takes(64, 64, 1, 1, 1, 1, 1, 1, 1, 128, 128)  # 1x1
     assert not takes(256, 256, 3, 3, 1, 1, 1, 1, 1, 8, 8)  # 16 tiles
+    grad = kcpu._WINOGRAD_GRAD_MIN_CHANNELS  # the weight gradient: wide layers only
+    assert takes(128, 128, 3, 3, 1, 1, 1, 1, 1, 64, 64, grad)
+    assert not takes(64, 64, 3, 3, 1, 1, 1, 1, 1, 128, 128, grad)

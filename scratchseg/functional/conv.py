@@ -30,7 +30,8 @@ On the CPU the three core computations hand over to ``kernels.cpu``
 by block over output pixels so the columns of one block stay in the cache and
 the full column matrix is never allocated (3x3 unit-stride convolutions
 there use Winograd's F(2x2, 3x3) tiles instead of columns for the forward and
-the input gradient). The code below stays the reference.
+the input gradient, and for the weight gradient of wide layers). The code
+below stays the reference.
 """
 
 from __future__ import annotations
