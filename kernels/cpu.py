@@ -14,7 +14,9 @@ holds them equal; im2col/col2im also take an optional ``out=`` workspace):
   im2col (16 multiplications per 2x2 tile instead of 36; see its section);
 * ``batch_norm_train_forward``, ``batch_norm_backward``,
   ``max_pool2d_forward``, ``max_pool2d_backward`` -- fused one-to-three-pass
-  versions of the reference in ``normalization.py`` and ``pooling.py``.
+  versions of the reference in ``normalization.py`` and ``pooling.py``;
+* ``relu_forward``, ``relu_backward`` -- ReLU and its gradient in one
+  parallel pass (``activation.py``).
 
 Every loop is compiled with ``cache=True``, once per dtype (float32, float64;
 float16 runs in float32), and cached on disk, so a new process loads them in
@@ -695,24 +697,38 @@ def _winograd_applies(C, K, kh, kw, sh, sw, dh, dw, groups, Ho, Wo, min_channels
     return tiles >= _WINOGRAD_MIN_TILES
 
 
-@njit(cache=True, nogil=True)
+@njit(parallel=True, cache=True)
 def _winograd_weights(w, U):
-    # U[(xi, nu), k, c] = (G w[k, c] G^T)[xi, nu], w (K, C, 3, 3)
+    # U[(xi, nu), k, c] = (G w[k, c] G^T)[xi, nu], w (K, C, 3, 3), written out as straight-line
+    # code (no branches, no temporaries) so that the loop over c vectorises
     K, C = w.shape[0], w.shape[1]
-    for k in range(K):
+    for k in prange(K):
         for c in range(C):
-            g = w[k, c]
-            t = np.empty((4, 3), dtype=U.dtype)  # G g
-            for j in range(3):
-                t[0, j] = g[0, j]
-                t[1, j] = (g[0, j] + g[1, j] + g[2, j]) * 0.5
-                t[2, j] = (g[0, j] - g[1, j] + g[2, j]) * 0.5
-                t[3, j] = g[2, j]
-            for i in range(4):  # (G g) G^T
-                U[4 * i, k, c] = t[i, 0]
-                U[4 * i + 1, k, c] = (t[i, 0] + t[i, 1] + t[i, 2]) * 0.5
-                U[4 * i + 2, k, c] = (t[i, 0] - t[i, 1] + t[i, 2]) * 0.5
-                U[4 * i + 3, k, c] = t[i, 2]
+            g00, g01, g02 = w[k, c, 0, 0], w[k, c, 0, 1], w[k, c, 0, 2]
+            g10, g11, g12 = w[k, c, 1, 0], w[k, c, 1, 1], w[k, c, 1, 2]
+            g20, g21, g22 = w[k, c, 2, 0], w[k, c, 2, 1], w[k, c, 2, 2]
+            # G g: four rows of three
+            a0, a1, a2 = g00, g01, g02
+            b0, b1, b2 = (g00 + g10 + g20) * 0.5, (g01 + g11 + g21) * 0.5, (g02 + g12 + g22) * 0.5
+            c0, c1, c2 = (g00 - g10 + g20) * 0.5, (g01 - g11 + g21) * 0.5, (g02 - g12 + g22) * 0.5
+            d0, d1, d2 = g20, g21, g22
+            # (G g) G^T: each row -> [t0, (t0 + t1 + t2) / 2, (t0 - t1 + t2) / 2, t2]
+            U[0, k, c] = a0
+            U[1, k, c] = (a0 + a1 + a2) * 0.5
+            U[2, k, c] = (a0 - a1 + a2) * 0.5
+            U[3, k, c] = a2
+            U[4, k, c] = b0
+            U[5, k, c] = (b0 + b1 + b2) * 0.5
+            U[6, k, c] = (b0 - b1 + b2) * 0.5
+            U[7, k, c] = b2
+            U[8, k, c] = c0
+            U[9, k, c] = (c0 + c1 + c2) * 0.5
+            U[10, k, c] = (c0 - c1 + c2) * 0.5
+            U[11, k, c] = c2
+            U[12, k, c] = d0
+            U[13, k, c] = (d0 + d1 + d2) * 0.5
+            U[14, k, c] = (d0 - d1 + d2) * 0.5
+            U[15, k, c] = d2
     return U
 
 
@@ -936,26 +952,31 @@ def _winograd_output_grad(dout, n, a, b, dh, dw, r0, r1, TW, D):
     return D
 
 
-@njit(cache=True, nogil=True)
+@njit(parallel=True, cache=True)
 def _winograd_fold(S, dw):
-    # dw[k, c] = G^T S[:, k, c] G, S (16, K, C) -> dw (K, C, 3, 3);
+    # dw[k, c] = G^T S[:, k, c] G, S (16, K, C) -> dw (K, C, 3, 3), straight-line code;
     # G^T = [[1, 1/2, 1/2, 0], [0, 1/2, -1/2, 0], [0, 1/2, 1/2, 1]]
     K, C = S.shape[1], S.shape[2]
-    for k in range(K):
+    for k in prange(K):
         for c in range(C):
-            t = np.empty((3, 4), dtype=dw.dtype)  # G^T S
-            for j in range(4):
-                s0 = S[j, k, c]
-                s1 = S[4 + j, k, c]
-                s2 = S[8 + j, k, c]
-                s3 = S[12 + j, k, c]
-                t[0, j] = s0 + (s1 + s2) * 0.5
-                t[1, j] = (s1 - s2) * 0.5
-                t[2, j] = (s1 + s2) * 0.5 + s3
-            for i in range(3):  # (G^T S) G
-                dw[k, c, i, 0] = t[i, 0] + (t[i, 1] + t[i, 2]) * 0.5
-                dw[k, c, i, 1] = (t[i, 1] - t[i, 2]) * 0.5
-                dw[k, c, i, 2] = (t[i, 1] + t[i, 2]) * 0.5 + t[i, 3]
+            s = S[:, k, c]
+            # G^T S: three rows of four
+            a0, a1 = s[0] + (s[4] + s[8]) * 0.5, s[1] + (s[5] + s[9]) * 0.5
+            a2, a3 = s[2] + (s[6] + s[10]) * 0.5, s[3] + (s[7] + s[11]) * 0.5
+            b0, b1 = (s[4] - s[8]) * 0.5, (s[5] - s[9]) * 0.5
+            b2, b3 = (s[6] - s[10]) * 0.5, (s[7] - s[11]) * 0.5
+            c0, c1 = (s[4] + s[8]) * 0.5 + s[12], (s[5] + s[9]) * 0.5 + s[13]
+            c2, c3 = (s[6] + s[10]) * 0.5 + s[14], (s[7] + s[11]) * 0.5 + s[15]
+            # (G^T S) G: each row -> [t0 + (t1 + t2) / 2, (t1 - t2) / 2, (t1 + t2) / 2 + t3]
+            dw[k, c, 0, 0] = a0 + (a1 + a2) * 0.5
+            dw[k, c, 0, 1] = (a1 - a2) * 0.5
+            dw[k, c, 0, 2] = (a1 + a2) * 0.5 + a3
+            dw[k, c, 1, 0] = b0 + (b1 + b2) * 0.5
+            dw[k, c, 1, 1] = (b1 - b2) * 0.5
+            dw[k, c, 1, 2] = (b1 + b2) * 0.5 + b3
+            dw[k, c, 2, 0] = c0 + (c1 + c2) * 0.5
+            dw[k, c, 2, 1] = (c1 - c2) * 0.5
+            dw[k, c, 2, 2] = (c1 + c2) * 0.5 + c3
     return dw
 
 
@@ -1216,3 +1237,55 @@ def max_pool2d_backward(dout, arg, x_shape, kernel_size, stride, padding, dilati
     dx = np.empty(tuple(x_shape), dtype=dout.dtype)
     _max_pool_backward(dout, np.ascontiguousarray(arg), kh, kw, sh, sw, ph, pw, dh, dw, dx)
     return dx if given == dx.dtype else dx.astype(given)
+
+
+# -------------------------------------------------------------------- ReLU
+# NumPy's relu is one single-threaded pass and its gradient two (the mask,
+# then the product); these are one pass each, split between the cores. Small
+# arrays stay with NumPy: starting the parallel loop costs more than they do.
+_RELU_PARALLEL_MIN = 1 << 16
+
+
+@njit(parallel=True, cache=True)
+def _relu_forward(x, out):
+    for k in prange(x.shape[0]):
+        v = x[k]
+        out[k] = v if v > 0 or v != v else 0  # NaN passes through, as np.maximum(x, 0)
+
+
+@njit(parallel=True, cache=True)
+def _relu_backward(dout, out, dx):
+    for k in prange(dout.shape[0]):
+        dx[k] = dout[k] if out[k] > 0 else 0
+
+
+def relu_forward(x):
+    """out = max(x, 0) (NaN stays NaN), in one parallel pass.
+
+    Shape:
+        x of any shape -> out of the same shape and dtype.
+
+        >>> relu_forward(np.array([-1.0, 0.0, 2.5]))
+        array([0. , 0. , 2.5])
+    """
+    if x.dtype not in _NATIVE or x.size < _RELU_PARALLEL_MIN:
+        return np.maximum(x, 0)
+    out = np.empty(x.shape, x.dtype)
+    _relu_forward(np.ascontiguousarray(x).reshape(-1), out.reshape(-1))
+    return out
+
+
+def relu_backward(dout, out):
+    """dx = dout where out > 0, else 0, in one parallel pass.
+
+    Shape:
+        dout, out: the same shape -> dx of that shape, dout's dtype.
+
+        >>> relu_backward(np.array([1.0, 2.0, 3.0]), np.array([0.5, 0.0, -1.0]))
+        array([1., 0., 0.])
+    """
+    if dout.dtype not in _NATIVE or out.dtype != dout.dtype or dout.shape != out.shape or dout.size < _RELU_PARALLEL_MIN:
+        return dout * (out > 0)  # the reference formula
+    dx = np.empty(dout.shape, dout.dtype)
+    _relu_backward(np.ascontiguousarray(dout).reshape(-1), np.ascontiguousarray(out).reshape(-1), dx.reshape(-1))
+    return dx

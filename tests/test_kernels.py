@@ -577,3 +577,32 @@ def test_cpu_winograd_is_taken_where_it_pays():
     grad = kcpu._WINOGRAD_GRAD_MIN_CHANNELS  # the weight gradient: wide layers only
     assert takes(128, 128, 3, 3, 1, 1, 1, 1, 1, 64, 64, grad)
     assert not takes(64, 64, 3, 3, 1, 1, 1, 1, 1, 128, 128, grad)
+
+
+# -------------------------------------------------------------------- ReLU
+@pytest.mark.parametrize("dtype", DTYPES + [np.float16])
+@pytest.mark.parametrize("shape", [(), (7,), (3, 70000), (2, 8, 64, 65)])
+def test_cpu_relu_kernels_equal_the_reference(shape, dtype):
+    """One parallel pass each (large arrays) or NumPy (small ones, float16): the reference's numbers,
+    NaN passing through the forward, and a gradient of exactly 0 where out <= 0."""
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal(shape).astype(dtype)
+    dout = rng.standard_normal(shape).astype(dtype)
+    if x.size > 4:
+        flat = x.reshape(-1)
+        flat[:4] = [np.nan, 0.0, -0.0, np.inf]
+    out = kcpu.relu_forward(x)
+    assert out.shape == x.shape and out.dtype == x.dtype
+    np.testing.assert_array_equal(out, np.maximum(x, 0))  # NaN == NaN here
+    dx = kcpu.relu_backward(dout, out)
+    assert dx.shape == x.shape and dx.dtype == dtype
+    np.testing.assert_array_equal(dx, np.where(out > 0, dout, 0).astype(dtype))
+
+
+def test_cpu_relu_kernels_take_strided_input():
+    rng = np.random.default_rng(10)
+    x = rng.standard_normal((64, 4096)).astype(np.float32)[:, ::2]  # not contiguous
+    np.testing.assert_array_equal(kcpu.relu_forward(x), np.maximum(x, 0))
+    dout = rng.standard_normal((2048, 64)).astype(np.float32).T  # transposed
+    out = np.maximum(rng.standard_normal((64, 2048)).astype(np.float32), 0)
+    np.testing.assert_array_equal(kcpu.relu_backward(dout, out), dout * (out > 0))
