@@ -841,18 +841,21 @@ def _winograd_blocks(Ho, Wo, dh, dw, tile_bytes, budget):
 
     TW is the class's tiles per tile row; T the most tiles a block of this
     class holds, about ``budget`` bytes at ``tile_bytes`` per tile (and at
-    least ~128 tiles, so that the GEMMs are not too thin).
+    least ~128 tiles, so that the GEMMs are not too thin). The column classes
+    b of one block of rows follow each other, so the input rows they all read
+    are still in the cache for the second.
     """
     for a in range(dh):
         TH = -(-len(range(a, Ho, dh)) // 2)  # tile rows of residue class a
-        for b in range(dw):
-            TW = -(-len(range(b, Wo, dw)) // 2)
-            if TH == 0 or TW == 0:  # an output smaller than the dilation: a class with no pixels
-                continue
-            rows = max(1, min(TH, budget // (tile_bytes * TW)))
-            rows = max(rows, min(TH, -(-128 // TW)))
-            for r0 in range(0, TH, rows):
-                yield a, b, TW, r0, min(r0 + rows, TH), rows * TW
+        TWs = [-(-len(range(b, Wo, dw)) // 2) for b in range(dw)]
+        if TH == 0 or max(TWs) == 0:  # an output smaller than the dilation: a class with no pixels
+            continue
+        rows = max(1, min(TH, budget // (tile_bytes * max(TWs))))
+        rows = max(rows, min(TH, -(-128 // max(TWs))))
+        for r0 in range(0, TH, rows):
+            for b, TW in enumerate(TWs):
+                if TW:
+                    yield a, b, TW, r0, min(r0 + rows, TH), rows * TW
 
 
 def _winograd_conv(x, w, bias, ph, pw, dh, dw, y):
