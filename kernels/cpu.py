@@ -376,6 +376,11 @@ _BLOCK_BYTES = 2 << 20
 # core stalls the whole barrier.
 _local = threading.local()
 _split_lock = threading.Lock()
+# Numba's workqueue threading layer (the default set in kernels/__init__.py)
+# aborts the whole process when two Python threads run parallel=True kernels at
+# the same time. Every call into one (batch norm, max pool, ReLU, Winograd's
+# weight transforms) holds this lock; each already uses every core.
+_PARALLEL_LOCK = threading.Lock()
 _pool = None
 _pool_size = 0
 
@@ -868,7 +873,8 @@ def _winograd_conv(x, w, bias, ph, pw, dh, dw, y):
     N, C = x.shape[0], x.shape[1]
     K, Ho, Wo = y.shape[1], y.shape[2], y.shape[3]
     dtype = y.dtype
-    U = _winograd_weights(np.ascontiguousarray(w, dtype=dtype), np.empty((16, K, C), dtype))  # (16, K, C)
+    with _PARALLEL_LOCK:
+        U = _winograd_weights(np.ascontiguousarray(w, dtype=dtype), np.empty((16, K, C), dtype))  # (16, K, C)
     b = np.zeros(K, dtype) if bias is None else np.ascontiguousarray(bias, dtype=dtype)
 
     def part(n_lo, n_hi):
@@ -1012,7 +1018,8 @@ def _winograd_weight_grad(x, dout, ph, pw, dh, dw):
     S = partials[0]
     for p in partials[1:]:
         S += p
-    return _winograd_fold(S, np.empty((K, C, 3, 3), dtype))
+    with _PARALLEL_LOCK:
+        return _winograd_fold(S, np.empty((K, C, 3, 3), dtype))
 
 
 # -------------------------------------------------------------- batch norm
@@ -1102,7 +1109,8 @@ def batch_norm_train_forward(x, weight, bias, eps):
     beta = np.zeros(C, dtype) if bias is None else np.ascontiguousarray(bias, dtype=dtype)
     out, xhat = np.empty_like(x3), np.empty_like(x3)
     mean, var, inv_std = np.empty(C, dtype), np.empty(C, dtype), np.empty(C, dtype)
-    _bn_train_forward(x3, gamma, beta, eps, out, xhat, mean, var, inv_std)
+    with _PARALLEL_LOCK:
+        _bn_train_forward(x3, gamma, beta, eps, out, xhat, mean, var, inv_std)
     shape = x.shape
     res = [out.reshape(shape), xhat.reshape(shape), mean, var, inv_std]
     return tuple(a.astype(x.dtype) if a.dtype != x.dtype else a for a in res)
@@ -1126,7 +1134,8 @@ def batch_norm_backward(dout, xhat, inv_std, weight, training, need_dx=True):
     scale = np.asarray(inv_std, dtype=dtype) if weight is None else np.asarray(weight * inv_std, dtype=dtype)
     dx = np.empty_like(d3) if need_dx else np.empty((0, 0, 0), dtype)
     s1, s2 = np.empty(C, dtype), np.empty(C, dtype)
-    _bn_backward(d3, x3, scale, bool(training), bool(need_dx), dx, s1, s2)
+    with _PARALLEL_LOCK:
+        _bn_backward(d3, x3, scale, bool(training), bool(need_dx), dx, s1, s2)
     given = dout.dtype
     dx = dx.reshape(dout.shape).astype(given, copy=False) if need_dx else None
     return dx, s1.astype(given, copy=False), s2.astype(given, copy=False)
@@ -1222,7 +1231,8 @@ def max_pool2d_forward(x, kernel_size, stride, padding, dilation, out_hw):
     x = np.ascontiguousarray(x, dtype=_working_dtype(given))
     best = np.empty((N, C) + tuple(out_hw), dtype=x.dtype)
     arg = np.empty((N, C) + tuple(out_hw), dtype=np.min_scalar_type(kh * kw - 1))
-    _max_pool_forward(x, kh, kw, sh, sw, ph, pw, dh, dw, best, arg)
+    with _PARALLEL_LOCK:
+        _max_pool_forward(x, kh, kw, sh, sw, ph, pw, dh, dw, best, arg)
     return (best if given == best.dtype else best.astype(given)), arg
 
 
@@ -1238,7 +1248,8 @@ def max_pool2d_backward(dout, arg, x_shape, kernel_size, stride, padding, dilati
     given = dout.dtype
     dout = np.ascontiguousarray(dout, dtype=_working_dtype(given))
     dx = np.empty(tuple(x_shape), dtype=dout.dtype)
-    _max_pool_backward(dout, np.ascontiguousarray(arg), kh, kw, sh, sw, ph, pw, dh, dw, dx)
+    with _PARALLEL_LOCK:
+        _max_pool_backward(dout, np.ascontiguousarray(arg), kh, kw, sh, sw, ph, pw, dh, dw, dx)
     return dx if given == dx.dtype else dx.astype(given)
 
 
@@ -1274,7 +1285,8 @@ def relu_forward(x):
     if x.dtype not in _NATIVE or x.size < _RELU_PARALLEL_MIN:
         return np.maximum(x, 0)
     out = np.empty(x.shape, x.dtype)
-    _relu_forward(np.ascontiguousarray(x).reshape(-1), out.reshape(-1))
+    with _PARALLEL_LOCK:
+        _relu_forward(np.ascontiguousarray(x).reshape(-1), out.reshape(-1))
     return out
 
 
@@ -1290,5 +1302,6 @@ def relu_backward(dout, out):
     if dout.dtype not in _NATIVE or out.dtype != dout.dtype or dout.shape != out.shape or dout.size < _RELU_PARALLEL_MIN:
         return dout * (out > 0)  # the reference formula
     dx = np.empty(dout.shape, dout.dtype)
-    _relu_backward(np.ascontiguousarray(dout).reshape(-1), np.ascontiguousarray(out).reshape(-1), dx.reshape(-1))
+    with _PARALLEL_LOCK:
+        _relu_backward(np.ascontiguousarray(dout).reshape(-1), np.ascontiguousarray(out).reshape(-1), dx.reshape(-1))
     return dx

@@ -606,3 +606,35 @@ def test_cpu_relu_kernels_take_strided_input():
     dout = rng.standard_normal((2048, 64)).astype(np.float32).T  # transposed
     out = np.maximum(rng.standard_normal((64, 2048)).astype(np.float32), 0)
     np.testing.assert_array_equal(kcpu.relu_backward(dout, out), dout * (out > 0))
+
+
+CONCURRENT = r"""
+import sys, threading
+sys.path.insert(0, {root!r})
+import kernels.cpu as k
+import numpy as np
+x = np.random.default_rng(0).standard_normal((4, 32, 32, 32)).astype(np.float32)
+w = np.random.default_rng(1).standard_normal((32, 32, 3, 3)).astype(np.float32)
+def work():
+    for _ in range(30):
+        y = k.relu_forward(x)
+        k.relu_backward(x, y)
+        out, xhat, mean, var, inv_std = k.batch_norm_train_forward(x, None, None, 1e-5)
+        k.batch_norm_backward(x, xhat, inv_std, None, True)
+        best, arg = k.max_pool2d_forward(x, (2, 2), (2, 2), (0, 0), (1, 1), (16, 16))
+        k.max_pool2d_backward(best, arg, x.shape, (2, 2), (2, 2), (0, 0), (1, 1))
+        k.conv2d_forward(x, w, None, 1, 1, 1, 1)
+        k.conv2d_weight_grad(x, x, (32, 32, 3, 3), 1, 1, 1, 1)
+threads = [threading.Thread(target=work) for _ in range(3)]
+[t.start() for t in threads]
+[t.join() for t in threads]
+print("ok")
+"""
+
+
+def test_cpu_kernels_can_be_called_from_several_threads_at_once():
+    """Numba's workqueue layer aborts the process on concurrent parallel kernels: they are serialised."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", CONCURRENT.format(root=root)], capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
