@@ -717,24 +717,21 @@ def _winograd_weights(w, U):
             b0, b1, b2 = (g00 + g10 + g20) * 0.5, (g01 + g11 + g21) * 0.5, (g02 + g12 + g22) * 0.5
             c0, c1, c2 = (g00 - g10 + g20) * 0.5, (g01 - g11 + g21) * 0.5, (g02 - g12 + g22) * 0.5
             d0, d1, d2 = g20, g21, g22
-            # (G g) G^T: each row -> [t0, (t0 + t1 + t2) / 2, (t0 - t1 + t2) / 2, t2]
-            U[0, k, c] = a0
-            U[1, k, c] = (a0 + a1 + a2) * 0.5
-            U[2, k, c] = (a0 - a1 + a2) * 0.5
-            U[3, k, c] = a2
-            U[4, k, c] = b0
-            U[5, k, c] = (b0 + b1 + b2) * 0.5
-            U[6, k, c] = (b0 - b1 + b2) * 0.5
-            U[7, k, c] = b2
-            U[8, k, c] = c0
-            U[9, k, c] = (c0 + c1 + c2) * 0.5
-            U[10, k, c] = (c0 - c1 + c2) * 0.5
-            U[11, k, c] = c2
-            U[12, k, c] = d0
-            U[13, k, c] = (d0 + d1 + d2) * 0.5
-            U[14, k, c] = (d0 - d1 + d2) * 0.5
-            U[15, k, c] = d2
+            # (G g) G^T, row by row
+            _g_row(U, 0, k, c, a0, a1, a2)
+            _g_row(U, 1, k, c, b0, b1, b2)
+            _g_row(U, 2, k, c, c0, c1, c2)
+            _g_row(U, 3, k, c, d0, d1, d2)
     return U
+
+
+@njit(cache=True, inline="always")
+def _g_row(U, i, k, c, t0, t1, t2):
+    # row i of (G g) G^T from row i of G g: [t0, (t0 + t1 + t2) / 2, (t0 - t1 + t2) / 2, t2]
+    U[4 * i, k, c] = t0
+    U[4 * i + 1, k, c] = (t0 + t1 + t2) * 0.5
+    U[4 * i + 2, k, c] = (t0 - t1 + t2) * 0.5
+    U[4 * i + 3, k, c] = t2
 
 
 @njit(cache=True, nogil=True)
