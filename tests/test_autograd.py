@@ -345,6 +345,14 @@ def test_leaf_copies_a_gradient_someone_else_still_sees(rng):
     y = (x + 0).retain_grad()
     y.backward(np.ones((4, 5)))
     assert not np.shares_memory(x.grad, y.grad)
+    # Add hands one fresh array (3 * dout, from Mul) to both of its inputs: one of them may
+    # keep it, the other must copy
+    x.grad = None
+    z = Tensor(rng.standard_normal((4, 5)), requires_grad=True)
+    ((x + z) * 3).backward(np.ones((4, 5)))
+    assert not np.shares_memory(x.grad, z.grad)
+    x.grad += 1
+    assert_close(z.grad, 3 * np.ones((4, 5)))
 
 
 def test_sole_reference_reads_only_the_flags_cupy_arrays_have():
