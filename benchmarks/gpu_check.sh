@@ -2,7 +2,7 @@
 # The GPU checks and benchmarks, in order of importance, each under a time limit.
 #
 #     bash benchmarks/gpu_check.sh tests    # the gpu-marked tests (about 2 minutes on an H200)
-#     bash benchmarks/gpu_check.sh bench    # the U-Net step four ways, then its profile (about 5 minutes)
+#     bash benchmarks/gpu_check.sh bench    # the U-Net step four ways, its profile, the GEMM host cost (about 6 minutes)
 #
 # Full outputs go to $OUT (default /tmp/scratchseg-gpu), one file per command;
 # the last lines of each are printed as it finishes.
@@ -33,6 +33,7 @@ bench)
     run step-fp32 100 "$py" benchmarks/train_step.py --backend cupy --rounds 21 --no-tf32 --no-memory
     run step-tf32 100 "$py" benchmarks/train_step.py --backend cupy --rounds 21 --tf32 --no-memory
     TAIL=40 run profile 100 "$py" benchmarks/profile_step.py --backend cupy --gpu-kernels --top 15
+    TAIL=20 run gemm-host-cost 60 "$py" benchmarks/gpu_host_cost.py
     ;;
 *)
     echo "usage: bash benchmarks/gpu_check.sh tests|bench" >&2
