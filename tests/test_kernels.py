@@ -3,7 +3,10 @@
 * ``kernels.cpu`` (Numba): im2col / col2im against ``scratchseg.functional.im2col``
   (hypothesis over shapes and geometries, float32 and float64, non-contiguous
   input, reusable ``out=`` workspaces); the blocked conv2d kernels against
-  PyTorch autograd, with blocks small enough to split rows and samples;
+  PyTorch autograd, with blocks small enough to split rows and samples; the
+  Winograd F(2x2, 3x3) path of all three conv products against PyTorch
+  (thresholds lowered so that small shapes take it); batch norm, max pool and
+  ReLU against the reference; the kernels called from several threads at once;
 * ``kernels.cuda`` (CuPy, marked ``gpu``): the same against the reference on the host;
 * the dispatch in ``scratchseg.backend.kernel`` and the process tuning.
 
