@@ -102,6 +102,22 @@ def _add_run(dst, src):
         dst[k] += src[k]
 
 
+@njit(cache=True, inline="always")
+def _load_row(row, src, off, step, lo, hi):
+    # row[m] = src[off + step*m] for m in [lo, hi), 0 elsewhere: one residue class of an image
+    # row, zero-padded ([lo, hi) from _valid_range); a unit step is a plain run LLVM vectorises
+    for m in range(lo):
+        row[m] = 0
+    if step == 1:
+        for m in range(lo, hi):
+            row[m] = src[m + off]
+    else:
+        for m in range(lo, hi):
+            row[m] = src[off + step * m]
+    for m in range(hi, row.shape[0]):
+        row[m] = 0
+
+
 @njit(cache=True, nogil=True)
 def _im2col_block(x, c0, Cg, n0, n1, ho0, ho1, kh, kw, sh, sw, ph, pw, dh, dw, Wo, cols):
     # The columns of channels [c0, c0+Cg), samples [n0, n1), output rows [ho0, ho1):
@@ -742,12 +758,7 @@ def _winograd_input(x, n, a, b, dh, dw, ph, pw, r0, r1, TW, V):
     Wp = 2 * TW + 2  # the columns the tiles of a tile row read
     rows = np.empty((4, Wp), dtype=V.dtype)
     q = np.empty((4, Wp), dtype=V.dtype)
-    m_lo = 0  # columns m with 0 <= b - pw + dw*m < W
-    while m_lo < Wp and b - pw + dw * m_lo < 0:
-        m_lo += 1
-    m_hi = m_lo
-    while m_hi < Wp and b - pw + dw * m_hi < W:
-        m_hi += 1
+    m_lo, m_hi = _valid_range(b - pw, dw, W, Wp)  # columns m with 0 <= b - pw + dw*m < W
     for c in range(C):
         plane = x[n, c]
         for r in range(r0, r1):
@@ -758,18 +769,7 @@ def _winograd_input(x, n, a, b, dh, dw, ph, pw, r0, r1, TW, V):
                     for m in range(Wp):
                         row[m] = 0
                     continue
-                src = plane[h]
-                for m in range(m_lo):
-                    row[m] = 0
-                if dw == 1:
-                    off = b - pw
-                    for m in range(m_lo, m_hi):
-                        row[m] = src[m + off]
-                else:
-                    for m in range(m_lo, m_hi):
-                        row[m] = src[b - pw + dw * m]
-                for m in range(m_hi, Wp):
-                    row[m] = 0
+                _load_row(row, plane[h], b - pw, dw, m_lo, m_hi)
             d0, d1, d2, d3 = rows[0], rows[1], rows[2], rows[3]
             q0, q1, q2, q3 = q[0], q[1], q[2], q[3]
             for m in range(Wp):  # B^T d: combine the rows, whole rows at a time
@@ -802,9 +802,7 @@ def _winograd_output(M, n, a, b, dh, dw, r0, r1, TW, bias, y):
     K, Ho, Wo = y.shape[1], y.shape[2], y.shape[3]
     u = np.empty((2, 4, TW), dtype=M.dtype)
     z = np.empty(2 * TW, dtype=M.dtype)
-    n_out = 0  # the outputs of residue class b along a row: columns b, b + dw, ... < Wo
-    while b + dw * n_out < Wo and n_out < 2 * TW:
-        n_out += 1
+    n_out = _valid_range(b, dw, Wo, 2 * TW)[1]  # the outputs of residue class b along a row: b, b + dw, ... < Wo
     for k in range(K):
         out = y[n, k]
         bk = bias[k]
@@ -912,9 +910,7 @@ def _winograd_output_grad(dout, n, a, b, dh, dw, r0, r1, TW, D):
     K, Ho, Wo = dout.shape[1], dout.shape[2], dout.shape[3]
     z = np.empty((2, 2 * TW), dtype=D.dtype)
     e = np.empty((4, 2 * TW), dtype=D.dtype)
-    n_out = 0  # the outputs of residue class b along a row
-    while b + dw * n_out < Wo and n_out < 2 * TW:
-        n_out += 1
+    n_out = _valid_range(b, dw, Wo, 2 * TW)[1]  # the outputs of residue class b along a row
     for k in range(K):
         plane = dout[n, k]
         for r in range(r0, r1):
@@ -925,15 +921,7 @@ def _winograd_output_grad(dout, n, a, b, dh, dw, r0, r1, TW, D):
                     for m in range(2 * TW):
                         zi[m] = 0
                     continue
-                src = plane[oh]
-                if dw == 1:
-                    for m in range(n_out):
-                        zi[m] = src[b + m]
-                else:
-                    for m in range(n_out):
-                        zi[m] = src[b + dw * m]
-                for m in range(n_out, 2 * TW):
-                    zi[m] = 0
+                _load_row(zi, plane[oh], b, dw, 0, n_out)
             z0, z1 = z[0], z[1]
             e0, e1, e2, e3 = e[0], e[1], e[2], e[3]
             for m in range(2 * TW):  # A g: combine the 2 rows
