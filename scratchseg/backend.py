@@ -282,8 +282,7 @@ def kernel(name: str, *arrays):
     on_gpu = any(is_cupy_array(a) for a in arrays)
     if not on_gpu and kernels() == "numpy":
         return None
-    which = "cuda" if on_gpu else "cpu"
-    module = _kernel_modules[which] if which in _kernel_modules else _kernel_module(which)
+    module = _kernel_module("cuda" if on_gpu else "cpu")
     return getattr(module, name, None) if module is not None else None
 
 
