@@ -57,6 +57,13 @@ def test_repr_reads_like_torch():
         "track_running_stats=True)"
     assert repr(nn.MaxPool2d(2)) == repr(torch.nn.MaxPool2d(2))
     assert repr(nn.Dropout(0.3)) == repr(torch.nn.Dropout(0.3))
+    # every optional argument of a convolution shows once it differs from its default
+    conv = dict(padding=1, dilation=2, groups=2, bias=False)
+    assert repr(nn.Conv2d(4, 8, 3, **conv)) == repr(torch.nn.Conv2d(4, 8, 3, **conv))
+    assert repr(nn.Conv2d(4, 8, 3, padding="same")) == repr(torch.nn.Conv2d(4, 8, 3, padding="same"))
+    up = dict(stride=2, padding=1, output_padding=1, groups=2, dilation=2, bias=False)
+    assert repr(nn.ConvTranspose2d(4, 8, 3, **up)) == repr(torch.nn.ConvTranspose2d(4, 8, 3, **up))
+    assert repr(nn.ConvTranspose2d(4, 8, 2, stride=2)) == repr(torch.nn.ConvTranspose2d(4, 8, 2, stride=2))
 
 
 def test_state_dict_round_trip_with_torch():
