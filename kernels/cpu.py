@@ -383,6 +383,14 @@ def col2im(cols, x_shape, kh, kw, stride, padding, dilation, out=None):
 # (measured in the same process, block sizes interleaved).
 _BLOCK_BYTES = 2 << 20
 
+# A block of several whole samples is multiplied either as one GEMM per sample,
+# (K, R) @ (R, P) written straight into y, or as one wide GEMM over all of
+# them, (K, R) @ (R, nb*P), whose (K, nb, P) result is then copied into the
+# (nb, K, P) output. Below this many pixels per sample the per-sample GEMMs are
+# too thin for the BLAS (a 4x4 or 8x8 feature map: 16 or 64 columns), and the
+# copy costs far less than it saves.
+_MERGE_BELOW = 256
+
 # Parallelism is coarse: the samples of the batch are split between worker
 # threads, each running the serial (nogil) Numba kernels and a single-threaded
 # GEMM on its own blocks. A fine-grained split (a parallel im2col, then a
@@ -560,12 +568,13 @@ def conv2d_forward(x, weight, bias=None, stride=1, padding=0, dilation=1, groups
             cols = workspace(R * nb * P, dtype).reshape(R, nb * P)  # (Cg*kh*kw, nb*P)
             for g in range(groups):
                 _im2col_block(x, g * Cg, Cg, n0, n1, ho0, ho1, kh, kw, sh, sw, ph, pw, dh, dw, Wo, cols)
-                # (Kg, R) @ (nb, R, P) -> (nb, Kg, P), written straight into y
-                np.matmul(
-                    w2[g * Kg:(g + 1) * Kg],
-                    cols.reshape(R, nb, P).transpose(1, 0, 2),
-                    out=y3[n0:n1, g * Kg:(g + 1) * Kg, ho0 * Wo:ho1 * Wo],
-                )
+                y_block = y3[n0:n1, g * Kg:(g + 1) * Kg, ho0 * Wo:ho1 * Wo]  # (nb, Kg, P)
+                if nb > 1 and P < _MERGE_BELOW:
+                    m = workspace(Kg * nb * P, dtype, 1).reshape(Kg, nb * P)
+                    np.matmul(w2[g * Kg:(g + 1) * Kg], cols, out=m)  # (Kg, R) @ (R, nb*P)
+                    y_block[...] = m.reshape(Kg, nb, P).transpose(1, 0, 2)
+                else:  # (Kg, R) @ (nb, R, P) -> (nb, Kg, P), written straight into y
+                    np.matmul(w2[g * Kg:(g + 1) * Kg], cols.reshape(R, nb, P).transpose(1, 0, 2), out=y_block)
             if b2 is not None:  # while the block is still in the cache
                 y3[n0:n1, :, ho0 * Wo:ho1 * Wo] += b2
 
@@ -610,12 +619,13 @@ def conv2d_input_grad(dout, weight, x_shape, stride=1, padding=0, dilation=1, gr
             nb, P = n1 - n0, (ho1 - ho0) * Wo
             dcols = workspace(R * nb * P, dtype).reshape(R, nb * P)  # (R, nb*P)
             for g in range(groups):
-                # (R, Kg) @ (nb, Kg, P) -> (nb, R, P), written as the (R, nb, P) columns
-                np.matmul(
-                    wT[g * Kg:(g + 1) * Kg].T,
-                    dout3[n0:n1, g * Kg:(g + 1) * Kg, ho0 * Wo:ho1 * Wo],
-                    out=dcols.reshape(R, nb, P).transpose(1, 0, 2),
-                )
+                d = dout3[n0:n1, g * Kg:(g + 1) * Kg, ho0 * Wo:ho1 * Wo]  # (nb, Kg, P)
+                if nb > 1 and P < _MERGE_BELOW:  # thin: one wide GEMM on a (Kg, nb*P) copy of dout
+                    d_wide = workspace(Kg * nb * P, dtype, 1).reshape(Kg, nb * P)
+                    d_wide.reshape(Kg, nb, P)[...] = d.transpose(1, 0, 2)
+                    np.matmul(wT[g * Kg:(g + 1) * Kg].T, d_wide, out=dcols)  # (R, Kg) @ (Kg, nb*P)
+                else:  # (R, Kg) @ (nb, Kg, P) -> (nb, R, P), written as the (R, nb, P) columns
+                    np.matmul(wT[g * Kg:(g + 1) * Kg].T, d, out=dcols.reshape(R, nb, P).transpose(1, 0, 2))
                 _col2im_block(dcols, g * Cg, Cg, n0, n1, ho0, ho1, kh, kw, sh, sw, ph, pw, dh, dw, Wo, dx, True, True)
 
     _run(N, part)
@@ -662,9 +672,10 @@ def conv2d_weight_grad(x, dout, weight_shape, stride=1, padding=0, dilation=1, g
                 d = dout3[n0:n1, g * Kg:(g + 1) * Kg, ho0 * Wo:ho1 * Wo]  # (nb, Kg, P)
                 if nb == 1:
                     dwT[g] += cols @ d[0].T  # (R, P) @ (P, Kg)
-                else:
-                    # (nb, R, P) @ (nb, P, Kg) -> (nb, R, Kg), summed over the samples
-                    dwT[g] += np.matmul(cols.reshape(R, nb, P).transpose(1, 0, 2), d.transpose(0, 2, 1)).sum(0)
+                else:  # the samples' sum is the GEMM's own: one (R, nb*P) @ (nb*P, Kg) on a copy of dout
+                    d_tall = workspace(nb * P * Kg, dtype, 1).reshape(nb * P, Kg)
+                    d_tall.reshape(nb, P, Kg)[...] = d.transpose(0, 2, 1)
+                    dwT[g] += cols @ d_tall
         return dwT
 
     partials = _run(N, part)

@@ -140,7 +140,9 @@ def conv_cases(draw):
     # 0: the whole batch in one block; 1..: blocks of a few hundred bytes, so
     # the loops split rows of one sample and group several samples
     block = draw(st.sampled_from([64 << 20, 1, 300, 2000]))
-    return (N, C, H, W), K, kh, kw, stride, padding, dilation, groups, block
+    # a block of several samples: one GEMM per sample (0) or one wide GEMM (always)
+    merge_below = draw(st.sampled_from([0, 1 << 30]))
+    return (N, C, H, W), K, kh, kw, stride, padding, dilation, groups, block, merge_below
 
 
 def _torch_conv(x, w, b, dout, stride, padding, dilation, groups):
@@ -154,7 +156,7 @@ def _torch_conv(x, w, b, dout, stride, padding, dilation, groups):
 @settings(max_examples=40, deadline=None)
 @given(conv_cases(), st.sampled_from(DTYPES))
 def test_cpu_conv2d_kernels_match_torch(case, dtype):
-    x_shape, K, kh, kw, stride, padding, dilation, groups, block = case
+    x_shape, K, kh, kw, stride, padding, dilation, groups, block, merge_below = case
     rng = np.random.default_rng(3)
     x = rng.standard_normal(x_shape).astype(dtype)
     w = rng.standard_normal((K, x_shape[1] // groups, kh, kw)).astype(dtype)
@@ -165,14 +167,14 @@ def test_cpu_conv2d_kernels_match_torch(case, dtype):
     dout = rng.standard_normal((N, K, Ho, Wo)).astype(dtype)
     y_t, dx_t, dw_t = _torch_conv(x, w, b, dout, stride, padding, dilation, groups)
 
-    saved = kcpu._BLOCK_BYTES
-    kcpu._BLOCK_BYTES = block
+    saved = kcpu._BLOCK_BYTES, kcpu._MERGE_BELOW
+    kcpu._BLOCK_BYTES, kcpu._MERGE_BELOW = block, merge_below
     try:
         y = kcpu.conv2d_forward(x, w, b, stride, padding, dilation, groups)
         dx = kcpu.conv2d_input_grad(dout, w, x_shape, stride, padding, dilation, groups)
         dw = kcpu.conv2d_weight_grad(x, dout, w.shape, stride, padding, dilation, groups)
     finally:
-        kcpu._BLOCK_BYTES = saved
+        kcpu._BLOCK_BYTES, kcpu._MERGE_BELOW = saved
     tol = dict(rtol=1e-7, atol=1e-10) if dtype == np.float64 else dict(rtol=1e-4, atol=1e-4)
     assert y.dtype == dx.dtype == dw.dtype == dtype
     assert_close(y, y_t, **tol, msg="forward")
@@ -430,7 +432,7 @@ def test_cuda_conv2d_kernels_match_torch(case, dtype, chunk):
     cupy = cupy_or_skip()
     import kernels.cuda as kcuda
 
-    x_shape, K, kh, kw, stride, padding, dilation, groups, _ = case
+    x_shape, K, kh, kw, stride, padding, dilation, groups, _, _ = case  # CPU block plan: unused here
     rng = np.random.default_rng(7)
     x = rng.standard_normal(x_shape)
     w = rng.standard_normal((K, x_shape[1] // groups, kh, kw))
