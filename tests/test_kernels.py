@@ -137,12 +137,16 @@ def conv_cases(draw):
     groups = draw(st.sampled_from([g for g in (1, 2, 3) if C % g == 0]))
     C = C if groups == 1 else C  # C divisible by groups by construction
     K = groups * draw(st.integers(1, 3))
-    # 0: the whole batch in one block; 1..: blocks of a few hundred bytes, so
-    # the loops split rows of one sample and group several samples
-    block = draw(st.sampled_from([64 << 20, 1, 300, 2000]))
-    # a block of several samples: one GEMM per sample (0) or one wide GEMM (always)
-    merge_below = draw(st.sampled_from([0, 1 << 30]))
-    return (N, C, H, W), K, kh, kw, stride, padding, dilation, groups, block, merge_below
+    plan = {  # the CPU kernels' block plan, each choice both ways
+        # the whole batch in one block, or blocks of a few hundred bytes, so
+        # the loops split rows of one sample and group several samples
+        "_BLOCK_BYTES": draw(st.sampled_from([64 << 20, 1, 300, 2000])),
+        # a block of several samples: one GEMM per sample (0) or one wide GEMM (always)
+        "_MERGE_BELOW": draw(st.sampled_from([0, 1 << 30])),
+        # the weight gradient as dout @ cols^T (1) or as its transpose
+        "_DW_DIRECT_MIN_K": draw(st.sampled_from([1, 1 << 30])),
+    }
+    return (N, C, H, W), K, kh, kw, stride, padding, dilation, groups, plan
 
 
 def _torch_conv(x, w, b, dout, stride, padding, dilation, groups):
@@ -156,7 +160,7 @@ def _torch_conv(x, w, b, dout, stride, padding, dilation, groups):
 @settings(max_examples=40, deadline=None)
 @given(conv_cases(), st.sampled_from(DTYPES))
 def test_cpu_conv2d_kernels_match_torch(case, dtype):
-    x_shape, K, kh, kw, stride, padding, dilation, groups, block, merge_below = case
+    x_shape, K, kh, kw, stride, padding, dilation, groups, plan = case
     rng = np.random.default_rng(3)
     x = rng.standard_normal(x_shape).astype(dtype)
     w = rng.standard_normal((K, x_shape[1] // groups, kh, kw)).astype(dtype)
@@ -167,14 +171,16 @@ def test_cpu_conv2d_kernels_match_torch(case, dtype):
     dout = rng.standard_normal((N, K, Ho, Wo)).astype(dtype)
     y_t, dx_t, dw_t = _torch_conv(x, w, b, dout, stride, padding, dilation, groups)
 
-    saved = kcpu._BLOCK_BYTES, kcpu._MERGE_BELOW
-    kcpu._BLOCK_BYTES, kcpu._MERGE_BELOW = block, merge_below
+    saved = {name: getattr(kcpu, name) for name in plan}
+    for name, value in plan.items():
+        setattr(kcpu, name, value)
     try:
         y = kcpu.conv2d_forward(x, w, b, stride, padding, dilation, groups)
         dx = kcpu.conv2d_input_grad(dout, w, x_shape, stride, padding, dilation, groups)
         dw = kcpu.conv2d_weight_grad(x, dout, w.shape, stride, padding, dilation, groups)
     finally:
-        kcpu._BLOCK_BYTES, kcpu._MERGE_BELOW = saved
+        for name, value in saved.items():
+            setattr(kcpu, name, value)
     tol = dict(rtol=1e-7, atol=1e-10) if dtype == np.float64 else dict(rtol=1e-4, atol=1e-4)
     assert y.dtype == dx.dtype == dw.dtype == dtype
     assert_close(y, y_t, **tol, msg="forward")
@@ -204,6 +210,16 @@ def test_cpu_conv2d_blocks_cover_every_output_row():
         if heights:
             assert max(heights) <= max(block // (R * Wo * 4), 1), (heights, block)
             assert max(heights) - min(heights) <= 1, heights
+
+
+def test_cpu_transposed_copies_in_bands():
+    """The banded transpose equals NumPy's, over several bands and a ragged last one."""
+    rng = np.random.default_rng(5)
+    for shape in [(1, 1), (3, 7), (64, 5), (65, 3), (2, 200, 9), (3, 129, 256)]:
+        a = rng.standard_normal(shape).astype(np.float32)
+        t = kcpu._transposed(a)
+        assert t.flags.c_contiguous and t.shape == shape[:-2] + (shape[-1], shape[-2])
+        np.testing.assert_array_equal(t, np.swapaxes(a, -1, -2))
 
 
 def test_cpu_workspace_is_reused():
@@ -432,7 +448,7 @@ def test_cuda_conv2d_kernels_match_torch(case, dtype, chunk):
     cupy = cupy_or_skip()
     import kernels.cuda as kcuda
 
-    x_shape, K, kh, kw, stride, padding, dilation, groups, _, _ = case  # CPU block plan: unused here
+    x_shape, K, kh, kw, stride, padding, dilation, groups, _ = case  # the CPU block plan does not apply
     rng = np.random.default_rng(7)
     x = rng.standard_normal(x_shape)
     w = rng.standard_normal((K, x_shape[1] // groups, kh, kw))
