@@ -35,7 +35,7 @@ import numpy  # noqa: E402
 
 import scratchseg  # noqa: E402
 from scratchseg.autograd import Function  # noqa: E402
-from train_step import OursRunner, make_data  # noqa: E402
+from train_step import BATCH, SIZE, OursRunner, make_data  # noqa: E402
 
 
 def _subclasses(cls):
@@ -172,7 +172,11 @@ def main(argv=None):
     parser.add_argument("--top", type=int, default=30, help="rows of the sampled-profile table")
     parser.add_argument("--gpu-kernels", action="store_true", help="GPU: device time per kernel (needs PyTorch)")
     parser.add_argument("--tf32", action="store_true", help="GPU: convolutions multiply in TF32 (set_allow_tf32)")
+    parser.add_argument("--batch", type=int, default=BATCH, help=f"images per step (default {BATCH})")
+    parser.add_argument("--size", type=int, default=SIZE, help=f"image height and width (default {SIZE}; a multiple of 8)")
     args = parser.parse_args(argv)
+    if args.batch < 1 or args.size < 8 or args.size % 8:
+        parser.error(f"--batch must be >= 1 and --size a positive multiple of 8, got {args.batch} and {args.size}")
 
     xp, device = _common.setup_backend(args.backend)
     print("\n".join(_common.environment_report(device)))
@@ -180,7 +184,8 @@ def main(argv=None):
         _common.scratchseg.backend.set_allow_tf32(True)
     print(f"TF32 convolutions: {_common.scratchseg.backend.allow_tf32()}")
     runner = OursRunner(xp)
-    runner.set_data(*make_data())
+    runner.set_data(*make_data(batch=args.batch, size=args.size))
+    print(f"batch {args.batch}x3x{args.size}x{args.size}")
     sync = (lambda: _common.synchronize(device)) if device == "cuda" else (lambda: None)
     for _ in range(3):
         runner.step()
