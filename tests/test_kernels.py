@@ -505,6 +505,7 @@ def winograd_everywhere(monkeypatch):
     monkeypatch.setattr(kcpu, "_WINOGRAD_MIN_CHANNELS", 1)
     monkeypatch.setattr(kcpu, "_WINOGRAD_GRAD_MIN_CHANNELS", 1)
     monkeypatch.setattr(kcpu, "_WINOGRAD_MIN_TILES", 1)
+    monkeypatch.setattr(kcpu, "_WINOGRAD_MIN_CHANNEL_TILES", 1)
     calls = []
     for name in ("_winograd_conv", "_winograd_weight_grad"):
         inner = getattr(kcpu, name)
@@ -595,6 +596,10 @@ def test_cpu_winograd_is_taken_where_it_pays():
     assert not takes(64, 64, 3, 3, 1, 1, 1, 1, 2, 128, 128)  # grouped
     assert not takes(64, 64, 1, 1, 1, 1, 1, 1, 1, 128, 128)  # 1x1
     assert not takes(256, 256, 3, 3, 1, 1, 1, 1, 1, 8, 8)  # 16 tiles
+    assert not takes(32, 64, 3, 3, 1, 1, 1, 1, 1, 16, 16)  # 64 tiles of few channels: the transforms dominate
+    assert not takes(64, 64, 3, 3, 1, 1, 1, 1, 1, 16, 16)
+    assert takes(128, 128, 3, 3, 1, 1, 1, 1, 1, 16, 16)  # 64 tiles, enough channels
+    assert takes(32, 32, 3, 3, 1, 1, 1, 1, 1, 128, 128)  # the benchmark U-Net's first level
     grad = kcpu._WINOGRAD_GRAD_MIN_CHANNELS  # the weight gradient: wide layers only
     assert takes(128, 128, 3, 3, 1, 1, 1, 1, 1, 64, 64, grad)
     assert not takes(64, 64, 3, 3, 1, 1, 1, 1, 1, 128, 128, grad)
