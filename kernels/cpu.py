@@ -16,14 +16,15 @@ holds them equal; im2col/col2im also take an optional ``out=`` workspace):
   ``max_pool2d_forward``, ``max_pool2d_backward`` -- fused one-to-three-pass
   versions of the reference in ``normalization.py`` and ``pooling.py``;
 * ``relu_forward``, ``relu_backward`` -- ReLU and its gradient in one
-  parallel pass (``activation.py``).
+  pass each (``activation.py``).
 
 Every loop is compiled with ``cache=True``, once per dtype (float32, float64;
 float16 runs in float32), and cached on disk, so a new process loads them in
 milliseconds. The per-channel kernels are ``parallel=True`` (``prange`` over
-channels or planes); the convolution's im2col/col2im blocks are serial and
-``nogil``, run by worker threads that each own a slice of the batch (see the
-conv2d section). ``SCRATCHSEG_NUM_THREADS`` sets the number of workers
+channels or planes), with a serial twin for inputs too small to pay for
+waking the workers (``_launch``); the convolution's im2col/col2im blocks are
+serial and ``nogil``, run by worker threads that each own a slice of the
+batch (see the conv2d section). ``SCRATCHSEG_NUM_THREADS`` sets the number of workers
 (default: Numba's thread count, one per core).
 """
 
@@ -33,6 +34,7 @@ import concurrent.futures
 import ctypes
 import os
 import threading
+import types
 
 import numba
 import numpy as np  # host-only module: these kernels only ever see NumPy arrays
@@ -407,8 +409,47 @@ _split_lock = threading.Lock()
 # Numba's workqueue threading layer (the default set in kernels/__init__.py)
 # aborts the whole process when two Python threads run parallel=True kernels at
 # the same time. Every call into one (batch norm, max pool, ReLU, Winograd's
-# weight transforms) holds this lock; each already uses every core.
+# weight transforms) goes through _launch, which holds this lock; each already
+# uses every core.
 _PARALLEL_LOCK = threading.Lock()
+
+# Waking Numba's workers costs about 0.1 ms a launch here, even for a kernel
+# with nothing to do, and these kernels are bound by memory more than by the
+# core: below about a million elements the serial twin of a kernel (the same
+# code compiled without parallel=True, where prange is a plain range) wins. A
+# batch norm forward of 8x12x32x32 float32 took 53 us serial against 178 us in
+# parallel, of 8x32x64x64 0.51 against 0.65 ms; of 8x64x64x64 1.5 ms either
+# way; a 2x2 max pool's backward of 8x64x64x64 1.4 ms against 0.76 ms.
+_PARALLEL_MIN_WORK = 1 << 20
+_SERIAL = {}  # parallel kernel -> its serial twin
+
+
+def _parallel_njit(**options):
+    """``@njit(parallel=True, cache=True, **options)`` that also compiles a serial twin (see ``_launch``).
+
+    The twin is the same Python function under another name: Numba's disk cache
+    keys a function by its name, not by its options, so two compilations of one
+    name would overwrite each other's cache entries.
+    """
+
+    def wrap(f):
+        kernel = njit(parallel=True, cache=True, **options)(f)
+        twin = types.FunctionType(f.__code__, f.__globals__, f.__name__ + "_serial", f.__defaults__, f.__closure__)
+        twin.__qualname__ = f.__qualname__ + "_serial"
+        _SERIAL[kernel] = njit(cache=True, nogil=True, **options)(twin)
+        return kernel
+
+    return wrap
+
+
+def _launch(kernel, work, *args):
+    """``kernel(*args)``: in parallel, or by its serial twin when ``work`` elements are too few to pay for it."""
+    if work < _PARALLEL_MIN_WORK:
+        return _SERIAL[kernel](*args)
+    with _PARALLEL_LOCK:
+        return kernel(*args)
+
+
 _pool = None
 _pool_size = 0
 
@@ -769,7 +810,7 @@ def _winograd_applies(C, K, kh, kw, sh, sw, dh, dw, groups, Ho, Wo, min_channels
     return tiles >= _WINOGRAD_MIN_TILES and min(C, K) * tiles >= _WINOGRAD_MIN_CHANNEL_TILES
 
 
-@njit(parallel=True, cache=True)
+@_parallel_njit()
 def _winograd_weights(w, U):
     # U[(xi, nu), k, c] = (G w[k, c] G^T)[xi, nu], w (K, C, 3, 3), written out as straight-line
     # code (no branches, no temporaries) so that the loop over c vectorises
@@ -919,8 +960,7 @@ def _winograd_conv(x, w, bias, ph, pw, dh, dw, y):
     N, C = x.shape[0], x.shape[1]
     K, Ho, Wo = y.shape[1], y.shape[2], y.shape[3]
     dtype = y.dtype
-    with _PARALLEL_LOCK:
-        U = _winograd_weights(np.ascontiguousarray(w, dtype=dtype), np.empty((16, K, C), dtype))  # (16, K, C)
+    U = _launch(_winograd_weights, 16 * K * C, np.ascontiguousarray(w, dtype=dtype), np.empty((16, K, C), dtype))
     b = np.zeros(K, dtype) if bias is None else np.ascontiguousarray(bias, dtype=dtype)
 
     def part(n_lo, n_hi):
@@ -997,7 +1037,7 @@ def _winograd_output_grad(dout, n, a, b, dh, dw, r0, r1, TW, D):
     return D
 
 
-@njit(parallel=True, cache=True)
+@_parallel_njit()
 def _winograd_fold(S, dw):
     # dw[k, c] = G^T S[:, k, c] G, S (16, K, C) -> dw (K, C, 3, 3), straight-line code;
     # G^T = [[1, 1/2, 1/2, 0], [0, 1/2, -1/2, 0], [0, 1/2, 1/2, 1]]
@@ -1054,15 +1094,14 @@ def _winograd_weight_grad(x, dout, ph, pw, dh, dw):
     S = partials[0]
     for p in partials[1:]:
         S += p
-    with _PARALLEL_LOCK:
-        return _winograd_fold(S, np.empty((K, C, 3, 3), dtype))
+    return _launch(_winograd_fold, S.size, S, np.empty((K, C, 3, 3), dtype))
 
 
 # -------------------------------------------------------------- batch norm
 # The reference makes about six passes over the activations in forward and
 # five in backward (mean, centre, variance, scale, shift; two sums, then dx).
 # These kernels make three and two, one channel per task, sums in float64.
-@njit(parallel=True, cache=True, fastmath={"reassoc"})
+@_parallel_njit(fastmath={"reassoc"})
 def _bn_train_forward(x, gamma, beta, eps, out, xhat, mean, var, inv_std):
     # x, out, xhat: (N, C, L); mean, var, inv_std: (C,)
     N, C, L = x.shape
@@ -1092,7 +1131,7 @@ def _bn_train_forward(x, gamma, beta, eps, out, xhat, mean, var, inv_std):
         inv_std[c] = inv
 
 
-@njit(parallel=True, cache=True, fastmath={"reassoc"})
+@_parallel_njit(fastmath={"reassoc"})
 def _bn_backward(dout, xhat, scale, training, need_dx, dx, sum_dout, sum_dout_xhat):
     # dout, xhat, dx: (N, C, L); scale = gamma * inv_std: (C,)
     N, C, L = dout.shape
@@ -1145,8 +1184,7 @@ def batch_norm_train_forward(x, weight, bias, eps):
     beta = np.zeros(C, dtype) if bias is None else np.ascontiguousarray(bias, dtype=dtype)
     out, xhat = np.empty_like(x3), np.empty_like(x3)
     mean, var, inv_std = np.empty(C, dtype), np.empty(C, dtype), np.empty(C, dtype)
-    with _PARALLEL_LOCK:
-        _bn_train_forward(x3, gamma, beta, eps, out, xhat, mean, var, inv_std)
+    _launch(_bn_train_forward, x3.size, x3, gamma, beta, eps, out, xhat, mean, var, inv_std)
     shape = x.shape
     res = [out.reshape(shape), xhat.reshape(shape), mean, var, inv_std]
     return tuple(a.astype(x.dtype) if a.dtype != x.dtype else a for a in res)
@@ -1170,8 +1208,7 @@ def batch_norm_backward(dout, xhat, inv_std, weight, training, need_dx=True):
     scale = np.asarray(inv_std, dtype=dtype) if weight is None else np.asarray(weight * inv_std, dtype=dtype)
     dx = np.empty_like(d3) if need_dx else np.empty((0, 0, 0), dtype)
     s1, s2 = np.empty(C, dtype), np.empty(C, dtype)
-    with _PARALLEL_LOCK:
-        _bn_backward(d3, x3, scale, bool(training), bool(need_dx), dx, s1, s2)
+    _launch(_bn_backward, d3.size, d3, x3, scale, bool(training), bool(need_dx), dx, s1, s2)
     given = dout.dtype
     dx = dx.reshape(dout.shape).astype(given, copy=False) if need_dx else None
     return dx, s1.astype(given, copy=False), s2.astype(given, copy=False)
@@ -1182,7 +1219,7 @@ def batch_norm_backward(dout, xhat, inv_std, weight, training, need_dx=True):
 # operations (a compare, a maximum and an index update per tap, each a pass
 # over the output) and scatters the gradient back tap by tap. These kernels
 # do one pass each, one (n, c) plane per task.
-@njit(parallel=True, cache=True)
+@_parallel_njit()
 def _max_pool_forward(x, kh, kw, sh, sw, ph, pw, dh, dw, best, arg):
     N, C, H, W = x.shape
     Ho, Wo = best.shape[2], best.shape[3]
@@ -1228,7 +1265,7 @@ def _max_pool_forward(x, kh, kw, sh, sw, ph, pw, dh, dw, best, arg):
                 arg[n, c, ho, wo] = a
 
 
-@njit(parallel=True, cache=True)
+@_parallel_njit()
 def _max_pool_backward(dout, arg, kh, kw, sh, sw, ph, pw, dh, dw, dx):
     N, C, H, W = dx.shape
     Ho, Wo = dout.shape[2], dout.shape[3]
@@ -1267,8 +1304,7 @@ def max_pool2d_forward(x, kernel_size, stride, padding, dilation, out_hw):
     x = np.ascontiguousarray(x, dtype=_working_dtype(given))
     best = np.empty((N, C) + tuple(out_hw), dtype=x.dtype)
     arg = np.empty((N, C) + tuple(out_hw), dtype=np.min_scalar_type(kh * kw - 1))
-    with _PARALLEL_LOCK:
-        _max_pool_forward(x, kh, kw, sh, sw, ph, pw, dh, dw, best, arg)
+    _launch(_max_pool_forward, x.size, x, kh, kw, sh, sw, ph, pw, dh, dw, best, arg)
     return (best if given == best.dtype else best.astype(given)), arg
 
 
@@ -1284,33 +1320,30 @@ def max_pool2d_backward(dout, arg, x_shape, kernel_size, stride, padding, dilati
     given = dout.dtype
     dout = np.ascontiguousarray(dout, dtype=_working_dtype(given))
     dx = np.empty(tuple(x_shape), dtype=dout.dtype)
-    with _PARALLEL_LOCK:
-        _max_pool_backward(dout, np.ascontiguousarray(arg), kh, kw, sh, sw, ph, pw, dh, dw, dx)
+    _launch(_max_pool_backward, dx.size, dout, np.ascontiguousarray(arg), kh, kw, sh, sw, ph, pw, dh, dw, dx)
     return dx if given == dx.dtype else dx.astype(given)
 
 
 # -------------------------------------------------------------------- ReLU
-# NumPy's relu is one single-threaded pass and its gradient two (the mask,
-# then the product); these are one pass each, split between the cores. Small
-# arrays stay with NumPy: starting the parallel loop costs more than they do.
-_RELU_PARALLEL_MIN = 1 << 16
+# NumPy's relu is one pass and its gradient two (the mask, then the product);
+# these are one pass each, split between the cores for large arrays.
 
 
-@njit(parallel=True, cache=True)
+@_parallel_njit()
 def _relu_forward(x, out):
     for k in prange(x.shape[0]):
         v = x[k]
         out[k] = v if v > 0 or v != v else 0  # NaN passes through, as np.maximum(x, 0)
 
 
-@njit(parallel=True, cache=True)
+@_parallel_njit()
 def _relu_backward(dout, out, dx):
     for k in prange(dout.shape[0]):
         dx[k] = dout[k] if out[k] > 0 else 0
 
 
 def relu_forward(x):
-    """out = max(x, 0) (NaN stays NaN), in one parallel pass.
+    """out = max(x, 0) (NaN stays NaN), in one pass (parallel for large arrays).
 
     Shape:
         x of any shape -> out of the same shape and dtype.
@@ -1318,16 +1351,15 @@ def relu_forward(x):
         >>> relu_forward(np.array([-1.0, 0.0, 2.5]))
         array([0. , 0. , 2.5])
     """
-    if x.dtype not in _NATIVE or x.size < _RELU_PARALLEL_MIN:
+    if x.dtype not in _NATIVE:
         return np.maximum(x, 0)
     out = np.empty(x.shape, x.dtype)
-    with _PARALLEL_LOCK:
-        _relu_forward(np.ascontiguousarray(x).reshape(-1), out.reshape(-1))
+    _launch(_relu_forward, x.size, np.ascontiguousarray(x).reshape(-1), out.reshape(-1))
     return out
 
 
 def relu_backward(dout, out):
-    """dx = dout where out > 0, else 0, in one parallel pass.
+    """dx = dout where out > 0, else 0, in one pass (parallel for large arrays).
 
     Shape:
         dout, out: the same shape -> dx of that shape, dout's dtype.
@@ -1335,9 +1367,9 @@ def relu_backward(dout, out):
         >>> relu_backward(np.array([1.0, 2.0, 3.0]), np.array([0.5, 0.0, -1.0]))
         array([1., 0., 0.])
     """
-    if dout.dtype not in _NATIVE or out.dtype != dout.dtype or dout.shape != out.shape or dout.size < _RELU_PARALLEL_MIN:
+    if dout.dtype not in _NATIVE or out.dtype != dout.dtype or dout.shape != out.shape:
         return dout * (out > 0)  # the reference formula
     dx = np.empty(dout.shape, dout.dtype)
-    with _PARALLEL_LOCK:
-        _relu_backward(np.ascontiguousarray(dout).reshape(-1), np.ascontiguousarray(out).reshape(-1), dx.reshape(-1))
+    _launch(_relu_backward, dx.size, np.ascontiguousarray(dout).reshape(-1), np.ascontiguousarray(out).reshape(-1),
+            dx.reshape(-1))
     return dx

@@ -364,11 +364,46 @@ def test_cpu_conv2d_same_width_fast_path(x_shape, K, kh, kw, padding, dilation, 
     assert_close(dw, dw_t, **tol, msg="weight grad")
 
 
+# ------------------------------------------------- parallel kernels, serial twins
+@pytest.fixture(params=["serial", "parallel"])
+def launch(request, monkeypatch):
+    """Run the parallel=True kernels as their serial twins or in parallel, whatever the input's size."""
+    monkeypatch.setattr(kcpu, "_PARALLEL_MIN_WORK", 1 << 62 if request.param == "serial" else 0)
+    return request.param
+
+
+def _set_launch(parallel):
+    """The hypothesis tests' form of the ``launch`` fixture: returns the value to restore."""
+    saved = kcpu._PARALLEL_MIN_WORK
+    kcpu._PARALLEL_MIN_WORK = 0 if parallel else 1 << 62
+    return saved
+
+
+def test_cpu_small_inputs_run_the_serial_twin(monkeypatch):
+    kernel = kcpu._relu_forward
+    twin = kcpu._SERIAL[kernel]
+    assert kernel.targetoptions.get("parallel") is True and not twin.targetoptions.get("parallel")
+    assert twin.py_func.__code__ is kernel.py_func.__code__  # one source
+    assert twin.py_func.__qualname__ != kernel.py_func.__qualname__  # two entries in the disk cache
+    assert set(kcpu._SERIAL) >= {kcpu._bn_train_forward, kcpu._bn_backward, kcpu._max_pool_forward,
+                                 kcpu._max_pool_backward, kcpu._relu_backward, kcpu._winograd_weights}
+    calls = []  # which of the two runs, below and at the threshold
+    parallel = lambda *a: calls.append("parallel") or kernel(*a)  # noqa: E731
+    monkeypatch.setattr(kcpu, "_relu_forward", parallel)
+    monkeypatch.setitem(kcpu._SERIAL, parallel, lambda *a: calls.append("serial") or twin(*a))
+    x = np.linspace(-1, 1, 1000).astype(np.float32)
+    monkeypatch.setattr(kcpu, "_PARALLEL_MIN_WORK", x.size + 1)
+    np.testing.assert_array_equal(kcpu.relu_forward(x), np.maximum(x, 0))
+    monkeypatch.setattr(kcpu, "_PARALLEL_MIN_WORK", x.size)
+    np.testing.assert_array_equal(kcpu.relu_forward(x), np.maximum(x, 0))
+    assert calls == ["serial", "parallel"]
+
+
 # ------------------------------------------------------------------ batch norm
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(4, 3, 5, 6), (2, 5, 7), (3, 2)])
 @pytest.mark.parametrize("affine", [True, False])
-def test_cpu_batch_norm_kernels_match_torch(shape, dtype, affine, rng):
+def test_cpu_batch_norm_kernels_match_torch(shape, dtype, affine, rng, launch):
     C = shape[1]
     x = (rng.standard_normal(shape) * 3 + 1).astype(dtype)
     w = rng.uniform(0.5, 2, C).astype(dtype) if affine else None
@@ -409,8 +444,9 @@ def test_cpu_batch_norm_kernels_match_torch(shape, dtype, affine, rng):
     st.tuples(st.integers(0, 1), st.integers(0, 1), st.integers(1, 2), st.integers(1, 2)),  # ph pw dh dw
     st.booleans(),
     st.sampled_from(DTYPES),
+    st.booleans(),
 )
-def test_cpu_max_pool_kernels_match_torch(ksz, pdil, ceil_mode, dtype):
+def test_cpu_max_pool_kernels_match_torch(ksz, pdil, ceil_mode, dtype, parallel):
     kh, kw, sh, sw = ksz
     ph, pw, dh, dw = pdil
     ph, pw = min(ph, kh // 2), min(pw, kw // 2)
@@ -420,10 +456,14 @@ def test_cpu_max_pool_kernels_match_torch(ksz, pdil, ceil_mode, dtype):
     ty = torch.nn.functional.max_pool2d(tx, (kh, kw), (sh, sw), (ph, pw), (dh, dw), ceil_mode=ceil_mode)
     dout = rng.standard_normal(tuple(ty.shape)).astype(dtype)
     ty.backward(torch.tensor(dout))
-    out, arg = kcpu.max_pool2d_forward(x, (kh, kw), (sh, sw), (ph, pw), (dh, dw), tuple(ty.shape[2:]))
+    saved = _set_launch(parallel)
+    try:
+        out, arg = kcpu.max_pool2d_forward(x, (kh, kw), (sh, sw), (ph, pw), (dh, dw), tuple(ty.shape[2:]))
+        dx = kcpu.max_pool2d_backward(dout, arg, x.shape, (kh, kw), (sh, sw), (ph, pw), (dh, dw))
+    finally:
+        kcpu._PARALLEL_MIN_WORK = saved
     np.testing.assert_array_equal(out, ty.detach().numpy())
     assert arg.dtype == np.min_scalar_type(kh * kw - 1)
-    dx = kcpu.max_pool2d_backward(dout, arg, x.shape, (kh, kw), (sh, sw), (ph, pw), (dh, dw))
     assert_close(dx, tx.grad.numpy())
 
 
@@ -533,8 +573,8 @@ def winograd_cases(draw):
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(winograd_cases(), st.sampled_from(DTYPES), st.booleans())
-def test_cpu_winograd_conv_matches_torch(winograd_everywhere, case, dtype, with_bias):
+@given(winograd_cases(), st.sampled_from(DTYPES), st.booleans(), st.booleans())
+def test_cpu_winograd_conv_matches_torch(winograd_everywhere, case, dtype, with_bias, parallel):
     """Forward, input gradient and weight gradient through Winograd's tiles: every residue class
     of a dilated kernel, tiles cut by the image edge, padding up to the kernel's span, blocks of
     one tile row."""
@@ -549,6 +589,7 @@ def test_cpu_winograd_conv_matches_torch(winograd_everywhere, case, dtype, with_
     y_t, dx_t, dw_t = _torch_conv(x, w, b, dout, 1, padding, dilation, 1)
     old = kcpu._WINOGRAD_BLOCK_BYTES, kcpu._WINOGRAD_GRAD_BLOCK_BYTES
     kcpu._WINOGRAD_BLOCK_BYTES = kcpu._WINOGRAD_GRAD_BLOCK_BYTES = block
+    saved = _set_launch(parallel)  # the weight transforms
     try:
         winograd_everywhere.clear()
         y = kcpu.conv2d_forward(x, w, b if with_bias else None, 1, padding, dilation, 1)
@@ -556,6 +597,7 @@ def test_cpu_winograd_conv_matches_torch(winograd_everywhere, case, dtype, with_
         dw = kcpu.conv2d_weight_grad(x, dout, w.shape, 1, padding, dilation, 1)
     finally:
         kcpu._WINOGRAD_BLOCK_BYTES, kcpu._WINOGRAD_GRAD_BLOCK_BYTES = old
+        kcpu._PARALLEL_MIN_WORK = saved
     assert winograd_everywhere == ["_winograd_conv", "_winograd_conv", "_winograd_weight_grad"], \
         "all three products should have taken the Winograd path"
     if not with_bias:
@@ -608,9 +650,9 @@ def test_cpu_winograd_is_taken_where_it_pays():
 # -------------------------------------------------------------------- ReLU
 @pytest.mark.parametrize("dtype", DTYPES + [np.float16])
 @pytest.mark.parametrize("shape", [(), (7,), (3, 70000), (2, 8, 64, 65)])
-def test_cpu_relu_kernels_equal_the_reference(shape, dtype):
-    """One parallel pass each (large arrays) or NumPy (small ones, float16): the reference's numbers,
-    NaN passing through the forward, and a gradient of exactly 0 where out <= 0."""
+def test_cpu_relu_kernels_equal_the_reference(shape, dtype, launch):
+    """One pass each (NumPy's for float16): the reference's numbers, NaN passing through the
+    forward, and a gradient of exactly 0 where out <= 0."""
     rng = np.random.default_rng(9)
     x = rng.standard_normal(shape).astype(dtype)
     dout = rng.standard_normal(shape).astype(dtype)
@@ -625,7 +667,7 @@ def test_cpu_relu_kernels_equal_the_reference(shape, dtype):
     np.testing.assert_array_equal(dx, np.where(out > 0, dout, 0).astype(dtype))
 
 
-def test_cpu_relu_kernels_take_strided_input():
+def test_cpu_relu_kernels_take_strided_input(launch):
     rng = np.random.default_rng(10)
     x = rng.standard_normal((64, 4096)).astype(np.float32)[:, ::2]  # not contiguous
     np.testing.assert_array_equal(kcpu.relu_forward(x), np.maximum(x, 0))
@@ -639,6 +681,7 @@ import sys, threading
 sys.path.insert(0, {root!r})
 import kernels.cpu as k
 import numpy as np
+k._PARALLEL_MIN_WORK = 0  # every kernel in parallel, however small its input
 x = np.random.default_rng(0).standard_normal((4, 32, 32, 32)).astype(np.float32)
 w = np.random.default_rng(1).standard_normal((32, 32, 3, 3)).astype(np.float32)
 def work():

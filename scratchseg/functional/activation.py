@@ -47,7 +47,7 @@ class ReLU(Function):
             out = xp.maximum(x, 0, out=x)
             ctx.positive = out > 0  # x's memory may be overwritten later: keep a boolean mask
         else:
-            fast = backend.kernel("relu_forward", x)  # one parallel pass on the CPU
+            fast = backend.kernel("relu_forward", x)  # one pass on the CPU (parallel when large)
             out = fast(x) if fast is not None else xp.maximum(x, 0)
             ctx.positive = None
             ctx.out = out  # no copy: the output itself tells where x > 0
@@ -57,7 +57,7 @@ class ReLU(Function):
     @staticmethod
     def backward(ctx, dout):
         if ctx.positive is None:
-            fast = backend.kernel("relu_backward", dout)  # one parallel pass / one GPU launch
+            fast = backend.kernel("relu_backward", dout)  # one pass on the CPU / one GPU launch
             if fast is not None:
                 return fast(dout, ctx.out), None
         positive = ctx.positive if ctx.positive is not None else ctx.out > 0
