@@ -473,16 +473,20 @@ def _split(N, part):
     T = _workers(N)
     bounds = [N * t // T for t in range(T + 1)]
     with _split_lock:  # one split at a time: callers in several threads queue here
-        if _pool is None or _pool_size < T:
+        if _pool is None or _pool_size < T - 1:
             if _pool is not None:
                 _pool.shutdown(wait=False)
-            _pool = concurrent.futures.ThreadPoolExecutor(max_workers=T, thread_name_prefix="scratchseg-kernel")
-            _pool_size = T
+            _pool = concurrent.futures.ThreadPoolExecutor(max_workers=T - 1, thread_name_prefix="scratchseg-kernel")
+            _pool_size = T - 1
         previous = _blas_threads.get()
         _blas_threads.set(1)  # each worker's GEMM runs on its own core (NumPy's BLAS is process-wide)
         try:
-            futures = [_pool.submit(part, bounds[t], bounds[t + 1]) for t in range(T)]
-            return [f.result() for f in futures]
+            futures = [_pool.submit(part, bounds[t], bounds[t + 1]) for t in range(1, T)]
+            try:  # the calling thread takes the first share itself: one thread fewer to wake
+                first = part(bounds[0], bounds[1])
+            finally:
+                concurrent.futures.wait(futures)
+            return [first] + [f.result() for f in futures]
         finally:
             _blas_threads.set(previous)
 
