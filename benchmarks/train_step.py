@@ -2,6 +2,7 @@
 
     python benchmarks/train_step.py                  # CPU: scratchseg (NumPy + Numba) vs PyTorch CPU
     python benchmarks/train_step.py --backend cupy   # GPU: scratchseg on CuPy vs PyTorch CUDA
+    python benchmarks/train_step.py --size 32        # small images: the same network on 8x3x32x32
 
 The network (built here from ``nn`` layers, the same code for both
 frameworks, so it does not depend on ``scratchseg.models``): batch 8 of
@@ -126,14 +127,14 @@ class OursRunner:
         return loss
 
 
-def memory_child(framework, backend, steps=3):
+def memory_child(framework, backend, steps=3, batch=BATCH, size=SIZE):
     """Runs in a fresh process: peak memory of ``steps`` training steps, as JSON on stdout."""
     xp, device = _common.setup_backend(backend)
     runner = OursRunner(xp) if framework == "scratchseg" else TorchRunner(device)
     # a tiny warm-up step loads kernels (Numba cache, oneDNN) before the baseline
     runner.set_data(*make_data(batch=1, size=32, seed=1))
     runner.step()
-    runner.set_data(*make_data())
+    runner.set_data(*make_data(batch=batch, size=size))
     report = {"framework": framework, "device": device}
     if device == "cpu":
         base = _common.rss_bytes()
@@ -169,25 +170,29 @@ def main(argv=None):
     parser = _common.add_common_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
     parser.add_argument("--memory-child", choices=("scratchseg", "torch"), help=argparse.SUPPRESS)
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory children")
+    parser.add_argument("--batch", type=int, default=BATCH, help=f"images per step (default {BATCH})")
+    parser.add_argument("--size", type=int, default=SIZE, help=f"image height and width (default {SIZE}; a multiple of 8)")
     args = parser.parse_args(argv)
+    if args.batch < 1 or args.size < 8 or args.size % 8:
+        parser.error(f"--batch must be >= 1 and --size a positive multiple of 8, got {args.batch} and {args.size}")
     import torch
 
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.memory_child:
         _common.apply_precision(args, "cuda" if args.backend == "cupy" else "cpu")
-        return memory_child(args.memory_child, args.backend)
+        return memory_child(args.memory_child, args.backend, batch=args.batch, size=args.size)
 
     xp, device = _common.setup_backend(args.backend)
     print("\n".join(_common.environment_report(device)))
     print(_common.apply_precision(args, device))
     theirs = TorchRunner(device)
     ours = OursRunner(xp, theirs.state_dict_numpy())
-    x, y = make_data()
+    x, y = make_data(batch=args.batch, size=args.size)
     theirs.set_data(x, y)
     ours.set_data(x, y)
     n_params = sum(p.numel() for p in theirs.model.parameters())
-    print(f"U-Net {WIDTHS}, {n_params / 1e6:.2f} M parameters, batch {BATCH}x{IN_CHANNELS}x{SIZE}x{SIZE}, "
+    print(f"U-Net {WIDTHS}, {n_params / 1e6:.2f} M parameters, batch {args.batch}x{IN_CHANNELS}x{args.size}x{args.size}, "
           f"{CLASSES} classes, SGD momentum 0.9")
 
     # same weights, same data: the first losses agree before anything is timed
@@ -205,7 +210,8 @@ def main(argv=None):
     if not args.no_memory:
         del ours, theirs  # the children measure in fresh processes
         script = os.path.abspath(__file__)
-        extra = ["--backend", args.backend] + (["--threads", str(args.threads)] if args.threads else [])
+        extra = ["--backend", args.backend, "--batch", str(args.batch), "--size", str(args.size)]
+        extra += ["--threads", str(args.threads)] if args.threads else []
         extra += ["--no-tf32"] if args.no_tf32 else ["--tf32"] if args.tf32 else []
         m_ours = _common.child_peak_memory(script, "scratchseg", extra)
         m_theirs = _common.child_peak_memory(script, "torch", extra)
