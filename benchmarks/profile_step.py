@@ -173,7 +173,8 @@ def main(argv=None):
     parser.add_argument("--gpu-kernels", action="store_true", help="GPU: device time per kernel (needs PyTorch)")
     parser.add_argument("--tf32", action="store_true", help="GPU: convolutions multiply in TF32 (set_allow_tf32)")
     parser.add_argument("--batch", type=int, default=BATCH, help=f"images per step (default {BATCH})")
-    parser.add_argument("--size", type=int, default=SIZE, help=f"image height and width (default {SIZE}; a multiple of 8)")
+    parser.add_argument("--size", type=int, default=SIZE,
+                        help=f"image height and width (default {SIZE}; a multiple of 8)")
     args = parser.parse_args(argv)
     if args.batch < 1 or args.size < 8 or args.size % 8:
         parser.error(f"--batch must be >= 1 and --size a positive multiple of 8, got {args.batch} and {args.size}")

@@ -171,7 +171,8 @@ def main(argv=None):
     parser.add_argument("--memory-child", choices=("scratchseg", "torch"), help=argparse.SUPPRESS)
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory children")
     parser.add_argument("--batch", type=int, default=BATCH, help=f"images per step (default {BATCH})")
-    parser.add_argument("--size", type=int, default=SIZE, help=f"image height and width (default {SIZE}; a multiple of 8)")
+    parser.add_argument("--size", type=int, default=SIZE,
+                        help=f"image height and width (default {SIZE}; a multiple of 8)")
     args = parser.parse_args(argv)
     if args.batch < 1 or args.size < 8 or args.size % 8:
         parser.error(f"--batch must be >= 1 and --size a positive multiple of 8, got {args.batch} and {args.size}")
@@ -192,7 +193,8 @@ def main(argv=None):
     theirs.set_data(x, y)
     ours.set_data(x, y)
     n_params = sum(p.numel() for p in theirs.model.parameters())
-    print(f"U-Net {WIDTHS}, {n_params / 1e6:.2f} M parameters, batch {args.batch}x{IN_CHANNELS}x{args.size}x{args.size}, "
+    print(f"U-Net {WIDTHS}, {n_params / 1e6:.2f} M parameters, "
+          f"batch {args.batch}x{IN_CHANNELS}x{args.size}x{args.size}, "
           f"{CLASSES} classes, SGD momentum 0.9")
 
     # same weights, same data: the first losses agree before anything is timed
