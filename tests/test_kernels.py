@@ -145,6 +145,8 @@ def conv_cases(draw):
         "_MERGE_BELOW": draw(st.sampled_from([0, 1 << 30])),
         # the weight gradient as dout @ cols^T (1) or as its transpose
         "_DW_DIRECT_MIN_K": draw(st.sampled_from([1, 1 << 30])),
+        # the batch split between worker threads (0), or run inline
+        "_SPLIT_MIN_MACS": draw(st.sampled_from([0, 1 << 62])),
     }
     return (N, C, H, W), K, kh, kw, stride, padding, dilation, groups, plan
 
@@ -521,6 +523,7 @@ def test_cpu_conv2d_split_between_threads_equals_inline(monkeypatch):
     x = rng.standard_normal((5, 3, 9, 8)).astype(np.float32)
     w = rng.standard_normal((4, 3, 3, 3)).astype(np.float32)
     dout = rng.standard_normal((5, 4, 9, 8)).astype(np.float32)
+    monkeypatch.setattr(kcpu, "_SPLIT_MIN_MACS", 0)  # split however small the product
     results = {}
     for threads in ("1", "3"):
         monkeypatch.setenv("SCRATCHSEG_NUM_THREADS", threads)
@@ -538,6 +541,24 @@ def test_cpu_conv2d_split_between_threads_equals_inline(monkeypatch):
         assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+def test_cpu_small_convolutions_run_inline(monkeypatch):
+    """Below _SPLIT_MIN_MACS multiply-adds a convolution stays on the calling thread; from it on, it splits."""
+    splits = []
+    split = kcpu._split
+    monkeypatch.setattr(kcpu, "_split", lambda N, part: splits.append(N) or split(N, part))
+    monkeypatch.setenv("SCRATCHSEG_NUM_THREADS", "2")
+    x = np.ones((4, 3, 8, 8), np.float32)
+    w = np.ones((4, 3, 3, 3), np.float32)
+    macs = 4 * 4 * 27 * 64  # N * K * (C*kh*kw) * Ho*Wo
+    monkeypatch.setattr(kcpu, "_SPLIT_MIN_MACS", macs + 1)
+    kcpu.conv2d_forward(x, w, None, 1, 1, 1, 1)
+    assert splits == []
+    monkeypatch.setattr(kcpu, "_SPLIT_MIN_MACS", macs)
+    y = kcpu.conv2d_forward(x, w, None, 1, 1, 1, 1)
+    assert splits == ([4] if kcpu._blas_threads is not None else [])
+    assert y[0, 0, 4, 4] == 27 and y[0, 0, 0, 0] == 12
+
+
 # --------------------------------------------------------- Winograd F(2x2, 3x3)
 @pytest.fixture
 def winograd_everywhere(monkeypatch):
@@ -546,6 +567,7 @@ def winograd_everywhere(monkeypatch):
     monkeypatch.setattr(kcpu, "_WINOGRAD_GRAD_MIN_CHANNELS", 1)
     monkeypatch.setattr(kcpu, "_WINOGRAD_MIN_TILES", 1)
     monkeypatch.setattr(kcpu, "_WINOGRAD_MIN_CHANNEL_TILES", 1)
+    monkeypatch.setattr(kcpu, "_SPLIT_MIN_MACS", 0)  # the tiles of each worker's samples
     calls = []
     for name in ("_winograd_conv", "_winograd_weight_grad"):
         inner = getattr(kcpu, name)
@@ -682,6 +704,7 @@ sys.path.insert(0, {root!r})
 import kernels.cpu as k
 import numpy as np
 k._PARALLEL_MIN_WORK = 0  # every kernel in parallel, however small its input
+k._SPLIT_MIN_MACS = 0  # every convolution split between the worker threads
 x = np.random.default_rng(0).standard_normal((4, 32, 32, 32)).astype(np.float32)
 w = np.random.default_rng(1).standard_normal((32, 32, 3, 3)).astype(np.float32)
 def work():
