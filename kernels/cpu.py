@@ -406,50 +406,6 @@ _DW_DIRECT_MIN_K = 256
 # core stalls the whole barrier.
 _local = threading.local()
 _split_lock = threading.Lock()
-# Numba's workqueue threading layer (the default set in kernels/__init__.py)
-# aborts the whole process when two Python threads run parallel=True kernels at
-# the same time. Every call into one (batch norm, max pool, ReLU, Winograd's
-# weight transforms) goes through _launch, which holds this lock; each already
-# uses every core.
-_PARALLEL_LOCK = threading.Lock()
-
-# Waking Numba's workers costs about 0.1 ms a launch here, even for a kernel
-# with nothing to do, and these kernels are bound by memory more than by the
-# core: below about a million elements the serial twin of a kernel (the same
-# code compiled without parallel=True, where prange is a plain range) wins. A
-# batch norm forward of 8x12x32x32 float32 took 53 us serial against 178 us in
-# parallel, of 8x32x64x64 0.51 against 0.65 ms; of 8x64x64x64 1.5 ms either
-# way; a 2x2 max pool's backward of 8x64x64x64 1.4 ms against 0.76 ms.
-_PARALLEL_MIN_WORK = 1 << 20
-_SERIAL = {}  # parallel kernel -> its serial twin
-
-
-def _parallel_njit(**options):
-    """``@njit(parallel=True, cache=True, **options)`` that also compiles a serial twin (see ``_launch``).
-
-    The twin is the same Python function under another name: Numba's disk cache
-    keys a function by its name, not by its options, so two compilations of one
-    name would overwrite each other's cache entries.
-    """
-
-    def wrap(f):
-        kernel = njit(parallel=True, cache=True, **options)(f)
-        twin = types.FunctionType(f.__code__, f.__globals__, f.__name__ + "_serial", f.__defaults__, f.__closure__)
-        twin.__qualname__ = f.__qualname__ + "_serial"
-        _SERIAL[kernel] = njit(cache=True, nogil=True, **options)(twin)
-        return kernel
-
-    return wrap
-
-
-def _launch(kernel, work, *args):
-    """``kernel(*args)``: in parallel, or by its serial twin when ``work`` elements are too few to pay for it."""
-    if work < _PARALLEL_MIN_WORK:
-        return _SERIAL[kernel](*args)
-    with _PARALLEL_LOCK:
-        return kernel(*args)
-
-
 _pool = None
 _pool_size = 0
 
@@ -505,6 +461,50 @@ def _run(N, part, macs):
     """``part`` over the samples [0, N): split between workers if ``macs`` multiply-adds pay for it,
     else inline; the list of results."""
     return _split(N, part) if _workers(N) > 1 and macs >= _SPLIT_MIN_MACS else [part(0, N)]
+
+
+# Numba's workqueue threading layer (the default set in kernels/__init__.py)
+# aborts the whole process when two Python threads run parallel=True kernels at
+# the same time. Every call into one (batch norm, max pool, ReLU, Winograd's
+# weight transforms) goes through _launch, which holds this lock; each already
+# uses every core.
+_PARALLEL_LOCK = threading.Lock()
+
+# Waking Numba's workers costs about 0.1 ms a launch here, even for a kernel
+# with nothing to do, and these kernels are bound by memory more than by the
+# core: below about a million elements the serial twin of a kernel (the same
+# code compiled without parallel=True, where prange is a plain range) wins. A
+# batch norm forward of 8x12x32x32 float32 took 53 us serial against 178 us in
+# parallel, of 8x32x64x64 0.51 against 0.65 ms; of 8x64x64x64 1.5 ms either
+# way; a 2x2 max pool's backward of 8x64x64x64 1.4 ms against 0.76 ms.
+_PARALLEL_MIN_WORK = 1 << 20
+_SERIAL = {}  # parallel kernel -> its serial twin
+
+
+def _parallel_njit(**options):
+    """``@njit(parallel=True, cache=True, **options)`` that also compiles a serial twin (see ``_launch``).
+
+    The twin is the same Python function under another name: Numba's disk cache
+    keys a function by its name, not by its options, so two compilations of one
+    name would overwrite each other's cache entries.
+    """
+
+    def wrap(f):
+        kernel = njit(parallel=True, cache=True, **options)(f)
+        twin = types.FunctionType(f.__code__, f.__globals__, f.__name__ + "_serial", f.__defaults__, f.__closure__)
+        twin.__qualname__ = f.__qualname__ + "_serial"
+        _SERIAL[kernel] = njit(cache=True, nogil=True, **options)(twin)
+        return kernel
+
+    return wrap
+
+
+def _launch(kernel, work, *args):
+    """``kernel(*args)``: in parallel, or by its serial twin when ``work`` elements are too few to pay for it."""
+    if work < _PARALLEL_MIN_WORK:
+        return _SERIAL[kernel](*args)
+    with _PARALLEL_LOCK:
+        return kernel(*args)
 
 
 class _OpenBLASThreads:
