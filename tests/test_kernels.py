@@ -469,6 +469,26 @@ def test_cpu_max_pool_kernels_match_torch(ksz, pdil, ceil_mode, dtype, parallel)
     assert_close(dx, tx.grad.numpy())
 
 
+@pytest.mark.parametrize("shape", [(2, 3, 8, 8), (1, 2, 7, 9), (3, 1, 2, 3)])
+def test_cpu_max_pool_2x2_matches_torch(shape, launch):
+    """The unrolled 2x2 / stride-2 path: torch's maxima and argmaxes (ties, NaNs, odd sizes) and gradient."""
+    rng = np.random.default_rng(11)
+    x = rng.integers(-2, 3, shape).astype(np.float32)  # small integers: many ties
+    x.reshape(-1)[::7] = np.nan
+    tx = torch.tensor(x, requires_grad=True)
+    ty, t_index = torch.nn.functional.max_pool2d(tx, 2, return_indices=True)
+    dout = rng.standard_normal(tuple(ty.shape)).astype(np.float32)
+    ty.backward(torch.tensor(dout))
+    out, arg = kcpu.max_pool2d_forward(x, (2, 2), (2, 2), (0, 0), (1, 1), tuple(ty.shape[2:]))
+    np.testing.assert_array_equal(out, ty.detach().numpy())  # NaN == NaN here
+    Ho, Wo = out.shape[2:]
+    rows = 2 * np.arange(Ho)[:, None] + arg // 2  # (N, C, Ho, Wo) input row of each maximum
+    cols = 2 * np.arange(Wo)[None, :] + arg % 2
+    np.testing.assert_array_equal(rows * shape[3] + cols, t_index.numpy())
+    dx = kcpu.max_pool2d_backward(dout, arg, x.shape, (2, 2), (2, 2), (0, 0), (1, 1))
+    assert_close(dx, tx.grad.numpy())
+
+
 def test_cpu_max_pool_ties_and_nan_follow_the_reference():
     x = np.array([[[[1.0, 1.0], [0.0, 1.0]]], [[[2.0, np.nan], [5.0, np.nan]]]])  # (2, 1, 2, 2)
     out, arg = kcpu.max_pool2d_forward(x, (2, 2), (2, 2), (0, 0), (1, 1), (1, 1))
