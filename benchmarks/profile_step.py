@@ -35,7 +35,7 @@ import numpy  # noqa: E402
 
 import scratchseg  # noqa: E402
 from scratchseg.autograd import Function  # noqa: E402
-from train_step import BATCH, SIZE, OursRunner, make_data  # noqa: E402
+from train_step import OursRunner, make_data, parse_with_data_args  # noqa: E402
 
 
 def _subclasses(cls):
@@ -172,12 +172,7 @@ def main(argv=None):
     parser.add_argument("--top", type=int, default=30, help="rows of the sampled-profile table")
     parser.add_argument("--gpu-kernels", action="store_true", help="GPU: device time per kernel (needs PyTorch)")
     parser.add_argument("--tf32", action="store_true", help="GPU: convolutions multiply in TF32 (set_allow_tf32)")
-    parser.add_argument("--batch", type=int, default=BATCH, help=f"images per step (default {BATCH})")
-    parser.add_argument("--size", type=int, default=SIZE,
-                        help=f"image height and width (default {SIZE}; a multiple of 8)")
-    args = parser.parse_args(argv)
-    if args.batch < 1 or args.size < 8 or args.size % 8:
-        parser.error(f"--batch must be >= 1 and --size a positive multiple of 8, got {args.batch} and {args.size}")
+    args = parse_with_data_args(parser, argv)
 
     xp, device = _common.setup_backend(args.backend)
     print("\n".join(_common.environment_report(device)))

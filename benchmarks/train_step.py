@@ -76,6 +76,17 @@ def make_data(batch=BATCH, size=SIZE, seed=0):
     return x, y
 
 
+def parse_with_data_args(parser, argv):
+    """``parser.parse_args(argv)`` with ``--batch`` and ``--size`` (the step's images) added and checked."""
+    parser.add_argument("--batch", type=int, default=BATCH, help=f"images per step (default {BATCH})")
+    parser.add_argument("--size", type=int, default=SIZE,
+                        help=f"image height and width (default {SIZE}; a multiple of 8, for the three poolings)")
+    args = parser.parse_args(argv)
+    if args.batch < 1 or args.size < 8 or args.size % 8:
+        parser.error(f"--batch must be >= 1 and --size a positive multiple of 8, got {args.batch} and {args.size}")
+    return args
+
+
 class TorchRunner:
     def __init__(self, device):
         import torch
@@ -170,12 +181,7 @@ def main(argv=None):
     parser = _common.add_common_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
     parser.add_argument("--memory-child", choices=("scratchseg", "torch"), help=argparse.SUPPRESS)
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory children")
-    parser.add_argument("--batch", type=int, default=BATCH, help=f"images per step (default {BATCH})")
-    parser.add_argument("--size", type=int, default=SIZE,
-                        help=f"image height and width (default {SIZE}; a multiple of 8)")
-    args = parser.parse_args(argv)
-    if args.batch < 1 or args.size < 8 or args.size % 8:
-        parser.error(f"--batch must be >= 1 and --size a positive multiple of 8, got {args.batch} and {args.size}")
+    args = parse_with_data_args(parser, argv)
     import torch
 
     if args.threads:
