@@ -146,7 +146,7 @@ def memory_child(framework, backend, steps=3, batch=BATCH, size=SIZE):
     runner.set_data(*make_data(batch=1, size=32, seed=1))
     runner.step()
     runner.set_data(*make_data(batch=batch, size=size))
-    report = {"framework": framework, "device": device}
+    report = {"framework": framework, "device": device, "batch": batch, "size": size}
     if device == "cpu":
         base = _common.rss_bytes()
         report["hwm_reset"] = _common.reset_maxrss()
@@ -223,6 +223,10 @@ def main(argv=None):
         extra += ["--no-tf32"] if args.no_tf32 else ["--tf32"] if args.tf32 else []
         m_ours = _common.child_peak_memory(script, "scratchseg", extra)
         m_theirs = _common.child_peak_memory(script, "torch", extra)
+        for m in (m_ours, m_theirs):
+            if (m["batch"], m["size"]) != (args.batch, args.size):
+                raise AssertionError(f"the memory child measured batch {m['batch']} of size {m['size']}, "
+                                     f"not the timed {args.batch} of {args.size}")
         mib = 2.0**20
         rows.append({"measure": "peak memory of a step (MiB)", "scratchseg med": m_ours["peak"] / mib,
                      "torch med": m_theirs["peak"] / mib, "ratio": m_ours["peak"] / max(m_theirs["peak"], 1)})
