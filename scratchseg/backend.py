@@ -33,6 +33,7 @@ where it is on by default).
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import threading
 
@@ -57,6 +58,8 @@ __all__ = [
     "kernels",
     "set_kernels",
     "use_kernels",
+    "replaceable",
+    "kernel",
     "get_default_dtype",
     "set_default_dtype",
     "allow_tf32",
@@ -249,7 +252,7 @@ def set_default_dtype(dtype) -> None:
 def allow_tf32() -> bool:
     """Whether convolutions on CuPy arrays may multiply in TF32 (False unless set)."""
     cuda = _kernel_module("cuda")
-    return bool(cuda is not None and cuda.allow_tf32)
+    return bool(cuda is not None and cuda.tf32_allowed())
 
 
 def set_allow_tf32(enabled: bool) -> None:
@@ -269,21 +272,56 @@ def set_allow_tf32(enabled: bool) -> None:
         if enabled:
             raise BackendError("set_allow_tf32(True): the GPU kernels (kernels.cuda) are not installed")
         return
-    cuda.allow_tf32 = enabled
+    cuda.set_tf32_allowed(enabled)
+
+
+# ------------------------------------------------------------------ the seam
+def replaceable(reference):
+    """Let an accelerated kernel of the same name stand in for ``reference``.
+
+    ``reference`` is a plain array function written in readable NumPy (it runs
+    on CuPy arrays too). Calling the decorated function calls, in this order:
+
+    1. the twin registered under ``reference.__name__`` in ``kernels.cuda.KERNELS``
+       when an argument is a CuPy array, else in ``kernels.cpu.KERNELS`` (unless
+       ``SCRATCHSEG_KERNELS=numpy`` or ``use_kernels("numpy")`` ask for the
+       reference), if there is one and it does not return ``NotImplemented``
+       (a twin's one way of saying "these arguments are not mine");
+    2. ``reference`` itself.
+
+    A twin takes the same arguments and returns the same result. The reference
+    stays reachable as ``.reference``, so tests hold the two side by side.
+    """
+    name = reference.__name__
+
+    @functools.wraps(reference)
+    def call(*args, **kwargs):
+        twin = kernel(name, *args)
+        if twin is not None:
+            result = twin(*args, **kwargs)
+            if result is not NotImplemented:
+                return result
+        return reference(*args, **kwargs)
+
+    call.reference = reference
+    return call
 
 
 def kernel(name: str, *arrays):
-    """The accelerated implementation of op ``name`` for ``arrays``, or ``None``.
+    """The kernel registered as ``name`` for the device of ``arrays``, or ``None``.
 
-    CuPy arrays look in ``kernels.cuda``; NumPy arrays look in ``kernels.cpu``
-    (Numba) unless the reference is forced (``SCRATCHSEG_KERNELS=numpy``).
-    ``None`` means: use the readable NumPy reference, which also runs on CuPy.
+    CuPy arrays look in ``kernels.cuda.KERNELS``; NumPy arrays in
+    ``kernels.cpu.KERNELS`` unless the reference is forced
+    (``SCRATCHSEG_KERNELS=numpy``). ``None``: the reference runs.
     """
     on_gpu = any(is_cupy_array(a) for a in arrays)
     if not on_gpu and kernels() == "numpy":
         return None
     module = _kernel_module("cuda" if on_gpu else "cpu")
-    return getattr(module, name, None) if module is not None else None
+    if module is None:
+        return None
+    table = getattr(module, "KERNELS", None)
+    return table.get(name) if table is not None else getattr(module, name, None)
 
 
 _kernel_modules: dict = {}

@@ -31,6 +31,7 @@ import numpy
 
 from . import backend
 from .autograd import Tensor, enable_grad
+from .backend import replaceable
 
 __all__ = [
     "Optimizer",
@@ -303,37 +304,34 @@ class SGD(Optimizer):
             lr, momentum, dampening = group["lr"], group["momentum"], group["dampening"]
             weight_decay, nesterov, maximize = group["weight_decay"], group["nesterov"], group["maximize"]
             for p, grad in _grads(group):
-                fast = backend.kernel("sgd_update", p.data)  # the whole rule in one launch on the GPU
-                if fast is not None and self._sgd_fast(fast, p, grad, group):
-                    continue
-                g = -grad if maximize else grad
-                if weight_decay != 0:
-                    g = g + weight_decay * p.data
+                buf, first = None, False
                 if momentum != 0:
                     state = self.state.setdefault(p, {})
                     buf = state.get("momentum_buffer")
-                    if buf is None:
-                        buf = g.copy()
-                        state["momentum_buffer"] = buf
-                    else:
-                        buf *= momentum
-                        buf += (1 - dampening) * g
-                    g = g + momentum * buf if nesterov else buf
-                p.data -= lr * g
+                    if buf is None:  # the first step fills it with g
+                        buf = state["momentum_buffer"] = backend.get_array_module(p.data).empty_like(p.data)
+                        first = True
+                sgd_update(p.data, grad, buf, lr, momentum, dampening, weight_decay, nesterov, maximize, first)
 
-    def _sgd_fast(self, fast, p, grad, group):
-        """The same update through a fused kernel; False (nothing changed) where it does not apply."""
-        buf, first = None, False
-        if group["momentum"] != 0:
-            state = self.state.setdefault(p, {})
-            buf = state.get("momentum_buffer")
-            if buf is None:
-                buf, first = backend.get_array_module(p.data).empty_like(p.data), True
-        done = fast(p.data, grad, buf, group["lr"], group["momentum"], group["dampening"], group["weight_decay"],
-                    group["nesterov"], group["maximize"], first)
-        if done and first:
-            state["momentum_buffer"] = buf
-        return done
+
+@replaceable
+def sgd_update(p, grad, buf, lr, momentum, dampening, weight_decay, nesterov, maximize, first):
+    """One SGD step on the array ``p``, in place (torch's rule, see ``SGD``).
+
+    ``buf`` is the momentum buffer, updated in place (``None`` when momentum
+    is 0); ``first`` says it holds nothing yet, so it starts as ``g``.
+    """
+    g = -grad if maximize else grad
+    if weight_decay != 0:
+        g = g + weight_decay * p
+    if momentum != 0:
+        if first:
+            buf[...] = g
+        else:
+            buf *= momentum
+            buf += (1 - dampening) * g
+        g = g + momentum * buf if nesterov else buf
+    p -= lr * g
 
 
 class Adam(Optimizer):

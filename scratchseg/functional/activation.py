@@ -14,9 +14,8 @@ from numbers import Number
 
 import numpy
 
-from .. import backend
 from ..autograd import Function, Tensor
-from ..backend import get_array_module
+from ..backend import get_array_module, replaceable
 
 __all__ = ["relu", "leaky_relu", "hardtanh", "relu6", "elu", "tanh", "sigmoid", "softmax", "log_softmax"]
 
@@ -37,31 +36,38 @@ def _check_number(value, name, fn):
 
 
 # -------------------------------------------------------------------- relu
+@replaceable
+def relu_forward(x):
+    """out = max(x, 0), a new array of x's shape."""
+    return get_array_module(x).maximum(x, 0)
+
+
+# Gradient: dx = dout * [out > 0]  (0 at the kink x = 0, as torch).
+@replaceable
+def relu_backward(dout, out):
+    """dout, out (any shape) -> dx = dout where out > 0, else 0."""
+    return dout * (out > 0)
+
+
 class ReLU(Function):
     """out = max(x, 0).  Shape: any -> same."""
 
     @staticmethod
     def forward(ctx, x, inplace):
-        xp = get_array_module(x)
         if inplace:
-            out = xp.maximum(x, 0, out=x)
+            out = get_array_module(x).maximum(x, 0, out=x)
             ctx.positive = out > 0  # x's memory may be overwritten later: keep a boolean mask
         else:
-            fast = backend.kernel("relu_forward", x)  # one pass on the CPU (parallel when large)
-            out = fast(x) if fast is not None else xp.maximum(x, 0)
+            out = relu_forward(x)
             ctx.positive = None
             ctx.out = out  # no copy: the output itself tells where x > 0
         return out
 
-    # Gradient: dx = dout * [out > 0]  (0 at the kink x = 0, as torch).
     @staticmethod
     def backward(ctx, dout):
         if ctx.positive is None:
-            fast = backend.kernel("relu_backward", dout)  # one pass on the CPU / one GPU launch
-            if fast is not None:
-                return fast(dout, ctx.out), None
-        positive = ctx.positive if ctx.positive is not None else ctx.out > 0
-        return dout * positive, None
+            return relu_backward(dout, ctx.out), None
+        return dout * ctx.positive, None
 
 
 def relu(input, inplace=False):

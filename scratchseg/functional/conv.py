@@ -18,138 +18,108 @@ Its gradients are two more products, read off the matrix form:
 The map ``dout -> dx`` is the *transposed convolution*: it is exactly what
 ``conv_transpose2d`` computes as its forward pass, and the forward pass of
 ``conv2d`` is exactly the input gradient of ``conv_transpose2d``. So the file
-has three core computations -- ``_conv``, ``_conv_transpose`` and
-``_conv_weight_grad`` -- and both ops are built from them.
+has three core computations -- ``conv2d_forward``, ``conv2d_input_grad`` and
+``conv2d_weight_grad`` -- and both ops are built from them.
 
 The columns are recomputed in backward instead of being kept from forward:
 for an 8x64x128x128 input and a 3x3 kernel they take 288 MiB in float32.
 
-On the CPU the three core computations hand over to ``kernels.cpu``
-(``conv2d_forward``, ``conv2d_input_grad``, ``conv2d_weight_grad``) when
-``scratchseg.backend.kernel`` offers them: the same products, computed block
-by block over output pixels so the columns of one block stay in the cache and
-the full column matrix is never allocated (3x3 unit-stride convolutions
-there use Winograd's F(2x2, 3x3) tiles instead of columns for the forward and
-the input gradient, and for the weight gradient of wide layers). The code
-below stays the reference.
+Each core computation is a plain array function marked ``@replaceable``: a
+faster twin of the same name (``kernels/``) may compute the same result.
+The code below is the reference, and the tests hold the twins to it.
 """
 
 from __future__ import annotations
 
-from numbers import Integral
-
 from .. import backend
+from ..args import is_int, pair
 from ..autograd import Function, Tensor
-from ..backend import get_array_module
-from . import im2col as _reference
-from .im2col import conv_output_size
+from ..backend import get_array_module, replaceable
+from .im2col import col2im, conv_output_size, im2col
 from .shape import pad as _pad
 
 __all__ = ["conv2d", "conv_transpose2d"]
 
 
 # ------------------------------------------------------------ core computations
-def _im2col(x, kh, kw, stride, padding, dilation):
-    """The fast kernel for ``x``'s device when there is one, else the NumPy reference."""
-    fn = backend.kernel("im2col", x) or _reference.im2col
-    return fn(x, kh, kw, stride, padding, dilation)
-
-
-def _col2im(cols, x_shape, kh, kw, stride, padding, dilation):
-    fn = backend.kernel("col2im", cols) or _reference.col2im
-    return fn(cols, x_shape, kh, kw, stride, padding, dilation)
-
-
-def _fit_output(dout, Ho, Wo):
-    """Zero-pad ``dout`` (N, K, h, w) at the bottom/right up to (N, K, Ho, Wo).
-
-    Only a transposed convolution whose ``output_padding`` is not smaller than
-    its stride (allowed when it is smaller than the dilation) hands a ``dout``
-    smaller than the geometry: the extra output rows/columns of the matching
-    convolution are never used, so their gradient is zero.
-    """
-    h, w = dout.shape[2], dout.shape[3]
-    if (h, w) == (Ho, Wo):
-        return dout
-    xp = get_array_module(dout)
-    return xp.pad(dout, ((0, 0), (0, 0), (0, Ho - h), (0, Wo - w)))
-
-
-def _conv(x, w, stride, padding, dilation, groups, out_hw=None, bias=None):
+# Three plain array functions, each one GEMM around im2col / col2im. Both ops
+# below are built from them.
+@replaceable
+def conv2d_forward(x, weight, bias, stride, padding, dilation, groups):
     """out = conv(x, w) + bias: ``W @ im2col(x) + b``, one batched GEMM over the groups.
 
-    x (N, C, H, W), w (K, C/G, kh, kw), bias (K,) or None -> out (N, K, Ho, Wo),
-    cropped to ``out_hw`` when given (see ``_fit_output``).
+    x (N, C, H, W), weight (K, C/G, kh, kw), bias (K,) or None -> out (N, K, Ho, Wo).
     """
     xp = get_array_module(x)
     N, C, H, W = x.shape
-    K, CG, kh, kw = w.shape
+    K, CG, kh, kw = weight.shape
     G = groups
     Ho = conv_output_size(H, kh, stride[0], padding[0], dilation[0])
     Wo = conv_output_size(W, kw, stride[1], padding[1], dilation[1])
 
-    fast = backend.kernel("conv2d_forward", x)  # blocked im2col + GEMM, no full columns
-    if fast is not None:
-        out = fast(x, w, bias, stride, padding, dilation, groups)  # (N, K, Ho, Wo), bias added block by block
-        return out if out_hw is None else xp.ascontiguousarray(out[:, :, : out_hw[0], : out_hw[1]])
-
-    cols = _im2col(x, kh, kw, stride, padding, dilation)  # (C*kh*kw, N*Ho*Wo)
+    cols = im2col(x, kh, kw, stride, padding, dilation)  # (C*kh*kw, N*Ho*Wo)
     cols = cols.reshape(G, CG * kh * kw, N * Ho * Wo)  # (G, C/G*kh*kw, N*P): rows (c, i, j), c outermost
-    w_mat = w.reshape(G, K // G, CG * kh * kw)  # (G, K/G, C/G*kh*kw)
+    w_mat = weight.reshape(G, K // G, CG * kh * kw)  # (G, K/G, C/G*kh*kw)
     out = xp.matmul(w_mat, cols)  # (G, K/G, N*P)
     out = out.reshape(K, N, Ho, Wo).transpose(1, 0, 2, 3)  # (N, K, Ho, Wo)
-    if out_hw is not None:
-        out = out[:, :, : out_hw[0], : out_hw[1]]  # (N, K, out_h, out_w)
     out = xp.ascontiguousarray(out)
     if bias is not None:
         out += bias.reshape(1, K, 1, 1)  # (1, K, 1, 1) broadcast over N, Ho, Wo
     return out
 
 
-def _conv_transpose(dout, w, x_shape, stride, padding, dilation, groups):
-    """dx = conv^T(dout, w): ``col2im(W^T @ dout)``, the adjoint of ``_conv`` in x.
+@replaceable
+def conv2d_input_grad(dout, weight, x_shape, stride, padding, dilation, groups):
+    """dx = conv^T(dout, w): ``col2im(W^T @ dout)``, the adjoint of ``conv2d_forward`` in x.
 
-    dout (N, K, Ho, Wo), w (K, C/G, kh, kw) -> dx ``x_shape`` = (N, C, H, W).
+    dout (N, K, Ho, Wo), weight (K, C/G, kh, kw) -> dx ``x_shape`` = (N, C, H, W).
     """
     xp = get_array_module(dout)
     N, C, H, W = x_shape
-    K, CG, kh, kw = w.shape
+    K, CG, kh, kw = weight.shape
     G = groups
-    Ho = conv_output_size(H, kh, stride[0], padding[0], dilation[0])
-    Wo = conv_output_size(W, kw, stride[1], padding[1], dilation[1])
-
-    dout = _fit_output(dout, Ho, Wo)
-    fast = backend.kernel("conv2d_input_grad", dout)  # blocked GEMM + col2im
-    if fast is not None:
-        return fast(dout, w, (N, C, H, W), stride, padding, dilation, groups)
+    Ho, Wo = dout.shape[2], dout.shape[3]
     dout_mat = dout.transpose(1, 0, 2, 3).reshape(G, K // G, N * Ho * Wo)  # (G, K/G, N*P)
-    w_mat_t = w.reshape(G, K // G, CG * kh * kw).transpose(0, 2, 1)  # (G, C/G*kh*kw, K/G)
+    w_mat_t = weight.reshape(G, K // G, CG * kh * kw).transpose(0, 2, 1)  # (G, C/G*kh*kw, K/G)
     dcols = xp.matmul(w_mat_t, dout_mat)  # (G, C/G*kh*kw, N*P)
     dcols = dcols.reshape(C * kh * kw, N * Ho * Wo)  # (C*kh*kw, N*P)
-    return _col2im(dcols, (N, C, H, W), kh, kw, stride, padding, dilation)
+    return col2im(dcols, (N, C, H, W), kh, kw, stride, padding, dilation)
 
 
-def _conv_weight_grad(x, dout, w_shape, stride, padding, dilation, groups):
-    """dW = dout @ im2col(x)^T, the adjoint of ``_conv`` in w.
+@replaceable
+def conv2d_weight_grad(x, dout, weight_shape, stride, padding, dilation, groups):
+    """dW = dout @ im2col(x)^T, the adjoint of ``conv2d_forward`` in w.
 
-    x (N, C, H, W), dout (N, K, Ho, Wo) -> dw ``w_shape`` = (K, C/G, kh, kw).
+    x (N, C, H, W), dout (N, K, Ho, Wo) -> dw ``weight_shape`` = (K, C/G, kh, kw).
     """
     xp = get_array_module(x)
-    N, C, H, W = x.shape
-    K, CG, kh, kw = w_shape
+    N = x.shape[0]
+    K, CG, kh, kw = weight_shape
     G = groups
-    Ho = conv_output_size(H, kh, stride[0], padding[0], dilation[0])
-    Wo = conv_output_size(W, kw, stride[1], padding[1], dilation[1])
-
-    dout = _fit_output(dout, Ho, Wo)
-    fast = backend.kernel("conv2d_weight_grad", x)  # blocked im2col + GEMM
-    if fast is not None:
-        return fast(x, dout, w_shape, stride, padding, dilation, groups)
-    cols = _im2col(x, kh, kw, stride, padding, dilation)  # (C*kh*kw, N*P), recomputed
+    Ho, Wo = dout.shape[2], dout.shape[3]
+    cols = im2col(x, kh, kw, stride, padding, dilation)  # (C*kh*kw, N*P), recomputed
     cols_t = cols.reshape(G, CG * kh * kw, N * Ho * Wo).transpose(0, 2, 1)  # (G, N*P, C/G*kh*kw)
     dout_mat = dout.transpose(1, 0, 2, 3).reshape(G, K // G, N * Ho * Wo)  # (G, K/G, N*P)
     dw = xp.matmul(dout_mat, cols_t)  # (G, K/G, C/G*kh*kw)
     return dw.reshape(K, CG, kh, kw)  # (K, C/G, kh, kw)
+
+
+def _fit_output(dout, x_shape, w_shape, geometry):
+    """Zero-pad ``dout`` (N, K, h, w) at the bottom/right up to the (Ho, Wo) of the geometry.
+
+    Only a transposed convolution whose ``output_padding`` is not smaller than
+    its stride (allowed when it is smaller than the dilation) hands a ``dout``
+    smaller than the geometry: the extra output rows/columns of the matching
+    convolution are never used, so their gradient is zero.
+    """
+    s, p, d = geometry["stride"], geometry["padding"], geometry["dilation"]
+    Ho = conv_output_size(x_shape[2], w_shape[2], s[0], p[0], d[0])
+    Wo = conv_output_size(x_shape[3], w_shape[3], s[1], p[1], d[1])
+    h, w = dout.shape[2], dout.shape[3]
+    if (h, w) == (Ho, Wo):
+        return dout
+    xp = get_array_module(dout)
+    return xp.pad(dout, ((0, 0), (0, 0), (0, Ho - h), (0, Wo - w)))
 
 
 # ------------------------------------------------------------------ functions
@@ -168,16 +138,16 @@ class Conv2d(Function):
     def forward(ctx, x, w, b, *, stride, padding, dilation, groups):
         ctx.x, ctx.w = x, w  # the inputs themselves: no columns are kept
         ctx.geometry = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
-        return _conv(x, w, stride, padding, dilation, groups, bias=b)  # (N, K, Ho, Wo)
+        return conv2d_forward(x, w, b, stride, padding, dilation, groups)  # (N, K, Ho, Wo)
 
     @staticmethod
     def backward(ctx, dout):
         x, w, geometry = ctx.x, ctx.w, ctx.geometry
         dx = dw = db = None
         if ctx.needs_input_grad[0]:
-            dx = _conv_transpose(dout, w, x.shape, **geometry)
+            dx = conv2d_input_grad(dout, w, x.shape, **geometry)
         if ctx.needs_input_grad[1]:
-            dw = _conv_weight_grad(x, dout, w.shape, **geometry)
+            dw = conv2d_weight_grad(x, dout, w.shape, **geometry)
         if ctx.needs_input_grad[2]:
             db = dout.sum(axis=(0, 2, 3))  # (K,)
         return dx, dw, db
@@ -200,7 +170,8 @@ class ConvTranspose2d(Function):
     def forward(ctx, x, w, b, *, out_shape, stride, padding, dilation, groups):
         ctx.x, ctx.w = x, w
         ctx.geometry = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
-        out = _conv_transpose(x, w, out_shape, stride, padding, dilation, groups)  # (N, K, Hout, Wout)
+        x_fit = _fit_output(x, out_shape, w.shape, ctx.geometry)  # output_padding >= stride
+        out = conv2d_input_grad(x_fit, w, out_shape, stride, padding, dilation, groups)  # (N, K, Hout, Wout)
         if b is not None:
             out += b.reshape(1, -1, 1, 1)  # (1, K, 1, 1)
         return out
@@ -210,9 +181,13 @@ class ConvTranspose2d(Function):
         x, w, geometry = ctx.x, ctx.w, ctx.geometry
         dx = dw = db = None
         if ctx.needs_input_grad[0]:
-            dx = _conv(dout, w, out_hw=x.shape[2:], **geometry)
+            dx = conv2d_forward(dout, w, None, **geometry)  # (N, C, h, w) >= x's H, W
+            H, W = x.shape[2], x.shape[3]
+            if dx.shape[2:] != (H, W):  # output_padding >= stride: rows no input reached
+                dx = get_array_module(dx).ascontiguousarray(dx[:, :, :H, :W])
         if ctx.needs_input_grad[1]:
-            dw = _conv_weight_grad(dout, x, w.shape, **geometry)
+            x_fit = _fit_output(x, dout.shape, w.shape, geometry)
+            dw = conv2d_weight_grad(dout, x_fit, w.shape, **geometry)
         if ctx.needs_input_grad[2]:
             db = dout.sum(axis=(0, 2, 3))  # (K,)
         return dx, dw, db
@@ -232,25 +207,9 @@ def _check_array(fn, name, a, ndim, expected):
         raise TypeError(f"{fn}: {name} must be floating point, got dtype {a.dtype}")
 
 
-def _is_int(v):
-    return isinstance(v, Integral) and not isinstance(v, bool)
-
-
-def _pair(fn, name, value, minimum):
-    """``value`` (an int or a pair of ints, each >= minimum) as a tuple of two ints."""
-    pair = (value, value) if _is_int(value) else value
-    if isinstance(pair, (tuple, list)) and len(pair) == 1:  # (s,) means (s, s), as in torch
-        pair = (pair[0], pair[0])
-    if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and all(_is_int(v) for v in pair)):
-        raise ValueError(f"{fn}: {name} must be an int or a pair of ints, got {value!r}")
-    if any(v < minimum for v in pair):
-        raise ValueError(f"{fn}: {name} must be >= {minimum}, got {value!r}")
-    return (int(pair[0]), int(pair[1]))
-
-
 def _check_weights(fn, input, weight, bias, K, groups):
     """Common checks of dtype, device, bias and groups; returns ``groups`` as an int."""
-    if not _is_int(groups) or groups < 1:
+    if not is_int(groups) or groups < 1:
         raise ValueError(f"{fn}: groups must be a positive int, got {groups!r}")
     if weight.dtype != input.dtype:
         raise TypeError(f"{fn}: input has dtype {input.dtype} but weight has dtype {weight.dtype}; they must match")
@@ -320,8 +279,8 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
             f"{fn}: weight of shape {tuple(weight.shape)} with groups={groups} expects input with "
             f"{CG * groups} channels, got input of shape {tuple(input.shape)} ({C} channels)"
         )
-    stride = _pair(fn, "stride", stride, 1)
-    dilation = _pair(fn, "dilation", dilation, 1)
+    stride = pair(stride, "stride", fn, minimum=1)
+    dilation = pair(dilation, "dilation", fn, minimum=1)
 
     if isinstance(padding, str):
         if padding == "valid":
@@ -340,7 +299,7 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
         else:
             raise ValueError(f"{fn}: padding must be an int, a pair of ints, 'valid' or 'same', got {padding!r}")
     else:
-        padding = _pair(fn, "padding", padding, 0)
+        padding = pair(padding, "padding", fn, minimum=0)
 
     span_h, span_w = dilation[0] * (kh - 1) + 1, dilation[1] * (kw - 1) + 1
     if H + 2 * padding[0] < span_h or W + 2 * padding[1] < span_w:
@@ -394,7 +353,7 @@ def conv_transpose2d(input, weight, bias=None, stride=1, padding=0, output_paddi
     _check_array(fn, "weight", weight, 4, "(C, K/groups, kh, kw)")
     N, C, H, W = input.shape
     CW, KG, kh, kw = weight.shape
-    if not _is_int(groups) or groups < 1:
+    if not is_int(groups) or groups < 1:
         raise ValueError(f"{fn}: groups must be a positive int, got {groups!r}")
     K = KG * groups
     groups = _check_weights(fn, input, weight, bias, K, groups)
@@ -405,12 +364,12 @@ def conv_transpose2d(input, weight, bias=None, stride=1, padding=0, output_paddi
             f"{fn}: weight of shape {tuple(weight.shape)} expects input with {CW} channels "
             f"(weight.shape[0]), got input of shape {tuple(input.shape)} ({C} channels)"
         )
-    stride = _pair(fn, "stride", stride, 1)
-    dilation = _pair(fn, "dilation", dilation, 1)
+    stride = pair(stride, "stride", fn, minimum=1)
+    dilation = pair(dilation, "dilation", fn, minimum=1)
     if isinstance(padding, str):
         raise ValueError(f"{fn}: padding must be an int or a pair of ints, got {padding!r}")
-    padding = _pair(fn, "padding", padding, 0)
-    output_padding = _pair(fn, "output_padding", output_padding, 0)
+    padding = pair(padding, "padding", fn, minimum=0)
+    output_padding = pair(output_padding, "output_padding", fn, minimum=0)
     for axis in range(2):
         if not (output_padding[axis] < stride[axis] or output_padding[axis] < dilation[axis]):
             raise ValueError(

@@ -22,9 +22,8 @@ on the same pixel (overlapping windows). It is the same loop with ``+=``:
 
     <im2col(x), y> == <x, col2im(y)>   for all x, y
 
-Fast twins with exactly these signatures live in ``kernels.cpu`` (Numba) and
-``kernels.cuda`` (CuPy); ``scratchseg.functional.conv`` picks one through
-``scratchseg.backend.kernel`` and falls back to the functions here.
+Both are ``@replaceable``: a faster twin with the same signature (in
+``kernels/``) may stand in for them; the functions here are the reference.
 
 Shape:
     x (N, C, H, W)  <->  cols (C*kh*kw, N*Ho*Wo), rows ordered (c, i, j) and
@@ -43,7 +42,7 @@ Shape:
 
 from __future__ import annotations
 
-from ..backend import get_array_module
+from ..backend import get_array_module, replaceable
 
 __all__ = ["conv_output_size", "im2col", "col2im"]
 
@@ -66,6 +65,7 @@ def conv_output_size(size, k, stride, padding, dilation):
     return (size + 2 * padding - dilation * (k - 1) - 1) // stride + 1
 
 
+@replaceable
 def im2col(x, kh, kw, stride, padding, dilation):
     """Unfold the ``kh x kw`` windows of ``x`` into the columns of a matrix.
 
@@ -104,6 +104,7 @@ def im2col(x, kh, kw, stride, padding, dilation):
     return cols.reshape(C * kh * kw, N * Ho * Wo)  # rows (c, i, j), columns (n, ho, wo)
 
 
+@replaceable
 def col2im(cols, x_shape, kh, kw, stride, padding, dilation):
     """Fold columns back onto an image, adding the entries that overlap: the adjoint of ``im2col``.
 

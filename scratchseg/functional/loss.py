@@ -27,7 +27,7 @@ import numpy
 
 from .. import backend
 from ..autograd import Function, Tensor
-from ..backend import get_array_module
+from ..backend import get_array_module, replaceable
 
 __all__ = ["cross_entropy", "nll_loss"]
 
@@ -139,10 +139,16 @@ def _subtract_at_targets(dx, t, amount):
 
 
 # ------------------------------------------------------------ cross entropy
-def _softmax_loss(x, target, weight, ignore_index, eps):
-    """Softmax and per-position loss (see ``CrossEntropy``): returns p (N, C, S), loss, t, valid, w_t (N, 1, S)."""
+@replaceable
+def cross_entropy_forward(x, target, weight, ignore_index, label_smoothing):
+    """Softmax and per-position loss (see ``CrossEntropy``).
+
+    x (N, C, *), target (N, *) -> p (N, C, S) softmax, loss (N, 1, S), w_t (N, 1, S)
+    the target's class weight (0 where ignored).
+    """
     xp = get_array_module(x)
     C = x.shape[1]
+    eps = label_smoothing
     x3, t, valid, w_t = _positions(x, target, weight, ignore_index)
     z = x3 - x3.max(axis=1, keepdims=True)  # (N, C, S) shifted scores, max 0
     z_t = xp.take_along_axis(z, t, axis=1)  # (N, 1, S)
@@ -158,7 +164,27 @@ def _softmax_loss(x, target, weight, ignore_index, eps):
         smooth = valid * (W * lse - wz)  # sum_c w_c (-log p_c)
         loss = (1 - eps) * loss + (eps / C) * smooth
     p /= total_exp  # softmax
-    return p, loss, t, valid, w_t
+    return p, loss, w_t
+
+
+@replaceable
+def cross_entropy_backward(p, target, weight, w_t, g, ignore_index, label_smoothing):
+    """p (N, C, S), w_t (N, 1, S), g (N, 1, S) or a scalar -> dx (N, C, S), see ``CrossEntropy``."""
+    xp = get_array_module(p)
+    C = p.shape[1]
+    eps = label_smoothing
+    _, t, valid, _ = _positions(p, target, weight, ignore_index)
+    on_target = (1 - eps) * w_t * g  # (N, 1, S): (1 - eps) w_t g
+    dx = xp.empty(p.shape, dtype=p.dtype)  # (N, C, S), C-contiguous for the flat update
+    if eps:
+        spread = (eps / C) * valid * g  # (N, 1, S): (eps / C) g on valid positions
+        W = C if weight is None else weight.sum()
+        xp.multiply(p, on_target + spread * W, out=dx)
+        dx -= spread * (1 if weight is None else weight.reshape(1, C, 1))
+    else:
+        xp.multiply(p, on_target, out=dx)
+    _subtract_at_targets(dx, t, on_target)
+    return dx
 
 
 class CrossEntropy(Function):
@@ -180,42 +206,19 @@ class CrossEntropy(Function):
     @staticmethod
     def forward(ctx, x, target, weight, ignore_index, reduction, label_smoothing):
         eps = float(label_smoothing)
-        fast = None if eps else backend.kernel("cross_entropy_forward", x)
-        fused = fast(x, target, weight, ignore_index) if fast is not None else None
-        if fused is not None:  # kernels/: p, the loss and w_t of every position in one pass
-            (p, loss, w_t), t, valid = fused, None, None
-        else:
-            p, loss, t, valid, w_t = _softmax_loss(x, target, weight, ignore_index, eps)
+        p, loss, w_t = cross_entropy_forward(x, target, weight, ignore_index, eps)
         out, total = _reduce(loss, w_t, reduction, target.shape)
-        ctx.p, ctx.t, ctx.valid, ctx.w_t, ctx.weight = p, t, valid, w_t, weight
+        ctx.p, ctx.w_t, ctx.weight, ctx.target = p, w_t, weight, target
         ctx.reduction, ctx.total, ctx.eps, ctx.N = reduction, total, eps, x.shape[0]
-        ctx.target, ctx.ignore_index, ctx.x_shape = target, ignore_index, x.shape
+        ctx.ignore_index, ctx.x_shape = ignore_index, x.shape
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        xp = get_array_module(dout)
         if not ctx.needs_input_grad[0]:
             return (None,) * 6
-        p, eps = ctx.p, ctx.eps
-        N, C = p.shape[0], p.shape[1]
         g = _upstream(ctx, dout)  # (N, 1, S) or a scalar
-        if ctx.t is None:  # the forward took the fused kernel: its twin, or the targets for the formula below
-            fast = backend.kernel("cross_entropy_backward", p)
-            dx = fast(p, ctx.target, ctx.w_t, xp.asarray(g), ctx.ignore_index) if fast is not None else None
-            if dx is not None:
-                return dx.reshape(ctx.x_shape), None, None, None, None, None
-            _, ctx.t, ctx.valid, _ = _positions(p, ctx.target, ctx.weight, ctx.ignore_index)
-        on_target = (1 - eps) * ctx.w_t * g  # (N, 1, S): (1 - eps) w_t g
-        dx = xp.empty(p.shape, dtype=p.dtype)  # (N, C, S), C-contiguous for the flat update
-        if eps:
-            spread = (eps / C) * ctx.valid * g  # (N, 1, S): (eps / C) g on valid positions
-            W = C if ctx.weight is None else ctx.weight.sum()
-            xp.multiply(p, on_target + spread * W, out=dx)
-            dx -= spread * (1 if ctx.weight is None else ctx.weight.reshape(1, C, 1))
-        else:
-            xp.multiply(p, on_target, out=dx)
-        _subtract_at_targets(dx, ctx.t, on_target)
+        dx = cross_entropy_backward(ctx.p, ctx.target, ctx.weight, ctx.w_t, g, ctx.ignore_index, ctx.eps)
         return dx.reshape(ctx.x_shape), None, None, None, None, None
 
 

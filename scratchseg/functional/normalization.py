@@ -17,9 +17,9 @@ from numbers import Number
 
 import numpy
 
-from .. import backend
+from ..args import is_array
 from ..autograd import Function
-from ..backend import get_array_module
+from ..backend import get_array_module, replaceable
 
 __all__ = ["batch_norm"]
 
@@ -29,15 +29,86 @@ def _channel_shape(ndim, C):
     return (1, C) + (1,) * (ndim - 2)
 
 
-def _update_running(running_mean, running_var, mean, var, M, momentum):
-    """Move the running statistics towards the batch's, in place (a module's buffer sees it)."""
+def _scale_shift(xhat, weight, bias):
+    """gamma * xhat + beta, either of them optional."""
+    shape = _channel_shape(xhat.ndim, xhat.shape[1])  # (1, C, 1, ..., 1)
+    out = xhat
+    if weight is not None:
+        out = out * weight.reshape(shape)
+    if bias is not None:
+        out = out + bias.reshape(shape)
+    return out
+
+
+@replaceable
+def batch_norm_train_forward(x, weight, bias, eps):
+    """Normalise ``x`` with its own statistics.
+
+    x (N, C, *) -> out, xhat (N, C, *) and the batch's mean, biased var and
+    inv_std = 1 / sqrt(var + eps), each (C,).
+    """
+    xp = get_array_module(x)
+    axes = (0,) + tuple(range(2, x.ndim))  # every axis but the channels
+    shape = _channel_shape(x.ndim, x.shape[1])  # (1, C, 1, ..., 1)
+    mean = x.mean(axis=axes)  # (C,)
+    centered = x - mean.reshape(shape)  # (N, C, *)
+    var = (centered * centered).mean(axis=axes)  # (C,) biased, used to normalise
+    inv_std = 1.0 / xp.sqrt(var + eps)  # (C,)
+    xhat = centered * inv_std.reshape(shape)  # (N, C, *)
+    return _scale_shift(xhat, weight, bias), xhat, mean, var, inv_std
+
+
+def batch_norm_eval_forward(x, running_mean, running_var, weight, bias, eps):
+    """Normalise ``x`` with the running statistics: x (N, C, *) -> out, xhat (N, C, *), inv_std (C,)."""
+    xp = get_array_module(x)
+    shape = _channel_shape(x.ndim, x.shape[1])
+    mean = running_mean.astype(x.dtype, copy=False)
+    var = running_var.astype(x.dtype, copy=False)
+    inv_std = 1.0 / xp.sqrt(var + eps)  # (C,)
+    xhat = (x - mean.reshape(shape)) * inv_std.reshape(shape)  # (N, C, *)
+    return _scale_shift(xhat, weight, bias), xhat, inv_std
+
+
+@replaceable
+def batch_norm_update_running(running_mean, running_var, mean, var, M, momentum):
+    """Move the running statistics towards the batch's, in place (a module's buffer sees it).
+
+    running = (1 - momentum) * running + momentum * batch, with the unbiased
+    variance var * M / (M - 1) for ``running_var``, as torch tracks it.
+    """
     if running_mean is not None:
         running_mean *= 1 - momentum
         running_mean += (momentum * mean).astype(running_mean.dtype, copy=False)
     if running_var is not None:
-        unbiased = var * (M / (M - 1))  # torch tracks the unbiased variance
+        unbiased = var * (M / (M - 1))
         running_var *= 1 - momentum
         running_var += (momentum * unbiased).astype(running_var.dtype, copy=False)
+
+
+# Gradient, with sums over the M values of each channel and dxhat = gamma * dout:
+#   dbeta  = sum dout,   dgamma = sum dout * xhat
+#   training: dx = (1/M) * inv_std * (M*dxhat - sum dxhat - xhat * sum(dxhat * xhat))
+#   eval (mean, var are constants): dx = inv_std * dxhat
+@replaceable
+def batch_norm_backward(dout, xhat, inv_std, weight, training, need_dx=True):
+    """dout, xhat (N, C, *), inv_std, weight (C,) -> dx (N, C, *) or None, sum dout, sum dout*xhat (C,)."""
+    C = xhat.shape[1]
+    axes = (0,) + tuple(range(2, xhat.ndim))
+    shape = _channel_shape(xhat.ndim, C)
+    sum_dout = dout.sum(axis=axes)  # (C,)
+    sum_dout_xhat = (dout * xhat).sum(axis=axes)  # (C,)
+    dx = None
+    if need_dx:
+        scale = inv_std if weight is None else weight * inv_std  # (C,) gamma / std
+        if training:
+            # dxhat = gamma * dout: gamma is per channel, so it folds into `scale`
+            # and the sums of dxhat are gamma times the sums of dout
+            M = xhat.size // C
+            dx = dout - (sum_dout / M).reshape(shape) - xhat * (sum_dout_xhat / M).reshape(shape)
+            dx *= scale.reshape(shape)
+        else:
+            dx = dout * scale.reshape(shape)
+    return dx, sum_dout, sum_dout_xhat
 
 
 class BatchNorm(Function):
@@ -49,80 +120,24 @@ class BatchNorm(Function):
 
     @staticmethod
     def forward(ctx, x, running_mean, running_var, weight, bias, training, momentum, eps):
-        fast = backend.kernel("batch_norm_train_forward", x) if training else None
-        if fast is not None:  # kernels/: the same statistics, xhat and out in three fused passes
-            out, xhat, mean, var, inv_std = fast(x, weight, bias, eps)
-            M = x.size // x.shape[1]
-            update = backend.kernel("batch_norm_update_running", x)  # one launch on the GPU
-            if update is None or not update(running_mean, running_var, mean, var, M, momentum):
-                _update_running(running_mean, running_var, mean, var, M, momentum)
-            ctx.xhat, ctx.inv_std, ctx.gamma, ctx.training = xhat, inv_std, weight, training
-            ctx.has_bias = bias is not None
-            return out
-        xp = get_array_module(x)
-        C = x.shape[1]
-        axes = (0,) + tuple(range(2, x.ndim))  # every axis but the channels
-        shape = _channel_shape(x.ndim, C)  # (1, C, 1, ..., 1)
         if training:
-            M = x.size // C  # values per channel
-            mean = x.mean(axis=axes)  # (C,)
-            centered = x - mean.reshape(shape)  # (N, C, *)
-            var = (centered * centered).mean(axis=axes)  # (C,) biased, used to normalise
-            _update_running(running_mean, running_var, mean, var, M, momentum)
+            out, xhat, mean, var, inv_std = batch_norm_train_forward(x, weight, bias, eps)
+            M = x.size // x.shape[1]  # values per channel
+            batch_norm_update_running(running_mean, running_var, mean, var, M, momentum)
         else:
-            mean = running_mean.astype(x.dtype, copy=False)
-            var = running_var.astype(x.dtype, copy=False)
-            centered = x - mean.reshape(shape)
-        inv_std = 1.0 / xp.sqrt(var + eps)  # (C,)
-        xhat = centered * inv_std.reshape(shape)  # (N, C, *)
-        out = xhat
-        if weight is not None:
-            out = out * weight.reshape(shape)
-        if bias is not None:
-            out = out + bias.reshape(shape)
+            out, xhat, inv_std = batch_norm_eval_forward(x, running_mean, running_var, weight, bias, eps)
         ctx.xhat, ctx.inv_std, ctx.gamma, ctx.training = xhat, inv_std, weight, training
-        ctx.has_bias = bias is not None
         return out
 
-    # Gradient, with sums over the M values of each channel and dxhat = gamma * dout:
-    #   dbeta  = sum dout,   dgamma = sum dout * xhat
-    #   training: dx = (1/M) * inv_std * (M*dxhat - sum dxhat - xhat * sum(dxhat * xhat))
-    #   eval (mean, var are constants): dx = inv_std * dxhat
     @staticmethod
     def backward(ctx, dout):
-        xhat, inv_std, gamma = ctx.xhat, ctx.inv_std, ctx.gamma
-        fast = backend.kernel("batch_norm_backward", dout)
-        if fast is not None:  # kernels/: both sums in one pass, dx in a second
-            need = ctx.needs_input_grad
-            dx, sum_dout, sum_dout_xhat = fast(dout, xhat, inv_std, gamma, ctx.training, need_dx=need[0])
-            dgamma = sum_dout_xhat.astype(gamma.dtype, copy=False) if need[3] else None
-            return dx, None, None, dgamma, (sum_dout if need[4] else None), None, None, None
-        C = xhat.shape[1]
-        axes = (0,) + tuple(range(2, xhat.ndim))
-        shape = _channel_shape(xhat.ndim, C)
         need = ctx.needs_input_grad
-        dx = dgamma = dbeta = None
-        sum_dout = dout.sum(axis=axes) if (need[4] or need[0] and ctx.training) else None  # (C,)
-        sum_dout_xhat = (dout * xhat).sum(axis=axes) if (need[3] or need[0] and ctx.training) else None  # (C,)
-        if need[3]:
-            dgamma = sum_dout_xhat.astype(gamma.dtype, copy=False)
-        if need[4]:
-            dbeta = sum_dout
-        if need[0]:
-            scale = inv_std if gamma is None else gamma * inv_std  # (C,) gamma / std
-            if ctx.training:
-                # dxhat = gamma * dout: gamma is per channel, so it folds into `scale`
-                # and the sums of dxhat are gamma times the sums of dout
-                M = xhat.size // C
-                dx = dout - (sum_dout / M).reshape(shape) - xhat * (sum_dout_xhat / M).reshape(shape)
-                dx *= scale.reshape(shape)
-            else:
-                dx = dout * scale.reshape(shape)
+        dx, sum_dout, sum_dout_xhat = batch_norm_backward(
+            dout, ctx.xhat, ctx.inv_std, ctx.gamma, ctx.training, need_dx=need[0]
+        )
+        dgamma = sum_dout_xhat.astype(ctx.gamma.dtype, copy=False) if need[3] else None
+        dbeta = sum_dout if need[4] else None
         return dx, None, None, dgamma, dbeta, None, None, None
-
-
-def _is_array(a):
-    return hasattr(a, "shape") and hasattr(a, "dtype")
 
 
 def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-05):
@@ -146,7 +161,7 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
         >>> batch_norm(x, np.zeros(3), np.ones(3), training=True).shape
         (4, 3, 5, 5)
     """
-    if not _is_array(input):
+    if not is_array(input):
         raise TypeError(f"batch_norm(): input must be a Tensor or an array, got {type(input).__name__}")
     if not 2 <= input.ndim <= 5:
         raise ValueError(
@@ -159,7 +174,7 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     for name, value in per_channel:
         if value is None:
             continue
-        if not _is_array(value):
+        if not is_array(value):
             raise TypeError(f"batch_norm(): {name} must be a Tensor, an array or None, got {type(value).__name__}")
         if tuple(value.shape) != (C,):
             raise ValueError(

@@ -28,9 +28,9 @@ from __future__ import annotations
 
 import numpy
 
-from .. import backend
+from ..args import pair
 from ..autograd import Function, Tensor
-from ..backend import get_array_module
+from ..backend import get_array_module, replaceable
 
 __all__ = [
     "max_pool2d",
@@ -42,18 +42,6 @@ __all__ = [
 
 
 # ----------------------------------------------------------------- helpers
-def _pair(value, name, fn):
-    """``value`` as a pair of Python ints (an int is used for both H and W)."""
-    if isinstance(value, (int, numpy.integer)) and not isinstance(value, bool):
-        return int(value), int(value)
-    if isinstance(value, (tuple, list)):
-        if len(value) == 1:
-            value = (value[0], value[0])
-        if len(value) == 2 and all(isinstance(v, (int, numpy.integer)) and not isinstance(v, bool) for v in value):
-            return int(value[0]), int(value[1])
-    raise TypeError(f"{fn}(): {name} must be an int or a pair of ints, got {value!r}")
-
-
 def _check_input(input, fn, ndims=(3, 4)):
     """Check ``input`` is a floating array/Tensor with ``ndim`` in ``ndims``; return its shape."""
     if not (hasattr(input, "shape") and hasattr(input, "dtype")):
@@ -88,10 +76,10 @@ def pool_output_size(size, kernel_size, stride, padding, dilation, ceil_mode):
 
 def _pool_geometry(fn, shape, kernel_size, stride, padding, dilation, ceil_mode):
     """Validate the pooling arguments and return ``(k, s, p, d, (Ho, Wo))`` as pairs."""
-    k = _pair(kernel_size, "kernel_size", fn)
-    s = k if stride is None or (isinstance(stride, (tuple, list)) and len(stride) == 0) else _pair(stride, "stride", fn)
-    p = _pair(padding, "padding", fn)
-    d = _pair(dilation, "dilation", fn)
+    k = pair(kernel_size, "kernel_size", f"{fn}()")
+    s = k if stride is None or (isinstance(stride, (tuple, list)) and len(stride) == 0) else pair(stride, "stride", f"{fn}()")
+    p = pair(padding, "padding", f"{fn}()")
+    d = pair(dilation, "dilation", f"{fn}()")
     if k[0] <= 0 or k[1] <= 0:
         raise ValueError(f"{fn}(): kernel_size should be greater than zero, got {k}")
     if s[0] <= 0 or s[1] <= 0:
@@ -145,6 +133,52 @@ def _pad_spatial(x, p, right, value):
 
 
 # -------------------------------------------------------------- max pool
+@replaceable
+def max_pool2d_forward(x, kernel_size, stride, padding, dilation, out_hw):
+    """The max of each window and its winning tap ``t = i*kw + j`` (the first max in row-major order).
+
+    x (N, C, H, W) -> best (N, C, Ho, Wo) of x's dtype, arg (N, C, Ho, Wo) of a small
+    unsigned integer type, with ``out_hw = (Ho, Wo)``. Taps in the padding are -inf.
+    """
+    xp = get_array_module(x)
+    k, s, p, d, out = kernel_size, stride, padding, dilation, out_hw
+    right = tuple(_padded_extent(n, out[a], k[a], s[a], p[a], d[a]) for a, n in enumerate(x.shape[2:]))
+    x_pad = _pad_spatial(x, p, right, -numpy.inf)
+
+    # running max over the taps in row-major order; a later tap wins only
+    # when strictly greater (or NaN), so ties keep the first max, as torch
+    K = k[0] * k[1]
+    best = _tap(x_pad, 0, 0, s, d, out).copy()  # (N, C, Ho, Wo)
+    arg = xp.zeros(best.shape, dtype=numpy.min_scalar_type(K - 1))  # winning tap t = i*kw + j
+    for t in range(1, K):
+        i, j = divmod(t, k[1])
+        window = _tap(x_pad, i, j, s, d, out)
+        better = (window > best) | xp.isnan(window)
+        xp.maximum(best, window, out=best)  # NaN propagates, as torch's max does
+        # arg = where(better, t, arg), branch-free: every arg so far is < t, so
+        # t - arg > 0 and this is plain integer arithmetic (several times faster)
+        arg += better.view(numpy.uint8) * (arg.dtype.type(t) - arg)
+    return best, arg
+
+
+# Gradient: each window sends dout to the one input it took its max from;
+# overlapping windows add: dx_pad[tap (i, j)] += dout * [arg == i*kw + j].
+@replaceable
+def max_pool2d_backward(dout, arg, x_shape, kernel_size, stride, padding, dilation):
+    """dout, arg (N, C, Ho, Wo) -> dx ``x_shape`` = (N, C, H, W)."""
+    xp = get_array_module(dout)
+    k, s, p, d = kernel_size, stride, padding, dilation
+    N, C, H, W = x_shape
+    out = dout.shape[2:]
+    right = tuple(_padded_extent(n, out[a], k[a], s[a], p[a], d[a]) for a, n in enumerate((H, W)))
+    dx_pad = xp.zeros((N, C, H + p[0] + right[0], W + p[1] + right[1]), dtype=dout.dtype)
+    zero = xp.zeros((), dtype=dout.dtype)
+    for t in range(k[0] * k[1]):
+        i, j = divmod(t, k[1])
+        _tap(dx_pad, i, j, s, d, out)[...] += xp.where(arg == t, dout, zero)
+    return dx_pad[:, :, p[0] : p[0] + H, p[1] : p[1] + W]
+
+
 class MaxPool2d(Function):
     """out[n, c, oh, ow] = max over the window of x (taps outside the input are -inf).
 
@@ -153,68 +187,28 @@ class MaxPool2d(Function):
     """
 
     @staticmethod
-    def forward(ctx, x, kernel_size, stride, padding, dilation, ceil_mode, indices_out=None):
+    def forward(ctx, x, kernel_size, stride, padding, dilation, out_hw, indices_out=None):
         xp = get_array_module(x)
         unbatched = x.ndim == 3
         if unbatched:
             x = x[None]  # (1, C, H, W)
-        N, C, H, W = x.shape
-        k, s, p, d, out = kernel_size, stride, padding, dilation, ceil_mode
-        right = tuple(_padded_extent(n, out[a], k[a], s[a], p[a], d[a]) for a, n in enumerate((H, W)))
-        fast = backend.kernel("max_pool2d_forward", x)
-        if fast is not None:  # kernels/: the same max and winning tap in one pass
-            best, arg = fast(x, k, s, p, d, out)
-            arg, ctx.outside = _torch_default_taps(xp, best, arg, k, s, p, d, out, (H, W))
-            if indices_out is not None:
-                indices_out.append(_flat_indices(xp, arg, k, s, p, d, W, unbatched))
-            ctx.arg, ctx.geometry = arg, (k, s, p, d, out, right)
-            ctx.x_shape, ctx.unbatched = (N, C, H, W), unbatched
-            return best[0] if unbatched else best
-        x_pad = _pad_spatial(x, p, right, -numpy.inf)
-
-        # running max over the taps in row-major order; a later tap wins only
-        # when strictly greater (or NaN), so ties keep the first max, as torch
-        K = k[0] * k[1]
-        best = _tap(x_pad, 0, 0, s, d, out).copy()  # (N, C, Ho, Wo)
-        arg = xp.zeros(best.shape, dtype=numpy.min_scalar_type(K - 1))  # winning tap t = i*kw + j
-        for t in range(1, K):
-            i, j = divmod(t, k[1])
-            window = _tap(x_pad, i, j, s, d, out)
-            better = (window > best) | xp.isnan(window)
-            xp.maximum(best, window, out=best)  # NaN propagates, as torch's max does
-            # arg = where(better, t, arg), branch-free: every arg so far is < t, so
-            # t - arg > 0 and this is plain integer arithmetic (several times faster)
-            arg += better.view(numpy.uint8) * (arg.dtype.type(t) - arg)
-        arg, ctx.outside = _torch_default_taps(xp, best, arg, k, s, p, d, out, (H, W))
-
+        k, s, p, d = kernel_size, stride, padding, dilation
+        best, arg = max_pool2d_forward(x, k, s, p, d, out_hw)
+        arg, ctx.outside = _torch_default_taps(xp, best, arg, k, s, p, d, out_hw, x.shape[2:])
         if indices_out is not None:
-            indices_out.append(_flat_indices(xp, arg, k, s, p, d, W, unbatched))
-        ctx.arg, ctx.geometry = arg, (k, s, p, d, out, right)
-        ctx.x_shape, ctx.unbatched = (N, C, H, W), unbatched
+            indices_out.append(_flat_indices(xp, arg, k, s, p, d, x.shape[3], unbatched))
+        ctx.arg, ctx.geometry = arg, (k, s, p, d)
+        ctx.x_shape, ctx.unbatched = x.shape, unbatched
         return best[0] if unbatched else best
 
-    # Gradient: each window sends dout to the one input it took its max from;
-    # overlapping windows add: dx_pad[tap (i, j)] += dout * [arg == i*kw + j].
     @staticmethod
     def backward(ctx, dout):
         xp = get_array_module(dout)
         if ctx.unbatched:
             dout = dout[None]
-        k, s, p, d, out, right = ctx.geometry
-        N, C, H, W = ctx.x_shape
-        fast = backend.kernel("max_pool2d_backward", dout)
-        if fast is not None:  # kernels/: one scatter pass
-            dx = _add_outside(xp, fast(dout, ctx.arg, ctx.x_shape, k, s, p, d), dout, ctx.outside)
-            return (dx[0] if ctx.unbatched else dx,) + (None,) * 6
-        dx_pad = xp.zeros((N, C, H + p[0] + right[0], W + p[1] + right[1]), dtype=dout.dtype)
-        zero = xp.zeros((), dtype=dout.dtype)
-        for t in range(k[0] * k[1]):
-            i, j = divmod(t, k[1])
-            _tap(dx_pad, i, j, s, d, out)[...] += xp.where(ctx.arg == t, dout, zero)
-        dx = _add_outside(xp, dx_pad[:, :, p[0] : p[0] + H, p[1] : p[1] + W], dout, ctx.outside)
-        if ctx.unbatched:
-            dx = dx[0]
-        return (dx,) + (None,) * 6
+        dx = max_pool2d_backward(dout, ctx.arg, ctx.x_shape, *ctx.geometry)
+        dx = _add_outside(xp, dx, dout, ctx.outside)
+        return (dx[0] if ctx.unbatched else dx,) + (None,) * 6
 
 
 def _torch_default_taps(xp, best, arg, k, s, p, d, out, size):
