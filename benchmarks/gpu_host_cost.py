@@ -9,7 +9,7 @@ call, on a GEMM shaped like the benchmark U-Net's 64-channel 3x3 layer
 (64 x 576 times 576 x 16384, batch 8) and on a tiny one (the host cost does
 not depend on the size unless the call waits for the GPU):
 
-* ``kernels.cuda._gemm`` as the convolutions call it;
+* ``kernels.cuda.gemm._gemm`` as the convolutions call it;
 * CuPy's cuBLAS binding alone (``sgemmStridedBatched``, which also sets the
   stream on every call), with the handle and pointers prepared beforehand;
 * the pieces around it: ``setPointerMode``, ``setStream``, fetching the handle;
@@ -61,7 +61,7 @@ def main():
     except ImportError:
         sys.exit("gpu_host_cost.py times cuBLAS calls: it needs CuPy and a GPU")
 
-    import kernels.cuda as kcuda
+    from kernels.cuda import gemm as kgemm
 
     _common.setup_backend("cupy")
     print("\n".join(_common.environment_report("cuda")))
@@ -71,13 +71,13 @@ def main():
         b = cupy.random.standard_normal((batch, K, N), dtype=numpy.float32)
         c = cupy.empty((batch, M, N), dtype=numpy.float32)
         e = cupy.zeros_like(c)
-        handle, cublas = kcuda._blas()
-        one, zero = kcuda._scalar(1.0, numpy.dtype(numpy.float32)), kcuda._scalar(0.0, numpy.dtype(numpy.float32))
+        handle, cublas = kgemm._blas()
+        one, zero = kgemm._scalar(1.0, numpy.dtype(numpy.float32)), kgemm._scalar(0.0, numpy.dtype(numpy.float32))
         pa, pb, pc = a.data.ptr, b.data.ptr, c.data.ptr
         stream = cupy.cuda.get_current_stream().ptr
 
         def ours():
-            kcuda._gemm(a, b, c, M, N, K, lda=K, ldb=N, ldc=N, stride_a=0, stride_b=K * N, stride_c=M * N,
+            kgemm._gemm(a, b, c, M, N, K, lda=K, ldb=N, ldc=N, stride_a=0, stride_b=K * N, stride_c=M * N,
                         batch=batch)
 
         def binding():
@@ -89,12 +89,12 @@ def main():
                                         pb, 0, N, K * N, pa, 0, K, 0, zero, pc, 0, N, M * N, batch, 77, -1)
 
         cases = [
-            ("kernels.cuda._gemm", ours),
+            ("kernels.cuda.gemm._gemm", ours),
             ("cuBLAS binding only", binding),
             ("gemmStridedBatchedEx (TF32)", tf32),
             ("setPointerMode", lambda: cublas.setPointerMode(handle, cublas.CUBLAS_POINTER_MODE_HOST)),
             ("setStream", lambda: cublas.setStream(handle, stream)),
-            ("get_cublas_handle", kcuda._blas),
+            ("get_cublas_handle", kgemm._blas),
             ("cupy.matmul", lambda: cupy.matmul(a, b, out=c)),
             ("a + b (element-wise)", lambda: cupy.add(e, e, out=e)),
         ]

@@ -318,10 +318,7 @@ def kernel(name: str, *arrays):
     if not on_gpu and kernels() == "numpy":
         return None
     module = _kernel_module("cuda" if on_gpu else "cpu")
-    if module is None:
-        return None
-    table = getattr(module, "KERNELS", None)
-    return table.get(name) if table is not None else getattr(module, name, None)
+    return module.KERNELS.get(name) if module is not None else None
 
 
 _kernel_modules: dict = {}

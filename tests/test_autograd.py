@@ -156,7 +156,7 @@ def test_getitem(rng, index):
 
 def test_basic_indices_are_told_from_advanced_ones():
     """Basic indices (each element read at most once) take the plain-assignment backward."""
-    from scratchseg.autograd import _is_basic
+    from scratchseg.autograd.indexing import _is_basic
 
     for index in [1, np.int64(2), slice(1, 3), (slice(None), 0), (Ellipsis, None, slice(None, None, -2)), ()]:
         assert _is_basic(index), index
@@ -357,7 +357,7 @@ def test_leaf_copies_a_gradient_someone_else_still_sees(rng):
 
 def test_sole_reference_reads_only_the_flags_cupy_arrays_have():
     """CuPy's flags are c_contiguous, f_contiguous and owndata (no writeable)."""
-    from scratchseg.autograd import _sole_reference
+    from scratchseg.autograd.engine import _sole_reference
 
     class Flags:
         def __init__(self, owndata):

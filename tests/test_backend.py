@@ -182,7 +182,7 @@ def test_kernels_switch_selects_implementation():
         if found is not None:  # present when the kernels package and Numba import
             import kernels.cpu
 
-            assert found is kernels.cpu.im2col
+            assert found is kernels.cpu.KERNELS["im2col"]
     with pytest.raises(ValueError, match="unknown kernels"):
         backend.set_kernels("fast")
     with pytest.raises(ValueError, match="unknown kernels"):
@@ -220,3 +220,80 @@ def test_default_dtype():
     finally:
         backend.set_default_dtype(previous)
     assert scratchseg.ones(2).dtype == previous
+
+
+# ------------------------------------------------------------------ the seam
+def _replaceable_functions():
+    """Every ``@replaceable`` reference function in scratchseg, by name."""
+    import importlib
+    import pkgutil
+
+    import scratchseg
+
+    found = {}
+    for info in pkgutil.walk_packages(scratchseg.__path__, "scratchseg."):
+        if info.name.endswith("__main__"):  # runs the command line
+            continue
+        module = importlib.import_module(info.name)
+        for name, value in vars(module).items():
+            if callable(value) and hasattr(value, "reference") and getattr(value, "__module__", None) == info.name:
+                found[name] = value
+    return found
+
+
+def _tables():
+    import importlib
+
+    tables = {}
+    for device in ("cpu", "cuda"):
+        try:
+            tables[device] = importlib.import_module(f"kernels.{device}").KERNELS
+        except ImportError:  # pragma: no cover - the kernels package is optional
+            pass
+    return tables
+
+
+def test_every_registered_kernel_has_a_reference_with_its_signature():
+    """A kernel in a table stands in for the reference of the same name, with the same arguments."""
+    import inspect
+
+    references = _replaceable_functions()
+    assert {"conv2d_forward", "batch_norm_backward", "max_pool2d_forward", "sgd_update"} <= set(references)
+    tables = _tables()
+    assert tables, "no kernel table could be imported"
+    for device, table in tables.items():
+        for name, twin in table.items():
+            assert name in references, f"kernels.{device}.KERNELS[{name!r}] replaces no @replaceable function"
+            ours = list(inspect.signature(references[name].reference).parameters)
+            theirs = list(inspect.signature(twin).parameters)
+            assert theirs[: len(ours)] == ours, f"kernels.{device}.{name}{theirs} does not take {ours}"
+
+
+def test_replaceable_uses_the_twin_unless_it_declines_or_the_reference_is_forced(monkeypatch):
+    import kernels.cpu
+
+    calls = []
+
+    def reference(x, scale):
+        calls.append("reference")
+        return x * scale
+
+    reference.__name__ = "test_only_scale"
+    scale = backend.replaceable(reference)
+    assert scale.reference is reference
+    x = np.arange(3.0)
+
+    def twin(x, scale):
+        calls.append("twin")
+        return NotImplemented if scale < 0 else x * scale + 0.5
+
+    monkeypatch.setitem(kernels.cpu.KERNELS, "test_only_scale", twin)
+    with backend.use_kernels("numba"):
+        np.testing.assert_array_equal(scale(x, 2.0), x * 2.0 + 0.5)
+        assert calls == ["twin"]
+        np.testing.assert_array_equal(scale(x, -1.0), -x)  # the twin declined: the reference ran
+        assert calls == ["twin", "twin", "reference"]
+    calls.clear()
+    with backend.use_kernels("numpy"):
+        np.testing.assert_array_equal(scale(x, 2.0), x * 2.0)
+        assert calls == ["reference"]

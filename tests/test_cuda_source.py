@@ -1,18 +1,21 @@
 """The GPU kernels' code, run on the CPU: no GPU needed.
 
-``kernels/cuda.py`` is CUDA source plus the Python that launches it (grids,
-strides, cuBLAS GEMM arguments). Most of what can go wrong there is index
+``kernels/cuda/`` is CUDA source (one ``.cu`` file per family) plus the
+Python that launches it (grids, strides, cuBLAS GEMM arguments). Most of what can go wrong there is index
 arithmetic -- which pixel a column entry reads, which taps a col2im gather
 visits, which leading dimension a GEMM gets -- and none of it depends on the
 hardware. So this test runs the very same code on the CPU:
 
-* the CUDA source is compiled with g++ as C++, with the CUDA built-ins
+* the CUDA source, exactly as ``runtime.py`` hands it to NVRTC, is compiled
+  with g++ as C++, with the CUDA built-ins
   (``blockIdx``, ``threadIdx``, ...) as globals, and every thread of a launch
   runs in turn. The kernels loop over their elements grid-stride, so they must
   give the same result with the few threads launched here as with the
   thousands a GPU runs. The batch-norm kernels, whose threads cooperate in a
   block reduction, run one thread per block (their shuffle-and-shared-memory
-  reduction itself is exercised on a GPU by ``test_gpu.py``);
+  reduction itself is exercised on a GPU by ``test_gpu.py``). Only the
+  compiler is replaced: ``runtime._kernel`` still looks each kernel up by
+  name and dtype;
 * cuBLAS's strided-batched GEMM is replaced by a NumPy one that reads the same
   pointers, leading dimensions and strides, column-major as cuBLAS does;
 * ``cupy`` is replaced by NumPy for the allocations (which are poisoned with
@@ -35,11 +38,13 @@ import pytest
 
 import kernels.cpu as kcpu
 import kernels.cuda as kcuda
+import kernels.cuda.conv as kconv
+import kernels.cuda.gemm as kgemm
+import kernels.cuda.runtime as kruntime
 from helpers import assert_close
 from scratchseg.functional import im2col as ref
 
 CXX = shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
-pytestmark = pytest.mark.skipif(CXX is None, reason="needs a C++ compiler")
 
 _PRELUDE = r"""
 #include <math.h>
@@ -70,25 +75,53 @@ _CTYPE_OF = {
 @pytest.fixture(scope="module")
 def libraries(tmp_path_factory):
     """The CUDA source compiled as C++, one shared library per dtype."""
+    if CXX is None:
+        pytest.skip("needs a C++ compiler")
     folder = tmp_path_factory.mktemp("cuda_source")
     libs = {}
-    for dtype, (ctype, suffix) in kcuda._CTYPES.items():
+    for dtype, (_, suffix) in kruntime._CTYPES.items():
         src = folder / f"kernels_{suffix}.cpp"
-        src.write_text(_PRELUDE + f"typedef {ctype} T;\n" + kcuda._SOURCE.replace("SUFFIX", suffix))
+        src.write_text(_PRELUDE + kruntime._module_source(dtype))
         lib = folder / f"kernels_{suffix}.so"
         cmd = [CXX, "-O1", "-shared", "-fPIC", "-Wno-unknown-pragmas", "-o", str(lib), str(src)]
         out = subprocess.run(cmd, capture_output=True, text=True)
         assert out.returncode == 0, f"the CUDA source does not compile as C++:\n{out.stderr[-3000:]}"
-        libs[dtype] = (ctypes.CDLL(str(lib)), suffix)
+        libs[dtype] = ctypes.CDLL(str(lib))
     return libs
+
+
+def test_every_source_file_is_compiled():
+    """A .cu file of the package that SOURCE_FILES does not list would never reach NVRTC."""
+    import importlib.resources
+
+    folder = importlib.resources.files("kernels.cuda")
+    on_disk = sorted(f.name for f in folder.iterdir() if f.name.endswith(".cu"))
+    assert sorted(kruntime.SOURCE_FILES) == on_disk
+
+
+def test_kernel_table_names_each_kernel_by_its_own_name():
+    """Each KERNELS entry is the function of its name, from one of the package's family modules."""
+    assert kcuda.KERNELS
+    for name, fn in kcuda.KERNELS.items():
+        assert fn.__name__ == name and fn.__module__.startswith("kernels.cuda."), name
+
+
+class EmulatedModule:
+    """Stands in for the ``cupy.RawModule`` that ``runtime._compile`` returns."""
+
+    def __init__(self, lib):
+        self.lib = lib
+
+    def get_function(self, name):
+        return EmulatedKernel(self.lib, name)
 
 
 class EmulatedKernel:
     """Runs a kernel of the compiled source thread by thread, as ``cupy.RawKernel`` would launch it."""
 
-    def __init__(self, lib, suffix, name):
-        self.lib, self.name = lib, name
-        self.fn = getattr(lib, f"{name}_{suffix}")
+    def __init__(self, lib, function):
+        self.lib, self.name = lib, function.rsplit("_", 1)[0]  # im2col_f32 -> im2col
+        self.fn = getattr(lib, function)
         self.fn.restype = None
 
     def __call__(self, grid, block, args):
@@ -190,7 +223,7 @@ def _poisoned_empty(shape, dtype=np.float32):
 
 @pytest.fixture
 def emulated(libraries, monkeypatch):
-    """kernels.cuda with its kernels, cuBLAS and CuPy's allocations emulated on the CPU."""
+    """kernels.cuda with its compiler, cuBLAS and CuPy's allocations emulated on the CPU."""
     fake_cupy = types.SimpleNamespace(
         empty=_poisoned_empty,
         empty_like=lambda a: _poisoned_empty(a.shape, a.dtype),
@@ -198,10 +231,11 @@ def emulated(libraries, monkeypatch):
         full=np.full,
     )
     monkeypatch.setitem(sys.modules, "cupy", fake_cupy)
-    monkeypatch.setattr(kcuda, "_kernel", lambda name, dtype: EmulatedKernel(*libraries[np.dtype(dtype)], name))
-    monkeypatch.setattr(kcuda, "_blas", lambda: (0, FakeCublas))
-    monkeypatch.setattr(kcuda, "_ptr", lambda a: a.ctypes.data)
-    return kcuda
+    monkeypatch.setattr(kruntime, "_compile", lambda dtype: EmulatedModule(libraries[np.dtype(dtype)]))
+    monkeypatch.setattr(kruntime, "_modules", {})  # no kernels cached from another test
+    monkeypatch.setattr(kgemm, "_blas", lambda: (0, FakeCublas))
+    monkeypatch.setattr(kgemm, "_ptr", lambda a: a.ctypes.data)
+    return types.SimpleNamespace(**kcuda.KERNELS)  # every kernel by its name
 
 
 DTYPES = (np.float64, np.float32)
@@ -239,15 +273,15 @@ def test_im2col_col2im_source(emulated, geometry, dtype):
 def test_conv2d_source(emulated, monkeypatch, geometry, chunk, dtype):
     """The conv wrappers' unfolding kernels and GEMM arguments, against the CPU kernels in float64."""
     x_shape, K, kh, kw, stride, padding, dilation, groups = geometry
-    monkeypatch.setattr(kcuda, "_CHUNK_BYTES", chunk)
+    monkeypatch.setattr(kconv, "_CHUNK_BYTES", chunk)
     rng = np.random.default_rng(1)
     x = rng.standard_normal(x_shape)
     w = rng.standard_normal((K, x_shape[1] // groups, kh, kw))
     b = rng.standard_normal(K)
     dout = rng.standard_normal((x_shape[0], K) + _out_hw(x_shape, kh, kw, stride, padding, dilation))
     args = (stride, padding, dilation, groups)
-    expected = (kcpu.conv2d_forward(x, w, b, *args), kcpu.conv2d_input_grad(dout, w, x_shape, *args),
-                kcpu.conv2d_weight_grad(x, dout, w.shape, *args))
+    expected = (kcpu.conv.conv2d_forward(x, w, b, *args), kcpu.conv.conv2d_input_grad(dout, w, x_shape, *args),
+                kcpu.conv.conv2d_weight_grad(x, dout, w.shape, *args))
     c = [a.astype(dtype) for a in (x, w, b, dout)]
     got = (emulated.conv2d_forward(c[0], c[1], c[2], *args), emulated.conv2d_input_grad(c[3], c[1], x_shape, *args),
            emulated.conv2d_weight_grad(c[0], c[3], w.shape, *args))
@@ -276,7 +310,8 @@ def test_conv2d_tf32_source(emulated, monkeypatch, geometry):
     FakeCublas.calls.clear()
     full = run(np.float32)
     assert FakeCublas.calls and set(FakeCublas.calls) == {"sgemm"}
-    monkeypatch.setattr(kcuda, "allow_tf32", True)
+    monkeypatch.setattr(kruntime, "_tf32", False)  # restored after the test
+    kcuda.set_tf32_allowed(True)
     FakeCublas.calls.clear()
     tf32 = run(np.float32)
     assert FakeCublas.calls and set(FakeCublas.calls) == {("gemmEx", 77)}
@@ -294,14 +329,17 @@ def test_conv2d_tf32_source(emulated, monkeypatch, geometry):
 def test_backend_switches_tf32(monkeypatch):
     import scratchseg
 
-    monkeypatch.setattr(kcuda, "allow_tf32", False)
+    monkeypatch.setattr(kruntime, "_tf32", False)  # restored after the test
     assert scratchseg.backend.allow_tf32() is False
     scratchseg.backend.set_allow_tf32(True)
-    assert kcuda.allow_tf32 is True and scratchseg.backend.allow_tf32() is True
+    assert kcuda.tf32_allowed() is True and scratchseg.backend.allow_tf32() is True
     scratchseg.backend.set_allow_tf32(False)
-    assert kcuda.allow_tf32 is False
+    assert kcuda.tf32_allowed() is False and scratchseg.backend.allow_tf32() is False
     with pytest.raises(TypeError, match="True or False"):
         scratchseg.backend.set_allow_tf32(1)
+    with pytest.raises(TypeError, match="True or False"):
+        kcuda.set_tf32_allowed(1)
+    assert kcuda.tf32_allowed() is False
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -314,7 +352,7 @@ def test_batch_norm_source(emulated, shape, dtype):
     tol = dict(rtol=1e-10, atol=1e-12) if dtype == np.float64 else dict(rtol=1e-5, atol=1e-5)
     for w, b in ((weight, bias), (None, None)):
         got = emulated.batch_norm_train_forward(x, w, b, 1e-5)
-        expected = kcpu.batch_norm_train_forward(x, w, b, 1e-5)
+        expected = kcpu.normalization.batch_norm_train_forward(x, w, b, 1e-5)
         for name, g, e in zip(("out", "xhat", "mean", "var", "inv_std"), got, expected):
             assert g.shape == e.shape and g.dtype == dtype, name
             assert_close(g, e, **tol, msg=name)
@@ -323,7 +361,7 @@ def test_batch_norm_source(emulated, shape, dtype):
     for training in (True, False):
         for need_dx in (True, False):
             got = emulated.batch_norm_backward(dout, xhat, inv_std, weight, training, need_dx)
-            expected = kcpu.batch_norm_backward(dout, xhat, inv_std, weight, training, need_dx)
+            expected = kcpu.normalization.batch_norm_backward(dout, xhat, inv_std, weight, training, need_dx)
             assert (got[0] is None) == (not need_dx)
             for name, g, e in zip(("dx", "sum_dout", "sum_dout_xhat"), got, expected):
                 if e is not None:
@@ -332,20 +370,21 @@ def test_batch_norm_source(emulated, shape, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_batch_norm_running_source(emulated, dtype):
-    from scratchseg.functional.normalization import _update_running
-
+    """torch's rule: running = (1 - momentum) * running + momentum * batch, the variance unbiased."""
     rng = np.random.default_rng(3)
     mean, var = rng.standard_normal(5).astype(dtype), rng.uniform(0.5, 2, 5).astype(dtype)
     start = (rng.standard_normal(5).astype(dtype), rng.uniform(0.5, 2, 5).astype(dtype))
-    got, expected = [a.copy() for a in start], [a.copy() for a in start]
-    assert emulated.batch_norm_update_running(got[0], got[1], mean, var, 40, 0.1)
-    _update_running(expected[0], expected[1], mean, var, 40, 0.1)
+    got = [a.copy() for a in start]
+    assert emulated.batch_norm_update_running(got[0], got[1], mean, var, 40, 0.1) is None
+    expected = (0.9 * start[0] + 0.1 * mean, 0.9 * start[1] + 0.1 * var * (40 / 39))
     for g, e in zip(got, expected):
         assert_close(g, e)
     only_var = start[1].copy()
-    assert emulated.batch_norm_update_running(None, only_var, mean, var, 40, 0.1)
+    assert emulated.batch_norm_update_running(None, only_var, mean, var, 40, 0.1) is None
     assert_close(only_var, expected[1])
-    assert not emulated.batch_norm_update_running(start[0].astype(np.float16), None, mean, var, 40, 0.1)
+    half = start[0].astype(np.float16)
+    assert emulated.batch_norm_update_running(half, None, mean, var, 40, 0.1) is NotImplemented
+    assert_close(half, start[0].astype(np.float16))  # declined: untouched
 
 
 POOLS = [  # (x_shape, kernel, stride, padding, dilation)
@@ -366,12 +405,12 @@ def test_max_pool_source(emulated, pool, dtype):
     x.flat[5] = np.nan  # a NaN propagates, and its tap wins
     out_hw = tuple(pool_output_size(n, k[a], s[a], p[a], d[a], False) for a, n in enumerate(x_shape[2:]))
     best, arg = emulated.max_pool2d_forward(x, k, s, p, d, out_hw)
-    ref_best, ref_arg = kcpu.max_pool2d_forward(x, k, s, p, d, out_hw)
+    ref_best, ref_arg = kcpu.pooling.max_pool2d_forward(x, k, s, p, d, out_hw)
     np.testing.assert_array_equal(best, ref_best)
     np.testing.assert_array_equal(arg, ref_arg.astype(np.int32))
     dout = rng.standard_normal(best.shape).astype(dtype)
     assert_close(emulated.max_pool2d_backward(dout, arg, x_shape, k, s, p, d),
-                 kcpu.max_pool2d_backward(dout, ref_arg, x_shape, k, s, p, d))
+                 kcpu.pooling.max_pool2d_backward(dout, ref_arg, x_shape, k, s, p, d))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -406,8 +445,9 @@ def test_sgd_source(emulated, options, shape, dtype):
     for step, g in enumerate(grads):
         p_ref.grad = g.copy()
         opt.step()
-        assert emulated.sgd_update(p, g, buf, 0.1, options["momentum"], options["dampening"],
+        done = emulated.sgd_update(p, g, buf, 0.1, options["momentum"], options["dampening"],
                                    options["weight_decay"], options["nesterov"], options["maximize"], step == 0)
+        assert done is None
         assert_close(p, p_ref.data, rtol=1e-6 if dtype == np.float32 else 1e-12)
 
 
@@ -423,7 +463,8 @@ def test_cross_entropy_source(emulated, weighted, dtype):
     target = rng.integers(0, 5, (3, 4, 6))
     target[rng.random(target.shape) < 0.2] = -1  # ignored
     weight = rng.uniform(0.5, 2.0, 5).astype(dtype) if weighted else None
-    p, loss, w_t = emulated.cross_entropy_forward(x, target, weight, -1)
+    assert emulated.cross_entropy_forward(x, target, weight, -1, 0.1) is NotImplemented  # label smoothing
+    p, loss, w_t = emulated.cross_entropy_forward(x, target, weight, -1, 0.0)
     xt = scratchseg.Tensor(x, requires_grad=True)
     ref_loss = F.cross_entropy(xt, target, weight=weight, ignore_index=-1, reduction="none")
     tol = dict(rtol=1e-10, atol=1e-12) if dtype == np.float64 else dict(rtol=1e-5, atol=1e-6)
@@ -434,9 +475,9 @@ def test_cross_entropy_source(emulated, weighted, dtype):
     assert_close(w_t.reshape(target.shape), w_ref, **tol, msg="w_t")
     dout = rng.standard_normal(target.shape).astype(dtype)
     ref_loss.backward(dout)
-    dx = emulated.cross_entropy_backward(p, target, w_t, dout.reshape(3, 1, -1), -1)
+    dx = emulated.cross_entropy_backward(p, target, weight, w_t, dout.reshape(3, 1, -1), -1, 0.0)
     assert_close(dx.reshape(x.shape), xt.grad, **tol, msg="dx, per position")
     scale = np.array(0.37, dtype=dtype)  # one upstream gradient for all positions ('mean' and 'sum')
-    dx = emulated.cross_entropy_backward(p, target, w_t, scale, -1)
+    dx = emulated.cross_entropy_backward(p, target, weight, w_t, scale, -1, 0.0)
     assert_close(dx.reshape(x.shape), xt.grad / dout.reshape(3, 1, 4, 6) * scale, rtol=1e-4, atol=1e-6,
                  msg="dx, one upstream gradient")

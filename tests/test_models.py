@@ -75,6 +75,8 @@ def test_create_rejects_unknown_names_and_options():
         models.create("unet")
     with pytest.raises(ValueError, match="up_mode"):
         models.create("unet", num_classes=2, up_mode="pixelshuffle")
+    with pytest.raises(ValueError, match="U-Net: depth must be a positive integer, got 0"):
+        models.create("unet", num_classes=2, depth=0)
     with pytest.raises(ValueError, match="output_stride"):
         models.create("deeplabv3", num_classes=2, output_stride=4)
 
@@ -142,7 +144,6 @@ def test_float32_stays_float32():
 def test_deeplab_trains_with_batch_of_one(name, float64):
     model = build(name, num_classes=3)
     model.train()
-    assert model.training
     out = model(images((1, 3, 48, 56)))
     assert out.shape == (1, 3, 48, 56)
     out.backward(np.random.default_rng(0).standard_normal(out.shape))
@@ -170,7 +171,7 @@ def test_image_pooling_branch_is_constant_per_map(float64):
 @pytest.fixture
 def no_init(monkeypatch):
     """Skip the random initialisation: counting parameters then touches no memory."""
-    monkeypatch.setattr(nn.layers._ConvNd, "reset_parameters", lambda self: None)
+    monkeypatch.setattr(nn.conv._ConvNd, "reset_parameters", lambda self: None)
 
 
 def test_original_unet_has_the_papers_31030658_parameters(no_init):

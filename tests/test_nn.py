@@ -434,12 +434,35 @@ def test_constructor_and_input_errors():
         nn.Conv2d(3, 4, 3, padding_mode="reflect")
     with pytest.raises(ValueError, match="stride 1"):
         nn.Conv2d(3, 4, 3, stride=2, padding="same")
-    with pytest.raises(ValueError, match="input channels"):
+    with pytest.raises(ValueError, match=r"Conv2d expects a 4-D input of shape \(N, 3, H, W\), got \(1, 2, 5, 5\)"):
         nn.Conv2d(3, 4, 3)(scratchseg.Tensor(np.zeros((1, 2, 5, 5), dtype=np.float32)))
-    with pytest.raises(ValueError, match="4-D"):
-        nn.Conv2d(3, 4, 3)(scratchseg.Tensor(np.zeros((3, 5, 5), dtype=np.float32)))
+    with pytest.raises(ValueError, match=r"ConvTranspose2d expects a 4-D input .*got \(3, 5, 5\)"):
+        nn.ConvTranspose2d(3, 4, 3)(scratchseg.Tensor(np.zeros((3, 5, 5), dtype=np.float32)))
     with pytest.raises(ValueError, match="exactly one"):
         nn.Upsample()
+    # a float where an int is expected is both a TypeError (as torch says) and a ValueError
+    for make in (lambda: nn.Conv2d(3, 4, 3, stride=1.5), lambda: nn.ConvTranspose2d(3, 4, 3, padding="same"),
+                 lambda: nn.MaxPool2d(2.0), lambda: nn.AvgPool2d(2, padding=(1, 1, 1))):
+        with pytest.raises(TypeError, match="must be an int or a pair of ints") as info:
+            make()
+        assert isinstance(info.value, ValueError)
+    for make, match in ((lambda: nn.Conv2d(3, 4, 0), "kernel_size must be >= 1"),
+                        (lambda: nn.Conv2d(3, 4, 3, padding=-1), "padding must be >= 0"),
+                        (lambda: nn.ConvTranspose2d(3, 4, 3, output_padding=-1), "output_padding must be >= 0"),
+                        (lambda: nn.MaxPool2d(2, stride=0), "stride must be >= 1"),
+                        (lambda: nn.BatchNorm2d(0), "num_features must be a positive integer"),
+                        (lambda: nn.Conv2d(3, True, 3), "out_channels must be a positive integer")):
+        with pytest.raises(ValueError, match=match):
+            make()
+
+
+@pytest.mark.parametrize("padding", [1, (2, 0), "same", "valid"])
+def test_conv_padding_attribute_is_torchs(padding):
+    """A string padding stays a string (handed to F.conv2d), a number becomes a pair, as in torch."""
+    ours = nn.Conv2d(2, 3, (3, 4), padding=padding, dilation=(1, 2))
+    theirs = torch.nn.Conv2d(2, 3, (3, 4), padding=padding, dilation=(1, 2))
+    assert ours.padding == theirs.padding
+    assert ours.output_size(7, 9) == tuple(theirs(torch.zeros(1, 2, 7, 9)).shape[2:])
 
 
 @pytest.mark.gpu

@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from ..args import positive_int
 from . import backbones, deeplab, fcn, hypercolumn, unet, upsampling
 from .upsampling import bilinear_kernel, make_upsample
 
@@ -89,10 +90,8 @@ def create(name, num_classes=None, in_channels=3, **options):
     """
     if name not in _REGISTRY:
         raise ValueError(f"unknown model {name!r}; available: {', '.join(available())}")
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-        raise ValueError(f"create({name!r}): num_classes must be a positive integer, got {num_classes!r}")
-    if isinstance(in_channels, bool) or not isinstance(in_channels, int) or in_channels < 1:
-        raise ValueError(f"create({name!r}): in_channels must be a positive integer, got {in_channels!r}")
+    num_classes = positive_int(num_classes, "num_classes", f"create({name!r})")
+    in_channels = positive_int(in_channels, "in_channels", f"create({name!r})")
     build = _REGISTRY[name]
     fields = {f.name for f in dataclasses.fields(build.config_class)} - {"num_classes", "in_channels"}
     fields -= set(getattr(build, "fixed_options", ()))

@@ -58,6 +58,7 @@ from typing import Optional, Tuple
 import scratchseg
 from scratchseg import functional as F
 from scratchseg import nn
+from scratchseg.args import check_image_batch
 from scratchseg.backend import get_array_module
 
 from .backbones import VGG16, resnet, scaled
@@ -106,11 +107,6 @@ def _upsample_to(x, size):
     return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
 
 
-def _check_input(x, in_channels, name):
-    if x.ndim != 4 or x.shape[1] != in_channels:
-        raise ValueError(f"{name} expects input of shape (N, {in_channels}, H, W), got {tuple(x.shape)}")
-
-
 # --------------------------------------------------------------------- v1
 class DeepLabV1(nn.Module):
     """VGG16 at output stride 8 + LargeFOV head (fc6 3x3 dilation 12, fc7 1x1, fc8 scores).
@@ -134,7 +130,7 @@ class DeepLabV1(nn.Module):
         self.fc8 = nn.Conv2d(fc, config.num_classes, 1)
 
     def forward(self, x):
-        _check_input(x, self.config.in_channels, "DeepLabV1")
+        check_image_batch(x, self.config.in_channels, "DeepLabV1")
         h = self.backbone(x)["pool5"]  # (N, c5, ~H/8, ~W/8)
         h = self.drop6(self.relu6(self.fc6(h)))
         h = self.drop7(self.relu7(self.fc7(h)))
@@ -176,7 +172,7 @@ class DeepLabV2(nn.Module):
         self.aspp = ASPPv2(self.backbone.out_channels["layer4"], config.num_classes, config.rates or (6, 12, 18, 24))
 
     def forward(self, x):
-        _check_input(x, self.config.in_channels, "DeepLabV2")
+        check_image_batch(x, self.config.in_channels, "DeepLabV2")
         return _upsample_to(self.aspp(self.backbone(x)["layer4"]), x.shape[2:])
 
 
@@ -275,7 +271,7 @@ class DeepLabV3(nn.Module):
         self.classifier = nn.Conv2d(c, config.num_classes, 1)
 
     def forward(self, x):
-        _check_input(x, self.config.in_channels, "DeepLabV3")
+        check_image_batch(x, self.config.in_channels, "DeepLabV3")
         h = self.aspp(self.backbone(x)["layer4"])
         return _upsample_to(self.classifier(h), x.shape[2:])
 
@@ -300,7 +296,7 @@ class DeepLabV3Plus(nn.Module):
         self.classifier = nn.Conv2d(dec, config.num_classes, 1)
 
     def forward(self, x):
-        _check_input(x, self.config.in_channels, "DeepLabV3Plus")
+        check_image_batch(x, self.config.in_channels, "DeepLabV3Plus")
         feats = self.backbone(x)
         low = self.reduce(feats["layer1"])  # (N, 48w, ~H/4, ~W/4)
         h = _upsample_to(self.aspp(feats["layer4"]), low.shape[2:])  # ASPP output, ~4x up to the low-level grid

@@ -35,6 +35,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from scratchseg import nn
+from scratchseg.args import check_image_batch
 
 from .backbones import VGG16, scaled
 from .upsampling import transposed_upsample
@@ -106,11 +107,7 @@ class FCN(nn.Module):
                 layer.bias.data[...] = 0
 
     def forward(self, x):
-        if x.ndim != 4 or x.shape[1] != self.config.in_channels:
-            raise ValueError(
-                f"FCN expects input of shape (N, {self.config.in_channels}, H, W), got {tuple(x.shape)}"
-            )
-        H, W = x.shape[2], x.shape[3]
+        _, _, H, W = check_image_batch(x, self.config.in_channels, "FCN")
         feats = self.backbone(x)
         h = self.drop6(self.relu6(self.fc6(feats["pool5"])))
         h = self.drop7(self.relu7(self.fc7(h)))

@@ -34,6 +34,7 @@ from typing import Tuple
 import scratchseg
 from scratchseg import functional as F
 from scratchseg import nn
+from scratchseg.args import check_image_batch
 
 from .backbones import VGG16, scaled
 
@@ -79,11 +80,7 @@ class Hypercolumn(nn.Module):
         )
 
     def forward(self, x):
-        if x.ndim != 4 or x.shape[1] != self.config.in_channels:
-            raise ValueError(
-                f"Hypercolumn expects input of shape (N, {self.config.in_channels}, H, W), got {tuple(x.shape)}"
-            )
-        H, W = x.shape[2], x.shape[3]
+        _, _, H, W = check_image_batch(x, self.config.in_channels, "Hypercolumn")
         feats = self.backbone(x)
         if "fc7" in self.config.taps:
             feats["fc7"] = self.relu(self.fc7(self.relu(self.fc6(feats["pool5"]))))

@@ -52,6 +52,7 @@ import numpy
 import scratchseg
 from scratchseg import functional as F
 from scratchseg import nn
+from scratchseg.args import check_image_batch, positive_int
 from scratchseg.backend import get_array_module
 
 from .upsampling import MODES, make_upsample
@@ -195,8 +196,8 @@ class UNet(nn.Module):
             )
         if config.tiling not in ("auto", "valid", "same"):
             raise ValueError(f"U-Net tiling must be 'auto', 'valid' or 'same', got {config.tiling!r}")
-        if int(config.depth) < 1 or int(config.base) < 1:
-            raise ValueError(f"U-Net depth and base must be >= 1, got depth={config.depth}, base={config.base}")
+        positive_int(config.depth, "depth", "U-Net")
+        positive_int(config.base, "base", "U-Net")
         self.config = config
         widths = [config.base * 2**i for i in range(config.depth + 1)]  # e.g. 64, 128, 256, 512, 1024
         kw = dict(padding=config.padding, batchnorm=config.batchnorm)
@@ -227,9 +228,7 @@ class UNet(nn.Module):
 
     def forward(self, x):
         cfg = self.config
-        if x.ndim != 4 or x.shape[1] != cfg.in_channels:
-            raise ValueError(f"U-Net expects input of shape (N, {cfg.in_channels}, H, W), got {tuple(x.shape)}")
-        H, W = x.shape[2], x.shape[3]
+        _, _, H, W = check_image_batch(x, cfg.in_channels, "U-Net")
         if cfg.padding:
             # pad to a multiple of 2**depth so every pool halves an even size, then crop back
             m = 2**cfg.depth

@@ -32,6 +32,7 @@ import numpy
 import scratchseg
 from scratchseg import functional as F
 from scratchseg import nn
+from scratchseg.args import positive_int
 from scratchseg.backend import get_array_module
 
 __all__ = [
@@ -67,9 +68,9 @@ def bilinear_kernel(in_ch, out_ch, size):
     >>> bilinear_kernel(1, 1, 4)[0, 0, 0]
     array([0.0625, 0.1875, 0.1875, 0.0625])
     """
-    for name, value in (("in_ch", in_ch), ("out_ch", out_ch), ("size", size)):
-        if not isinstance(value, (int, numpy.integer)) or value < 1:
-            raise ValueError(f"bilinear_kernel: {name} must be a positive integer, got {value!r}")
+    in_ch = positive_int(in_ch, "in_ch", "bilinear_kernel")
+    out_ch = positive_int(out_ch, "out_ch", "bilinear_kernel")
+    size = positive_int(size, "size", "bilinear_kernel")
     factor = (size + 1) // 2
     center = factor - 1 if size % 2 == 1 else factor - 0.5
     og = numpy.arange(size, dtype=numpy.float64)
@@ -91,11 +92,6 @@ def _fill_bilinear_(weight):
     return weight
 
 
-def _check_scale(scale):
-    if not isinstance(scale, (int, numpy.integer)) or isinstance(scale, bool) or scale < 1:
-        raise ValueError(f"upsampling scale must be a positive integer, got {scale!r}")
-
-
 def transposed_upsample(in_ch, out_ch, scale, kernel_size=None, padding=None, bias=True, bilinear_init=False):
     """A ``ConvTranspose2d`` that multiplies the spatial size by ``scale``.
 
@@ -112,7 +108,7 @@ def transposed_upsample(in_ch, out_ch, scale, kernel_size=None, padding=None, bi
     >>> transposed_upsample(3, 3, 2, kernel_size=2)(scratchseg.randn(1, 3, 5, 7)).shape  # U-Net's 2x2
     (1, 3, 10, 14)
     """
-    _check_scale(scale)
+    scale = positive_int(scale, "upsampling scale")
     if kernel_size is None:
         kernel_size = 2 * scale - scale % 2
     if padding is None:
@@ -144,8 +140,7 @@ class ResizeConv(nn.Module):
 
     def __init__(self, in_ch, out_ch, scale, bias=True):
         super().__init__()
-        _check_scale(scale)
-        self.scale = int(scale)
+        self.scale = positive_int(scale, "upsampling scale")
         # padding 1 keeps the resized size: the resize, not the conv, sets the geometry
         self.conv = nn.Conv2d(in_ch, out_ch, 3, padding=1, bias=bias)
 
@@ -172,7 +167,7 @@ class Interpolate(nn.Module):
 
     def __init__(self, in_ch, out_ch, scale, mode="bilinear", align_corners=False):
         super().__init__()
-        _check_scale(scale)
+        scale = positive_int(scale, "upsampling scale")
         if mode not in ("bilinear", "trilinear"):
             raise ValueError(f"Interpolate mode must be 'bilinear' or 'trilinear', got {mode!r}")
         if mode == "trilinear" and in_ch != out_ch:

@@ -1,6 +1,10 @@
 """Neural-network building blocks, as ``torch.nn``: ``Module``, ``Parameter``,
 containers, layers under torch's names, ``ConvBlock`` and ``nn.init``.
 
+The layers live in one file per family, mirroring ``scratchseg.functional``
+as ``torch/nn/modules`` does: ``conv``, ``normalization``, ``dropout``,
+``pooling``, ``activation``, ``upsampling``, ``shape`` and ``loss``.
+
     >>> from scratchseg import nn
     >>> net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
     >>> net.num_parameters()
@@ -13,30 +17,16 @@ from .. import functional  # scratchseg.nn.functional, as torch.nn.functional
 from . import init
 from .blocks import ConvBlock
 from .containers import Identity, ModuleDict, ModuleList, Sequential
-from . import layers as _layers
-from .layers import (
-    AdaptiveAvgPool2d,
-    AvgPool2d,
-    BatchNorm1d,
-    BatchNorm2d,
-    BatchNorm3d,
-    Conv2d,
-    ConvTranspose2d,
-    CrossEntropyLoss,
-    Dropout,
-    Dropout2d,
-    Flatten,
-    LeakyReLU,
-    LogSoftmax,
-    MaxPool2d,
-    ReLU,
-    Sigmoid,
-    Softmax,
-    Tanh,
-    Upsample,
-)
+from .activation import LeakyReLU, LogSoftmax, ReLU, Sigmoid, Softmax, Tanh
+from .conv import Conv2d, ConvTranspose2d
+from .dropout import Dropout, Dropout2d
+from .loss import CrossEntropyLoss
 from .module import IncompatibleKeys, Module, StateDictError
+from .normalization import BatchNorm1d, BatchNorm2d, BatchNorm3d
 from .parameter import Parameter
+from .pooling import AdaptiveAvgPool2d, AvgPool2d, MaxPool2d
+from .shape import Flatten
+from .upsampling import Upsample
 
 __all__ = [
     "init",
@@ -50,7 +40,25 @@ __all__ = [
     "ModuleDict",
     "Identity",
     "ConvBlock",
-    *_layers.__all__,
+    "Conv2d",
+    "ConvTranspose2d",
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "BatchNorm3d",
+    "Dropout",
+    "Dropout2d",
+    "MaxPool2d",
+    "AvgPool2d",
+    "AdaptiveAvgPool2d",
+    "ReLU",
+    "LeakyReLU",
+    "Tanh",
+    "Sigmoid",
+    "Softmax",
+    "LogSoftmax",
+    "Upsample",
+    "Flatten",
+    "CrossEntropyLoss",
 ]
 
 _sys.modules[__name__ + ".functional"] = functional  # `import scratchseg.nn.functional as F` works too

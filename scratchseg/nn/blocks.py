@@ -21,9 +21,13 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
+from .activation import LeakyReLU, ReLU, Sigmoid, Tanh
 from .containers import Sequential
-from .layers import AvgPool2d, BatchNorm2d, Conv2d, Dropout, LeakyReLU, MaxPool2d, ReLU, Sigmoid, Tanh
+from .conv import Conv2d
+from .dropout import Dropout
 from .module import Module
+from .normalization import BatchNorm2d
+from .pooling import AvgPool2d, MaxPool2d
 
 __all__ = ["ConvBlock"]
 

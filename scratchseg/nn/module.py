@@ -28,6 +28,7 @@ from collections import OrderedDict, namedtuple
 import numpy
 
 from .. import backend
+from ..args import is_array
 from ..autograd import Tensor
 from .parameter import Parameter
 
@@ -40,8 +41,9 @@ class StateDictError(RuntimeError):
     """``load_state_dict`` found missing, unexpected or mis-shaped entries."""
 
 
-def _is_array(value):
-    return hasattr(value, "shape") and hasattr(value, "dtype") and not isinstance(value, Tensor)
+def _is_plain_array(value):
+    """A NumPy or CuPy array, not a Tensor (which ``args.is_array`` accepts too): what a buffer holds."""
+    return is_array(value) and not isinstance(value, Tensor)
 
 
 def _is_floating(array):
@@ -104,7 +106,7 @@ class Module:
         self._check_name(name)
         if isinstance(tensor, Tensor):
             tensor = tensor.data
-        if tensor is not None and not _is_array(tensor):
+        if tensor is not None and not _is_plain_array(tensor):
             raise TypeError(f"cannot assign {type(tensor).__name__} as buffer {name!r} (an array or None is expected)")
         if hasattr(self, name) and name not in self._buffers:
             raise KeyError(f"attribute {name!r} already exists")
@@ -155,7 +157,7 @@ class Module:
         elif buffers is not None and name in buffers:
             if isinstance(value, Tensor):
                 value = value.data
-            if value is not None and not _is_array(value):
+            if value is not None and not _is_plain_array(value):
                 raise TypeError(f"cannot assign {type(value).__name__} as buffer {name!r} (an array or None)")
             buffers[name] = value
         else:
@@ -393,7 +395,7 @@ class Module:
             value = state_dict[key]
             if isinstance(value, Tensor):
                 value = value.data
-            if not (_is_array(value) and backend.is_cupy_array(value)):
+            if not (_is_plain_array(value) and backend.is_cupy_array(value)):
                 value = numpy.asarray(value)
             if tuple(value.shape) != tuple(target.shape):
                 mismatched.append((key, tuple(target.shape), tuple(value.shape)))

@@ -1,0 +1,46 @@
+"""Numba kernels for NumPy arrays: the CPU twins of scratchseg's reference hot loops.
+
+``KERNELS`` maps the name of a reference function in ``scratchseg.functional``
+to the kernel that replaces it; the kernel takes the same arguments and
+returns the same numbers (``tests/test_kernels*.py`` hold them equal;
+im2col/col2im also take an optional ``out=`` workspace), or ``NotImplemented``
+where it does not apply, and the reference runs. One module per family:
+
+* ``im2col.py``        -- ``im2col``, ``col2im`` and the block kernels the convolution reuses;
+* ``conv.py``          -- ``conv2d_forward``, ``conv2d_input_grad``, ``conv2d_weight_grad``,
+  computed block by block so the full column matrix never exists;
+* ``winograd.py``      -- Winograd's F(2x2, 3x3), which ``conv.py`` takes for 3x3
+  unit-stride convolutions with enough channels;
+* ``normalization.py`` -- ``batch_norm_train_forward``, ``batch_norm_backward``;
+* ``pooling.py``       -- ``max_pool2d_forward``, ``max_pool2d_backward``;
+* ``activation.py``    -- ``relu_forward``, ``relu_backward``;
+* ``runtime.py``       -- worker threads, parallel kernels and their serial twins,
+  BLAS threads, workspaces; ``_common.py`` -- shapes and dtypes.
+
+Every loop is compiled with ``cache=True``, once per dtype (float32, float64;
+float16 runs in float32), and cached on disk, so a new process loads them in
+milliseconds. ``SCRATCHSEG_NUM_THREADS`` sets the number of worker threads
+(default: Numba's thread count, one per core). Loading these kernels also
+prepares the process (``kernels/process.py``).
+"""
+
+from __future__ import annotations
+
+from . import activation, conv, im2col, normalization, pooling
+
+#: reference function name (in ``scratchseg.functional``) -> the kernel that replaces it
+KERNELS = {
+    "im2col": im2col.im2col,
+    "col2im": im2col.col2im,
+    "conv2d_forward": conv.conv2d_forward,
+    "conv2d_input_grad": conv.conv2d_input_grad,
+    "conv2d_weight_grad": conv.conv2d_weight_grad,
+    "batch_norm_train_forward": normalization.batch_norm_train_forward,
+    "batch_norm_backward": normalization.batch_norm_backward,
+    "max_pool2d_forward": pooling.max_pool2d_forward,
+    "max_pool2d_backward": pooling.max_pool2d_backward,
+    "relu_forward": activation.relu_forward,
+    "relu_backward": activation.relu_backward,
+}
+
+__all__ = ["KERNELS"]

@@ -1,0 +1,262 @@
+"""Blocked convolution: conv2d's forward, input gradient and weight gradient as GEMMs over cache-sized blocks.
+
+``conv2d_forward``, ``conv2d_input_grad`` and ``conv2d_weight_grad`` are the
+three products of ``scratchseg.functional.conv`` (``_conv``,
+``_conv_transpose``, ``_conv_weight_grad``), with the same signatures and
+the same numbers.
+
+Why it is fast: the full column matrix of a U-Net layer is hundreds of MiB
+(64 channels, 3x3, 8x128x128: 576 x 131072 floats = 288 MiB); writing it out
+and reading it back costs as much as the GEMM. Instead each block of output
+pixels (a few output rows of one sample, or several whole samples) is
+unfolded into a workspace of about ``_BLOCK_BYTES`` that stays in the cache,
+multiplied at once, and forgotten. So nothing the size of the columns is ever
+allocated or kept from forward to backward, and the workspace is reused
+across calls. The batch is split between worker threads (``runtime._run``),
+each with single-threaded GEMMs on its own samples. The forward and the input
+gradient of a 3x3 unit-stride convolution with enough channels (and the
+weight gradient of a wide one) go to Winograd's F(2x2, 3x3) instead
+(``winograd.py``).
+"""
+
+from __future__ import annotations
+
+import numpy as np  # host-only module: these kernels only ever see NumPy arrays
+
+from . import winograd
+from ._common import _check_out, _pair, _working_dtype, conv_output_size
+from .im2col import _col2im_block, _im2col_block
+from .runtime import _run, workspace
+
+__all__ = ["conv2d_forward", "conv2d_input_grad", "conv2d_weight_grad"]
+
+# The columns of one block: a core's L2. A block that spills into the shared
+# L3 is read back by the GEMM at memory speed, and smaller blocks pay for more,
+# smaller GEMMs (measurements: benchmarks/NOTES.md).
+_BLOCK_BYTES = 2 << 20
+
+# A block of several whole samples is multiplied either as one GEMM per sample,
+# (K, R) @ (R, P) written straight into y, or as one wide GEMM over all of
+# them, (K, R) @ (R, nb*P), whose (K, nb, P) result is then copied into the
+# (nb, K, P) output. Below this many pixels per sample the per-sample GEMMs are
+# too thin for the BLAS (a 4x4 or 8x8 feature map: 16 or 64 columns), and the
+# copy costs far less than it saves.
+_MERGE_BELOW = 256
+
+# Output channels per group from which the weight gradient is computed as
+# dout @ cols^T rather than as its transpose (see conv2d_weight_grad).
+_DW_DIRECT_MIN_K = 256
+
+
+def _blocks(n_lo, n_hi, Ho, Wo, rows, itemsize):
+    """Split the output rows (n, ho) of samples [n_lo, n_hi) into blocks whose columns fill about _BLOCK_BYTES.
+
+    Yields (n0, n1, ho0, ho1): either several whole samples, or some rows of one.
+    """
+    per_row = max(rows * Wo * itemsize, 1)
+    rows_per_block = max(_BLOCK_BYTES // per_row, 1)
+    if rows_per_block >= Ho:
+        nb = max(rows_per_block // max(Ho, 1), 1)
+        for n0 in range(n_lo, n_hi, nb):
+            yield n0, min(n0 + nb, n_hi), 0, Ho
+    else:
+        # as many blocks as needed, of equal height: no small GEMM for the last few rows
+        count = -(-Ho // rows_per_block)
+        bounds = [Ho * b // count for b in range(count + 1)]
+        for n in range(n_lo, n_hi):
+            for ho0, ho1 in zip(bounds[:-1], bounds[1:]):
+                yield n, n + 1, ho0, ho1
+
+
+def _geometry(x_shape, w_shape, stride, padding, dilation):
+    sh, sw = _pair(stride, "stride")
+    ph, pw = _pair(padding, "padding")
+    dh, dw = _pair(dilation, "dilation")
+    kh, kw = int(w_shape[2]), int(w_shape[3])
+    Ho = conv_output_size(int(x_shape[2]), kh, sh, ph, dh)
+    Wo = conv_output_size(int(x_shape[3]), kw, sw, pw, dw)
+    return kh, kw, sh, sw, ph, pw, dh, dw, Ho, Wo
+
+
+def conv2d_forward(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, out=None):
+    """y = conv2d(x, weight, bias): per block of output pixels, one im2col and one GEMM.
+
+    y[n, k, ho, wo] = b[k] + sum_{c, i, j} w[k, c, i, j] x[n, c, ho*s0 - p0 + i*d0, wo*s1 - p1 + j*d1]
+
+    Shape:
+        x (N, C, H, W), weight (K, C/groups, kh, kw), bias (K,) or None ->
+        y (N, K, Ho, Wo), Ho = (H + 2*p0 - d0*(kh-1) - 1) // s0 + 1, Wo likewise.
+
+        >>> x = np.ones((2, 4, 5, 5)); w = np.ones((6, 2, 3, 3))
+        >>> conv2d_forward(x, w, None, 1, 1, 1, 2).shape
+        (2, 6, 5, 5)
+    """
+    N, C, H, W = x.shape
+    K, Cg = weight.shape[0], weight.shape[1]
+    kh, kw, sh, sw, ph, pw, dh, dw, Ho, Wo = _geometry(x.shape, weight.shape, stride, padding, dilation)
+    Kg = K // groups
+    given = np.result_type(x.dtype, weight.dtype)
+    dtype = _working_dtype(given)  # float16 runs in float32
+    x = np.ascontiguousarray(x, dtype=dtype)
+    y = _check_out(out, (N, K, Ho, Wo), dtype, "conv2d_forward")
+    if winograd._winograd_applies(C, K, kh, kw, sh, sw, dh, dw, groups, Ho, Wo):
+        winograd._winograd_conv(x, np.asarray(weight, dtype=dtype), bias, ph, pw, dh, dw, y)
+        return y if given == dtype else y.astype(given)
+    w2 = np.ascontiguousarray(weight, dtype=dtype).reshape(K, Cg * kh * kw)  # (K, Cg*kh*kw)
+    y3 = y.reshape(N, K, Ho * Wo)  # (N, K, Ho*Wo), a view
+    b2 = None if bias is None else np.asarray(bias, dtype=dtype).reshape(K, 1)  # (K, 1)
+    R = Cg * kh * kw
+
+    def part(n_lo, n_hi):
+        for n0, n1, ho0, ho1 in _blocks(n_lo, n_hi, Ho, Wo, R, dtype.itemsize):
+            nb, P = n1 - n0, (ho1 - ho0) * Wo
+            cols = workspace(R * nb * P, dtype).reshape(R, nb * P)  # (Cg*kh*kw, nb*P)
+            for g in range(groups):
+                _im2col_block(x, g * Cg, Cg, n0, n1, ho0, ho1, kh, kw, sh, sw, ph, pw, dh, dw, Wo, cols)
+                y_block = y3[n0:n1, g * Kg:(g + 1) * Kg, ho0 * Wo:ho1 * Wo]  # (nb, Kg, P)
+                if nb > 1 and P < _MERGE_BELOW:
+                    m = workspace(Kg * nb * P, dtype, 1).reshape(Kg, nb * P)
+                    np.matmul(w2[g * Kg:(g + 1) * Kg], cols, out=m)  # (Kg, R) @ (R, nb*P)
+                    y_block[...] = m.reshape(Kg, nb, P).transpose(1, 0, 2)
+                else:  # (Kg, R) @ (nb, R, P) -> (nb, Kg, P), written straight into y
+                    np.matmul(w2[g * Kg:(g + 1) * Kg], cols.reshape(R, nb, P).transpose(1, 0, 2), out=y_block)
+            if b2 is not None:  # while the block is still in the cache
+                y3[n0:n1, :, ho0 * Wo:ho1 * Wo] += b2
+
+    _run(N, part, N * K * R * Ho * Wo)
+    return y if given == dtype else y.astype(given)
+
+
+def conv2d_input_grad(dout, weight, x_shape, stride=1, padding=0, dilation=1, groups=1, out=None):
+    """dx of conv2d (= the forward of conv_transpose2d): per block, one GEMM and one col2im.
+
+    dcols = w^T dout, dx = col2im(dcols): every input pixel collects the taps that read it.
+
+    Shape:
+        dout (N, K, Ho, Wo), weight (K, C/groups, kh, kw) -> dx x_shape = (N, C, H, W).
+
+        >>> conv2d_input_grad(np.ones((2, 6, 5, 5)), np.ones((6, 2, 3, 3)), (2, 4, 5, 5), 1, 1, 1, 2).shape
+        (2, 4, 5, 5)
+    """
+    N, C, H, W = (int(s) for s in x_shape)
+    K, Cg = weight.shape[0], weight.shape[1]
+    kh, kw, sh, sw, ph, pw, dh, dw, Ho, Wo = _geometry(x_shape, weight.shape, stride, padding, dilation)
+    if dout.shape != (N, K, Ho, Wo):
+        raise ValueError(f"conv2d_input_grad: dout has shape {dout.shape}, expected {(N, K, Ho, Wo)}")
+    Kg = K // groups
+    given = np.result_type(dout.dtype, weight.dtype)
+    dtype = _working_dtype(given)
+    dx = _check_out(out, (N, C, H, W), dtype, "conv2d_input_grad")
+    # unit stride: dx is the convolution of dout with the flipped, transposed kernel,
+    # padded by d*(k-1) - p (the "full" correlation), which Winograd's tiles can compute
+    qh, qw = dh * (kh - 1) - ph, dw * (kw - 1) - pw
+    if qh >= 0 and qw >= 0 and winograd._winograd_applies(K, C, kh, kw, sh, sw, dh, dw, groups, H, W):
+        flipped = np.asarray(weight, dtype=dtype).transpose(1, 0, 2, 3)[:, :, ::-1, ::-1]  # (C, K, kh, kw)
+        winograd._winograd_conv(np.ascontiguousarray(dout, dtype=dtype), flipped, None, qh, qw, dh, dw, dx)
+        return dx if given == dtype else dx.astype(given)
+    dout3 = np.ascontiguousarray(dout, dtype=dtype).reshape(N, K, Ho * Wo)  # (N, K, Ho*Wo)
+    wT = np.ascontiguousarray(weight, dtype=dtype).reshape(K, Cg * kh * kw)  # (K, R); transposed per group below
+    dx[...] = 0
+    R = Cg * kh * kw
+
+    def part(n_lo, n_hi):  # each worker adds into the planes of its own samples only
+        for n0, n1, ho0, ho1 in _blocks(n_lo, n_hi, Ho, Wo, R, dtype.itemsize):
+            nb, P = n1 - n0, (ho1 - ho0) * Wo
+            dcols = workspace(R * nb * P, dtype).reshape(R, nb * P)  # (R, nb*P)
+            for g in range(groups):
+                d = dout3[n0:n1, g * Kg:(g + 1) * Kg, ho0 * Wo:ho1 * Wo]  # (nb, Kg, P)
+                if nb > 1 and P < _MERGE_BELOW:  # thin: one wide GEMM, (R, Kg) @ (Kg, nb*P)
+                    np.matmul(wT[g * Kg:(g + 1) * Kg].T, _side_by_side(d), out=dcols)
+                else:  # (R, Kg) @ (nb, Kg, P) -> (nb, R, P), written as the (R, nb, P) columns
+                    np.matmul(wT[g * Kg:(g + 1) * Kg].T, d, out=dcols.reshape(R, nb, P).transpose(1, 0, 2))
+                _col2im_block(dcols, g * Cg, Cg, n0, n1, ho0, ho1, kh, kw, sh, sw, ph, pw, dh, dw, Wo, dx, True, True)
+
+    _run(N, part, N * K * R * Ho * Wo)
+    return dx if given == dtype else dx.astype(given)
+
+
+def _side_by_side(d):
+    """A block's (nb, Kg, P) slice of dout as (Kg, nb*P), samples side by side as in the columns.
+
+    One sample is a view; several are copied into workspace slot 1.
+    """
+    nb, Kg, P = d.shape
+    if nb == 1:
+        return d[0]
+    wide = workspace(Kg * nb * P, d.dtype, 1).reshape(Kg, nb * P)
+    wide.reshape(Kg, nb, P)[...] = d.transpose(1, 0, 2)
+    return wide
+
+
+def _transposed(a):
+    """A C-contiguous copy of ``a`` with its last two axes swapped: (..., M, L) -> (..., L, M).
+
+    Copied in bands of 64 rows of ``a``. One pass over the whole array reads ``a``
+    down its columns with a stride of L elements; for a power-of-two L (a
+    (2304, 256) float32 weight gradient: 1 KiB) those reads keep landing in the
+    same few L1 cache sets and miss every time (measurements: benchmarks/NOTES.md).
+    """
+    M = a.shape[-2]
+    out = np.empty(a.shape[:-2] + (a.shape[-1], M), a.dtype)
+    for m0 in range(0, M, 64):
+        out[..., m0:m0 + 64] = a[..., m0:m0 + 64, :].swapaxes(-1, -2)
+    return out
+
+
+def conv2d_weight_grad(x, dout, weight_shape, stride=1, padding=0, dilation=1, groups=1):
+    """dw of conv2d: per block, one im2col (recomputed, never kept) and one GEMM.
+
+    dw[k, (c, i, j)] = sum_{n, ho, wo} dout[n, k, ho, wo] cols[(c, i, j), (n, ho, wo)]
+
+    Shape:
+        x (N, C, H, W), dout (N, K, Ho, Wo) -> dw weight_shape = (K, C/groups, kh, kw).
+
+        >>> conv2d_weight_grad(np.ones((2, 4, 5, 5)), np.ones((2, 6, 5, 5)), (6, 2, 3, 3), 1, 1, 1, 2)[0, 0]
+        array([[32., 40., 32.],
+               [40., 50., 40.],
+               [32., 40., 32.]])
+    """
+    N, C, H, W = x.shape
+    K, Cg = int(weight_shape[0]), int(weight_shape[1])
+    kh, kw, sh, sw, ph, pw, dh, dw, Ho, Wo = _geometry(x.shape, weight_shape, stride, padding, dilation)
+    if dout.shape != (N, K, Ho, Wo):
+        raise ValueError(f"conv2d_weight_grad: dout has shape {dout.shape}, expected {(N, K, Ho, Wo)}")
+    Kg = K // groups
+    given = np.result_type(x.dtype, dout.dtype)
+    dtype = _working_dtype(given)
+    x = np.ascontiguousarray(x, dtype=dtype)
+    grad_min_channels = winograd._WINOGRAD_GRAD_MIN_CHANNELS  # the weight gradient's own threshold
+    if winograd._winograd_applies(C, K, kh, kw, sh, sw, dh, dw, groups, Ho, Wo, grad_min_channels):
+        dwt = winograd._winograd_weight_grad(x, np.ascontiguousarray(dout, dtype=dtype), ph, pw, dh, dw)
+        return dwt if given == dtype else dwt.astype(given)
+    dout3 = np.ascontiguousarray(dout, dtype=dtype).reshape(N, K, Ho * Wo)  # (N, K, Ho*Wo)
+    R = Cg * kh * kw
+
+    # Two orientations of the same product. dw^T = cols @ dout^T (R rows, Kg
+    # columns) runs faster in OpenBLAS for the small Kg of early layers, but
+    # leaves an (R, Kg) -> (Kg, R) transpose at the end that from Kg =
+    # _DW_DIRECT_MIN_K on costs more than the GEMM gains; there dw = dout @ cols^T
+    # is computed in the layout it is kept in (measurements: benchmarks/NOTES.md).
+    direct = Kg >= _DW_DIRECT_MIN_K
+
+    def part(n_lo, n_hi):  # each worker sums its own samples' share of dw
+        acc = np.zeros((groups, Kg, R) if direct else (groups, R, Kg), dtype=dtype)  # dw or dw^T per group
+        for n0, n1, ho0, ho1 in _blocks(n_lo, n_hi, Ho, Wo, R, dtype.itemsize):
+            nb, P = n1 - n0, (ho1 - ho0) * Wo
+            cols = workspace(R * nb * P, dtype).reshape(R, nb * P)  # (R, nb*P)
+            for g in range(groups):
+                _im2col_block(x, g * Cg, Cg, n0, n1, ho0, ho1, kh, kw, sh, sw, ph, pw, dh, dw, Wo, cols)
+                d = dout3[n0:n1, g * Kg:(g + 1) * Kg, ho0 * Wo:ho1 * Wo]  # (nb, Kg, P)
+                d_wide = _side_by_side(d)  # (Kg, nb*P): the samples' sum is the GEMM's own
+                if direct:
+                    acc[g] += d_wide @ cols.T  # (Kg, nb*P) @ (nb*P, R)
+                else:
+                    acc[g] += cols @ d_wide.T  # (R, nb*P) @ (nb*P, Kg)
+        return acc
+
+    partials = _run(N, part, N * K * R * Ho * Wo)
+    acc = partials[0]
+    for p in partials[1:]:
+        acc += p
+    dw = (acc if direct else _transposed(acc)).reshape(K, Cg, kh, kw)  # (G, K/G, R) -> (K, Cg, kh, kw)
+    return dw if given == dtype else dw.astype(given)

@@ -1,0 +1,178 @@
+"""How the CPU kernels run: worker threads, parallel Numba kernels with serial twins, BLAS threads, workspaces.
+
+Two kinds of parallelism, each chosen so that waking threads costs less
+than it saves:
+
+* **The batch split between worker threads** (``_split``, ``_run``): the
+  convolutions run serial, ``nogil`` Numba loops and single-threaded GEMMs,
+  each worker on its own contiguous slice of the samples. Coarse on purpose:
+  a fine-grained split (a parallel im2col, then a multi-threaded GEMM, per
+  block) hands the cores back and forth between two thread pools hundreds of
+  times per layer, and each hand-over costs (idle pools spin or must be woken;
+  on a loaded machine a worker that lost its core stalls the whole barrier).
+  Small products run inline instead, their GEMMs on the BLAS's own threads.
+* **``parallel=True`` Numba kernels** (``prange`` over channels or planes:
+  batch norm, max pool, ReLU, Winograd's weight transforms), launched by
+  ``_launch``, which runs a serial twin of the kernel for small inputs.
+
+``SCRATCHSEG_NUM_THREADS`` sets the number of workers (default: Numba's
+thread count, one per core). ``workspace`` hands out reusable per-thread
+scratch arrays, so the blocked kernels allocate nothing per call. What this
+needs of the process (NumPy's OpenBLAS found and its thread count capped
+during a split) is described in ``kernels/process.py``.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import ctypes
+import os
+import threading
+import types
+
+import numba
+import numpy as np  # host-only module: these kernels only ever see NumPy arrays
+from numba import njit
+
+from .. import process
+
+
+# ------------------------------------------------------------- BLAS threads
+class _OpenBLASThreads:
+    """get()/set() the thread count of NumPy's OpenBLAS (found by ``kernels.process``)."""
+
+    def __init__(self, lib, getter, setter):
+        self._get, self._set = getattr(lib, getter), getattr(lib, setter)
+        self._get.restype = ctypes.c_int
+
+    def get(self):
+        return int(self._get())
+
+    def set(self, n):
+        self._set(ctypes.c_int(n))
+
+    @classmethod
+    def find(cls):
+        """The thread control of the OpenBLAS NumPy loaded, or None where there is none."""
+        found = process.prepare_cpu_kernels()
+        return None if found is None else cls(*found)
+
+
+_blas_threads = _OpenBLASThreads.find()
+
+
+# ---------------------------------------------------- the batch split between threads
+_local = threading.local()
+_split_lock = threading.Lock()
+_pool = None
+_pool_size = 0
+
+
+def _threads():
+    """Worker threads for the kernels: SCRATCHSEG_NUM_THREADS, else Numba's thread count."""
+    n = os.environ.get("SCRATCHSEG_NUM_THREADS", "").strip()
+    return max(1, int(n)) if n else max(1, numba.config.NUMBA_NUM_THREADS)
+
+
+def _workers(N):
+    """How many threads share N samples (1: run inline, with a multi-threaded GEMM)."""
+    if _blas_threads is None:  # OpenBLAS threads cannot be capped: no nested parallelism
+        return 1
+    return min(_threads(), N)
+
+
+def _split(N, part):
+    """Run ``part(n0, n1)`` on contiguous sample ranges covering [0, N), one per worker thread."""
+    global _pool, _pool_size
+    T = _workers(N)
+    bounds = [N * t // T for t in range(T + 1)]
+    with _split_lock:  # one split at a time: callers in several threads queue here
+        if _pool is None or _pool_size < T - 1:
+            if _pool is not None:
+                _pool.shutdown(wait=False)
+            _pool = concurrent.futures.ThreadPoolExecutor(max_workers=T - 1, thread_name_prefix="scratchseg-kernel")
+            _pool_size = T - 1
+        previous = _blas_threads.get()
+        _blas_threads.set(1)  # each worker's GEMM runs on its own core (NumPy's BLAS is process-wide)
+        try:
+            futures = [_pool.submit(part, bounds[t], bounds[t + 1]) for t in range(1, T)]
+            try:  # the calling thread takes the first share itself: one thread fewer to wake
+                first = part(bounds[0], bounds[1])
+            finally:
+                concurrent.futures.wait(futures)
+            return [first] + [f.result() for f in futures]
+        finally:
+            _blas_threads.set(previous)
+
+
+# A split hands work to other threads and takes it back (about 0.1 ms): a
+# product of fewer multiply-adds than this runs inline on the calling thread,
+# its GEMMs on the BLAS's own threads (measurements: benchmarks/NOTES.md).
+_SPLIT_MIN_MACS = 8_000_000
+
+
+def _run(N, part, macs):
+    """``part`` over the samples [0, N): split between workers if ``macs`` multiply-adds pay for it,
+    else inline; the list of results."""
+    return _split(N, part) if _workers(N) > 1 and macs >= _SPLIT_MIN_MACS else [part(0, N)]
+
+
+# ----------------------------------------------- parallel kernels, serial twins
+# Numba's workqueue threading layer (the default set by kernels/process.py)
+# aborts the whole process when two Python threads run parallel=True kernels at
+# the same time. Every call into one goes through _launch, which holds this
+# lock; each already uses every core.
+_PARALLEL_LOCK = threading.Lock()
+
+# Waking Numba's workers costs about 0.1 ms a launch, even for a kernel with
+# nothing to do, and these kernels are bound by memory more than by the core:
+# below this many elements the serial twin of a kernel (the same code compiled
+# without parallel=True, where prange is a plain range) wins
+# (measurements: benchmarks/NOTES.md).
+_PARALLEL_MIN_WORK = 1 << 20
+_SERIAL = {}  # parallel kernel -> its serial twin
+
+
+def _parallel_njit(**options):
+    """``@njit(parallel=True, cache=True, **options)`` that also compiles a serial twin (see ``_launch``).
+
+    The twin is the same Python function under another name: Numba's disk cache
+    keys a function by its name, not by its options, so two compilations of one
+    name would overwrite each other's cache entries.
+    """
+
+    def wrap(f):
+        kernel = njit(parallel=True, cache=True, **options)(f)
+        twin = types.FunctionType(f.__code__, f.__globals__, f.__name__ + "_serial", f.__defaults__, f.__closure__)
+        twin.__qualname__ = f.__qualname__ + "_serial"
+        _SERIAL[kernel] = njit(cache=True, nogil=True, **options)(twin)
+        return kernel
+
+    return wrap
+
+
+def _launch(kernel, work, *args):
+    """``kernel(*args)``: in parallel, or by its serial twin when ``work`` elements are too few to pay for it."""
+    if work < _PARALLEL_MIN_WORK:
+        return _SERIAL[kernel](*args)
+    with _PARALLEL_LOCK:
+        return kernel(*args)
+
+
+# --------------------------------------------------------------- workspaces
+def workspace(size, dtype, slot=0):
+    """A reusable flat scratch array of at least ``size`` elements (per thread, dtype and slot).
+
+    The contents are garbage; the array is overwritten by the next call for the
+    same slot, so a caller must not keep it. A caller that needs several
+    scratch arrays at once takes them from different slots.
+    """
+    dtype = np.dtype(dtype)
+    cache = getattr(_local, "buffers", None)
+    if cache is None:
+        cache = _local.buffers = {}
+    key = (dtype, slot)
+    buf = cache.get(key)
+    if buf is None or buf.size < size:
+        buf = cache[key] = np.empty(max(int(size), 1), dtype=dtype)
+    return buf[:size]

@@ -1,0 +1,360 @@
+"""Winograd's minimal filtering F(2x2, 3x3): 3x3 unit-stride convolutions with 16 multiplications per 2x2 tile, not 36.
+
+A 3x3 convolution with unit stride computes each 2x2 tile of outputs from a
+4x4 tile of inputs d. Winograd's minimal filtering algorithm F(2x2, 3x3)
+(Lavin & Gray, 2016) gets those four outputs with 16 multiplications per
+channel pair instead of 36::
+
+    Y = A^T [ (G g G^T) * (B^T d B) ] A            (* elementwise, 4x4)
+
+    B^T = [[1, 0, -1,  0],    G = [[ 1,    0,   0 ],    A^T = [[1, 1,  1,  0],
+           [0, 1,  1,  0],         [1/2,  1/2, 1/2],           [0, 1, -1, -1]]
+           [0, -1, 1,  0],         [1/2, -1/2, 1/2],
+           [0, 1,  0, -1]]         [ 0,    0,   1 ]]
+
+Summed over the input channels, each of the 16 positions (xi, nu) of the
+transformed tiles is a matrix product over all tiles at once::
+
+    M[xi nu] (K, T) = U[xi nu] (K, C) @ V[xi nu] (C, T),   U = G g G^T, V = B^T d B
+
+Why it is fast: the convolution becomes 16 GEMMs with 16/36 of the
+multiply-adds of the im2col GEMM, plus an input transform (x -> V) and an
+output transform (M -> y) that are cheap passes over cache-resident blocks.
+It applies to unit-stride 3x3 convolutions with one group, any padding and
+any dilation: a dilated kernel reads every d-th pixel, so the outputs of one
+residue class (ho mod d, wo mod d) form an ordinary 3x3 convolution of the
+pixels of a matching residue class, and each class is tiled on its own. The
+rounding differs from the direct sum by a few units in the last place of the
+largest terms.
+
+``conv.py`` calls it (when ``_winograd_applies``) for the forward
+(``_winograd_conv``), for the input gradient (the same computation with the
+kernel flipped) and, for wide layers, for the weight gradient
+(``_winograd_weight_grad``, the forward's transpose).
+"""
+
+from __future__ import annotations
+
+import numpy as np  # host-only module: these kernels only ever see NumPy arrays
+from numba import njit, prange
+
+from ._common import _valid_range
+from .runtime import _launch, _parallel_njit, _run, workspace
+
+_WINOGRAD_MIN_CHANNELS = 32  # below this the 16 GEMMs are too thin to win
+_WINOGRAD_MIN_TILES = 64  # tiles of one residue class of one sample
+# The transforms cost about the same per tile whatever the channels, the GEMMs
+# save in proportion to them: min(C, K) x tiles must reach this too
+# (measurements of all three thresholds: benchmarks/NOTES.md).
+_WINOGRAD_MIN_CHANNEL_TILES = 8192
+_WINOGRAD_BLOCK_BYTES = 768 << 10  # transformed inputs of one block, about half a core's L2
+
+
+def _winograd_applies(C, K, kh, kw, sh, sw, dh, dw, groups, Ho, Wo, min_channels=None):
+    """Whether a product of this geometry takes the Winograd path (the forward's thresholds by default)."""
+    min_channels = _WINOGRAD_MIN_CHANNELS if min_channels is None else min_channels
+    if (kh, kw, sh, sw, groups) != (3, 3, 1, 1, 1) or min(C, K) < min_channels:
+        return False
+    tiles = -(-(Ho // dh) // 2) * -(-(Wo // dw) // 2)  # tiles of the smallest residue class
+    return tiles >= _WINOGRAD_MIN_TILES and min(C, K) * tiles >= _WINOGRAD_MIN_CHANNEL_TILES
+
+
+@_parallel_njit()
+def _winograd_weights(w, U):
+    # U[(xi, nu), k, c] = (G w[k, c] G^T)[xi, nu], w (K, C, 3, 3), written out as straight-line
+    # code (no branches, no temporaries) so that the loop over c vectorises
+    K, C = w.shape[0], w.shape[1]
+    for k in prange(K):
+        for c in range(C):
+            g00, g01, g02 = w[k, c, 0, 0], w[k, c, 0, 1], w[k, c, 0, 2]
+            g10, g11, g12 = w[k, c, 1, 0], w[k, c, 1, 1], w[k, c, 1, 2]
+            g20, g21, g22 = w[k, c, 2, 0], w[k, c, 2, 1], w[k, c, 2, 2]
+            # G g: four rows of three
+            a0, a1, a2 = g00, g01, g02
+            b0, b1, b2 = (g00 + g10 + g20) * 0.5, (g01 + g11 + g21) * 0.5, (g02 + g12 + g22) * 0.5
+            c0, c1, c2 = (g00 - g10 + g20) * 0.5, (g01 - g11 + g21) * 0.5, (g02 - g12 + g22) * 0.5
+            d0, d1, d2 = g20, g21, g22
+            # (G g) G^T, row by row
+            _g_row(U, 0, k, c, a0, a1, a2)
+            _g_row(U, 1, k, c, b0, b1, b2)
+            _g_row(U, 2, k, c, c0, c1, c2)
+            _g_row(U, 3, k, c, d0, d1, d2)
+    return U
+
+
+@njit(cache=True, inline="always")
+def _g_row(U, i, k, c, t0, t1, t2):
+    # row i of (G g) G^T from row i of G g: [t0, (t0 + t1 + t2) / 2, (t0 - t1 + t2) / 2, t2]
+    U[4 * i, k, c] = t0
+    U[4 * i + 1, k, c] = (t0 + t1 + t2) * 0.5
+    U[4 * i + 2, k, c] = (t0 - t1 + t2) * 0.5
+    U[4 * i + 3, k, c] = t2
+
+
+@njit(cache=True, inline="always")
+def _load_row(row, src, off, step, lo, hi):
+    # row[m] = src[off + step*m] for m in [lo, hi), 0 elsewhere: one residue class of an image
+    # row, zero-padded ([lo, hi) from _valid_range); a unit step is a plain run LLVM vectorises
+    for m in range(lo):
+        row[m] = 0
+    if step == 1:
+        for m in range(lo, hi):
+            row[m] = src[m + off]
+    else:
+        for m in range(lo, hi):
+            row[m] = src[off + step * m]
+    for m in range(hi, row.shape[0]):
+        row[m] = 0
+
+
+@njit(cache=True, nogil=True)
+def _winograd_input(x, n, a, b, dh, dw, ph, pw, r0, r1, TW, V):
+    # V[(xi, nu), c, t] = (B^T d B)[xi, nu] for the tiles t of tile rows [r0, r1) of residue
+    # class (a, b): tile (r, s) reads the 4x4 pixels x[n, c, a - ph + dh*(2r + e), b - pw + dw*(2s + f)]
+    C, H, W = x.shape[1], x.shape[2], x.shape[3]
+    Wp = 2 * TW + 2  # the columns the tiles of a tile row read
+    rows = np.empty((4, Wp), dtype=V.dtype)
+    q = np.empty((4, Wp), dtype=V.dtype)
+    m_lo, m_hi = _valid_range(b - pw, dw, W, Wp)  # columns m with 0 <= b - pw + dw*m < W
+    for c in range(C):
+        plane = x[n, c]
+        for r in range(r0, r1):
+            for e in range(4):  # the tile row's 4 input rows, zero outside the image
+                h = a - ph + dh * (2 * r + e)
+                row = rows[e]
+                if h < 0 or h >= H:
+                    for m in range(Wp):
+                        row[m] = 0
+                    continue
+                _load_row(row, plane[h], b - pw, dw, m_lo, m_hi)
+            d0, d1, d2, d3 = rows[0], rows[1], rows[2], rows[3]
+            q0, q1, q2, q3 = q[0], q[1], q[2], q[3]
+            for m in range(Wp):  # B^T d: combine the rows, whole rows at a time
+                q0[m] = d0[m] - d2[m]
+                q1[m] = d1[m] + d2[m]
+                q2[m] = d2[m] - d1[m]
+                q3[m] = d1[m] - d3[m]
+            t0 = (r - r0) * TW
+            for e in range(4):  # (B^T d) B: tile s combines columns 2s .. 2s+3
+                qe = q[e]
+                v0 = V[4 * e, c, t0:t0 + TW]
+                v1 = V[4 * e + 1, c, t0:t0 + TW]
+                v2 = V[4 * e + 2, c, t0:t0 + TW]
+                v3 = V[4 * e + 3, c, t0:t0 + TW]
+                for s in range(TW):
+                    f0 = qe[2 * s]
+                    f1 = qe[2 * s + 1]
+                    f2 = qe[2 * s + 2]
+                    f3 = qe[2 * s + 3]
+                    v0[s] = f0 - f2
+                    v1[s] = f1 + f2
+                    v2[s] = f2 - f1
+                    v3[s] = f1 - f3
+    return V
+
+
+@njit(cache=True, nogil=True)
+def _winograd_output(M, n, a, b, dh, dw, r0, r1, TW, bias, y):
+    # y[n, k, a + dh*(2r + i), b + dw*(2s + j)] = (A^T M[:, k, t] A)[i, j] + bias[k], inside y only
+    K, Ho, Wo = y.shape[1], y.shape[2], y.shape[3]
+    u = np.empty((2, 4, TW), dtype=M.dtype)
+    z = np.empty(2 * TW, dtype=M.dtype)
+    n_out = _valid_range(b, dw, Wo, 2 * TW)[1]  # the outputs of residue class b along a row: b, b + dw, ... < Wo
+    for k in range(K):
+        out = y[n, k]
+        bk = bias[k]
+        for r in range(r0, r1):
+            t0 = (r - r0) * TW
+            for f in range(4):  # A^T m: combine the 4 rows of each tile
+                m0 = M[f, k, t0:t0 + TW]
+                m1 = M[4 + f, k, t0:t0 + TW]
+                m2 = M[8 + f, k, t0:t0 + TW]
+                m3 = M[12 + f, k, t0:t0 + TW]
+                u0 = u[0, f]
+                u1 = u[1, f]
+                for s in range(TW):
+                    u0[s] = m0[s] + m1[s] + m2[s]
+                    u1[s] = m1[s] - m2[s] - m3[s]
+            for i in range(2):  # (A^T m) A: 2 outputs per tile along the row
+                oh = a + dh * (2 * r + i)
+                if oh >= Ho:
+                    continue
+                w0, w1, w2, w3 = u[i, 0], u[i, 1], u[i, 2], u[i, 3]
+                for s in range(TW):
+                    z[2 * s] = w0[s] + w1[s] + w2[s] + bk
+                    z[2 * s + 1] = w1[s] - w2[s] - w3[s] + bk
+                orow = out[oh]
+                if dw == 1:
+                    for m in range(n_out):
+                        orow[b + m] = z[m]
+                else:
+                    for m in range(n_out):
+                        orow[b + dw * m] = z[m]
+    return y
+
+
+def _winograd_blocks(Ho, Wo, dh, dw, tile_bytes, budget):
+    """The blocks of one sample: (a, b, TW, r0, r1, T) for tile rows [r0, r1) of residue class (a, b).
+
+    TW is the class's tiles per tile row; T the most tiles a block of this
+    class holds, about ``budget`` bytes at ``tile_bytes`` per tile (and at
+    least ~128 tiles, so that the GEMMs are not too thin). The column classes
+    b of one block of rows follow each other, so the input rows they all read
+    are still in the cache for the second.
+    """
+    for a in range(dh):
+        TH = -(-len(range(a, Ho, dh)) // 2)  # tile rows of residue class a
+        TWs = [-(-len(range(b, Wo, dw)) // 2) for b in range(dw)]
+        if TH == 0 or max(TWs) == 0:  # an output smaller than the dilation: a class with no pixels
+            continue
+        rows = max(1, min(TH, budget // (tile_bytes * max(TWs))))
+        rows = max(rows, min(TH, -(-128 // max(TWs))))
+        for r0 in range(0, TH, rows):
+            for b, TW in enumerate(TWs):
+                if TW:
+                    yield a, b, TW, r0, min(r0 + rows, TH), rows * TW
+
+
+def _winograd_conv(x, w, bias, ph, pw, dh, dw, y):
+    """y = conv2d(x, w, bias) for a 3x3 kernel, unit stride, one group: Winograd F(2x2, 3x3).
+
+    Shape:
+        x (N, C, H, W), w (K, C, 3, 3) (any strides), bias (K,) or None, y (N, K, Ho, Wo)
+        written in full, all of one dtype (float32 or float64).
+    """
+    N, C = x.shape[0], x.shape[1]
+    K, Ho, Wo = y.shape[1], y.shape[2], y.shape[3]
+    dtype = y.dtype
+    U = _launch(_winograd_weights, 16 * K * C, np.ascontiguousarray(w, dtype=dtype), np.empty((16, K, C), dtype))
+    b = np.zeros(K, dtype) if bias is None else np.ascontiguousarray(bias, dtype=dtype)
+
+    def part(n_lo, n_hi):
+        for n in range(n_lo, n_hi):
+            for a, bb, TW, r0, r1, T in _winograd_blocks(Ho, Wo, dh, dw, 16 * C * dtype.itemsize,
+                                                        _WINOGRAD_BLOCK_BYTES):
+                t = (r1 - r0) * TW
+                V = workspace(16 * C * T, dtype, 0).reshape(16, C, T)[:, :, :t]
+                M = workspace(16 * K * T, dtype, 1).reshape(16, K, T)[:, :, :t]
+                _winograd_input(x, n, a, bb, dh, dw, ph, pw, r0, r1, TW, V)
+                np.matmul(U, V, out=M)  # 16 GEMMs (K, C) @ (C, t)
+                _winograd_output(M, n, a, bb, dh, dw, r0, r1, TW, b, y)
+
+    _run(N, part, N * K * C * 9 * Ho * Wo)  # the direct convolution's count
+    return y
+
+
+# The weight gradient by the same tiles (the transpose of the forward's algorithm):
+#
+#     dw[k, c] = G^T [ sum over tiles of (A dY A^T) * (B^T d B) ] G
+#
+# with dY the 2x2 tile of dout and d the 4x4 tile of x it came from. The sum
+# over tiles is, for each of the 16 positions, a GEMM whose inner dimension is
+# the number of tiles: D[xi nu] (K, T) @ V[xi nu]^T (T, C).
+_WINOGRAD_GRAD_BLOCK_BYTES = 1 << 20  # transformed inputs of one weight-gradient block
+# Its transforms move more memory per multiply-add than the forward's, and with
+# both cores busy that only pays off for wide layers (measurements: benchmarks/NOTES.md).
+_WINOGRAD_GRAD_MIN_CHANNELS = 128
+
+
+@njit(cache=True, nogil=True)
+def _winograd_output_grad(dout, n, a, b, dh, dw, r0, r1, TW, D):
+    # D[(xi, nu), k, t] = (A g A^T)[xi, nu] for the 2x2 tile g of dout at tile (r, s) of residue
+    # class (a, b): g[i, j] = dout[n, k, a + dh*(2r + i), b + dw*(2s + j)], zero outside dout.
+    # A = [[1, 0], [1, 1], [1, -1], [0, -1]] (the forward's A^T, transposed).
+    K, Ho, Wo = dout.shape[1], dout.shape[2], dout.shape[3]
+    z = np.empty((2, 2 * TW), dtype=D.dtype)
+    e = np.empty((4, 2 * TW), dtype=D.dtype)
+    n_out = _valid_range(b, dw, Wo, 2 * TW)[1]  # the outputs of residue class b along a row
+    for k in range(K):
+        plane = dout[n, k]
+        for r in range(r0, r1):
+            for i in range(2):  # the tile row's 2 rows of dout, zero outside
+                oh = a + dh * (2 * r + i)
+                zi = z[i]
+                if oh >= Ho:
+                    for m in range(2 * TW):
+                        zi[m] = 0
+                    continue
+                _load_row(zi, plane[oh], b, dw, 0, n_out)
+            z0, z1 = z[0], z[1]
+            e0, e1, e2, e3 = e[0], e[1], e[2], e[3]
+            for m in range(2 * TW):  # A g: combine the 2 rows
+                e0[m] = z0[m]
+                e1[m] = z0[m] + z1[m]
+                e2[m] = z0[m] - z1[m]
+                e3[m] = -z1[m]
+            t0 = (r - r0) * TW
+            for f in range(4):  # (A g) A^T: tile s combines columns 2s, 2s+1
+                ef = e[f]
+                v0 = D[4 * f, k, t0:t0 + TW]
+                v1 = D[4 * f + 1, k, t0:t0 + TW]
+                v2 = D[4 * f + 2, k, t0:t0 + TW]
+                v3 = D[4 * f + 3, k, t0:t0 + TW]
+                for s in range(TW):
+                    g0 = ef[2 * s]
+                    g1 = ef[2 * s + 1]
+                    v0[s] = g0
+                    v1[s] = g0 + g1
+                    v2[s] = g0 - g1
+                    v3[s] = -g1
+    return D
+
+
+@_parallel_njit()
+def _winograd_fold(S, dw):
+    # dw[k, c] = G^T S[:, k, c] G, S (16, K, C) -> dw (K, C, 3, 3), straight-line code;
+    # G^T = [[1, 1/2, 1/2, 0], [0, 1/2, -1/2, 0], [0, 1/2, 1/2, 1]]
+    K, C = S.shape[1], S.shape[2]
+    for k in prange(K):
+        for c in range(C):
+            s = S[:, k, c]
+            # G^T S: three rows of four
+            a0, a1 = s[0] + (s[4] + s[8]) * 0.5, s[1] + (s[5] + s[9]) * 0.5
+            a2, a3 = s[2] + (s[6] + s[10]) * 0.5, s[3] + (s[7] + s[11]) * 0.5
+            b0, b1 = (s[4] - s[8]) * 0.5, (s[5] - s[9]) * 0.5
+            b2, b3 = (s[6] - s[10]) * 0.5, (s[7] - s[11]) * 0.5
+            c0, c1 = (s[4] + s[8]) * 0.5 + s[12], (s[5] + s[9]) * 0.5 + s[13]
+            c2, c3 = (s[6] + s[10]) * 0.5 + s[14], (s[7] + s[11]) * 0.5 + s[15]
+            # (G^T S) G: each row -> [t0 + (t1 + t2) / 2, (t1 - t2) / 2, (t1 + t2) / 2 + t3]
+            dw[k, c, 0, 0] = a0 + (a1 + a2) * 0.5
+            dw[k, c, 0, 1] = (a1 - a2) * 0.5
+            dw[k, c, 0, 2] = (a1 + a2) * 0.5 + a3
+            dw[k, c, 1, 0] = b0 + (b1 + b2) * 0.5
+            dw[k, c, 1, 1] = (b1 - b2) * 0.5
+            dw[k, c, 1, 2] = (b1 + b2) * 0.5 + b3
+            dw[k, c, 2, 0] = c0 + (c1 + c2) * 0.5
+            dw[k, c, 2, 1] = (c1 - c2) * 0.5
+            dw[k, c, 2, 2] = (c1 + c2) * 0.5 + c3
+    return dw
+
+
+def _winograd_weight_grad(x, dout, ph, pw, dh, dw):
+    """dw of conv2d for a 3x3 kernel, unit stride, one group, by Winograd F(2x2, 3x3)'s tiles.
+
+    Shape:
+        x (N, C, H, W), dout (N, K, Ho, Wo), contiguous, of one dtype -> dw (K, C, 3, 3).
+    """
+    N, C = x.shape[0], x.shape[1]
+    K, Ho, Wo = dout.shape[1], dout.shape[2], dout.shape[3]
+    dtype = x.dtype
+
+    def part(n_lo, n_hi):  # each worker sums its own samples' share
+        S = np.zeros((16, K, C), dtype)
+        for n in range(n_lo, n_hi):
+            for a, b, TW, r0, r1, T in _winograd_blocks(Ho, Wo, dh, dw, 16 * C * dtype.itemsize,
+                                                       _WINOGRAD_GRAD_BLOCK_BYTES):
+                t = (r1 - r0) * TW
+                V = workspace(16 * C * T, dtype, 0).reshape(16, C, T)[:, :, :t]
+                D = workspace(16 * K * T, dtype, 1).reshape(16, K, T)[:, :, :t]
+                P = workspace(16 * K * C, dtype, 2).reshape(16, K, C)
+                _winograd_input(x, n, a, b, dh, dw, ph, pw, r0, r1, TW, V)
+                _winograd_output_grad(dout, n, a, b, dh, dw, r0, r1, TW, D)
+                np.matmul(D, V.transpose(0, 2, 1), out=P)  # 16 GEMMs (K, t) @ (t, C)
+                S += P
+        return S
+
+    partials = _run(N, part, N * K * C * 9 * Ho * Wo)
+    S = partials[0]
+    for p in partials[1:]:
+        S += p
+    return _launch(_winograd_fold, S.size, S, np.empty((K, C, 3, 3), dtype))

@@ -1,0 +1,72 @@
+"""What the kernel tests share: hypothesis strategies for convolution geometries, PyTorch's
+convolution gradients as the oracle, and a way to set the CPU kernels' tuning constants
+for a block (hypothesis tests cannot use pytest's ``monkeypatch``)."""
+
+from __future__ import annotations
+
+import contextlib
+from unittest import mock
+
+import numpy as np
+from hypothesis import strategies as st
+
+DTYPES = [np.float32, np.float64]
+
+
+@st.composite
+def geometries(draw, max_size=9):
+    """(x_shape, kh, kw, stride, padding, dilation) with at least one output pixel."""
+    kh, kw = draw(st.integers(1, 4)), draw(st.integers(1, 4))
+    stride = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
+    dilation = (draw(st.integers(1, 5)), draw(st.integers(1, 5)))
+    padding = (draw(st.integers(0, 6)), draw(st.integers(0, 6)))  # up to far beyond the input
+    span_h, span_w = dilation[0] * (kh - 1) + 1, dilation[1] * (kw - 1) + 1
+    H = draw(st.integers(max(1, span_h - 2 * padding[0]), max(span_h, max_size)))
+    W = draw(st.integers(max(1, span_w - 2 * padding[1]), max(span_w, max_size)))
+    N, C = draw(st.integers(1, 3)), draw(st.integers(1, 4))
+    return (N, C, H, W), kh, kw, stride, padding, dilation
+
+
+@st.composite
+def conv_cases(draw):
+    """A grouped convolution's geometry and a block plan of the CPU kernels, each choice drawn both ways.
+
+    The plan is a list of (module, name, value) for :func:`patched`.
+    """
+    from kernels.cpu import conv, runtime
+
+    (N, C, H, W), kh, kw, stride, padding, dilation = draw(geometries(max_size=12))
+    groups = draw(st.sampled_from([g for g in (1, 2, 3) if C % g == 0]))
+    K = groups * draw(st.integers(1, 3))
+    plan = [
+        # the whole batch in one block, or blocks of a few hundred bytes, so
+        # the loops split rows of one sample and group several samples
+        (conv, "_BLOCK_BYTES", draw(st.sampled_from([64 << 20, 1, 300, 2000]))),
+        # a block of several samples: one GEMM per sample (0) or one wide GEMM (always)
+        (conv, "_MERGE_BELOW", draw(st.sampled_from([0, 1 << 30]))),
+        # the weight gradient as dout @ cols^T (1) or as its transpose
+        (conv, "_DW_DIRECT_MIN_K", draw(st.sampled_from([1, 1 << 30]))),
+        # the batch split between worker threads (0), or run inline
+        (runtime, "_SPLIT_MIN_MACS", draw(st.sampled_from([0, 1 << 62]))),
+    ]
+    return (N, C, H, W), K, kh, kw, stride, padding, dilation, groups, plan
+
+
+def torch_conv(x, w, b, dout, stride, padding, dilation, groups):
+    """PyTorch's conv2d of (x, w, b) and its gradients for ``dout``: y, dx, dw as NumPy arrays."""
+    import torch
+
+    tx = torch.tensor(x, requires_grad=True)
+    tw = torch.tensor(w, requires_grad=True)
+    y = torch.nn.functional.conv2d(tx, tw, torch.tensor(b), stride, padding, dilation, groups)
+    y.backward(torch.tensor(dout))
+    return y.detach().numpy(), tx.grad.numpy(), tw.grad.numpy()
+
+
+@contextlib.contextmanager
+def patched(settings):
+    """A context in which each (module, name, value) of ``settings`` is set; restored on exit."""
+    with contextlib.ExitStack() as stack:
+        for module, name, value in settings:
+            stack.enter_context(mock.patch.object(module, name, value))
+        yield

@@ -1,0 +1,312 @@
+"""kernels/cpu/conv.py and winograd.py: the blocked convolution and Winograd F(2x2, 3x3) equal to PyTorch.
+
+* the three conv products (forward, input gradient, weight gradient) against
+  PyTorch autograd, with every choice of the block plan drawn both ways
+  (blocks that split rows and group samples, one wide GEMM or one per sample,
+  both orientations of the weight gradient, the batch split or inline);
+* the block plan, the banded transpose, float16, the flat-run paths of
+  im2col/col2im that a 'same'-width convolution takes;
+* the Winograd path of all three products (thresholds lowered so that small
+  shapes take it), each of its thresholds switching the path both ways.
+
+Other kernels (im2col, runtime, batch norm, pooling, ReLU, process tuning,
+CUDA) are in test_kernels.py.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+from helpers import assert_close
+from kernel_cases import DTYPES, conv_cases, patched, torch_conv
+from scratchseg.functional.im2col import conv_output_size
+from scratchseg.functional.im2col import im2col as ref_im2col
+
+pytest.importorskip("numba")
+torch = pytest.importorskip("torch")
+import kernels.cpu as kcpu  # noqa: E402
+from kernels.cpu import conv, runtime, winograd  # noqa: E402
+
+
+# ------------------------------------------------------------- blocked conv2d
+@settings(max_examples=40, deadline=None)
+@given(conv_cases(), st.sampled_from(DTYPES))
+def test_cpu_conv2d_kernels_match_torch(case, dtype):
+    x_shape, K, kh, kw, stride, padding, dilation, groups, plan = case
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal(x_shape).astype(dtype)
+    w = rng.standard_normal((K, x_shape[1] // groups, kh, kw)).astype(dtype)
+    b = rng.standard_normal(K).astype(dtype)
+    N, C, H, W = x_shape
+    Ho = conv_output_size(H, kh, stride[0], padding[0], dilation[0])
+    Wo = conv_output_size(W, kw, stride[1], padding[1], dilation[1])
+    dout = rng.standard_normal((N, K, Ho, Wo)).astype(dtype)
+    y_t, dx_t, dw_t = torch_conv(x, w, b, dout, stride, padding, dilation, groups)
+    with patched(plan):
+        y = kcpu.conv.conv2d_forward(x, w, b, stride, padding, dilation, groups)
+        dx = kcpu.conv.conv2d_input_grad(dout, w, x_shape, stride, padding, dilation, groups)
+        dw = kcpu.conv.conv2d_weight_grad(x, dout, w.shape, stride, padding, dilation, groups)
+    tol = dict(rtol=1e-7, atol=1e-10) if dtype == np.float64 else dict(rtol=1e-4, atol=1e-4)
+    assert y.dtype == dx.dtype == dw.dtype == dtype
+    assert_close(y, y_t, **tol, msg="forward")
+    assert_close(dx, dx_t, **tol, msg="input grad")
+    assert_close(dw, dw_t, **tol, msg="weight grad")
+
+
+def test_cpu_conv2d_blocks_cover_every_output_row(monkeypatch):
+    """The block plan visits each (n, ho) exactly once, whatever the block size; blocks
+    of part of a sample stay within the budget and have equal heights (within a row)."""
+    cases = [(3, 7, 5, 9, 1), (3, 7, 5, 9, 4 * 9 * 5 * 3), (4, 2, 3, 2, 4 * 2 * 3 * 2 * 3), (2, 5, 1, 1, 1 << 30),
+             (2, 128, 128, 576, 2 << 20), (1, 13, 4, 3, 4 * 3 * 4 * 6)]
+    for N, Ho, Wo, R, block in cases:
+        monkeypatch.setattr(conv, "_BLOCK_BYTES", block)
+        seen = np.zeros((N, Ho), int)
+        heights = []
+        for n0, n1, ho0, ho1 in conv._blocks(0, N, Ho, Wo, R, 4):
+            assert n1 == n0 + 1 or (ho0, ho1) == (0, Ho)
+            seen[n0:n1, ho0:ho1] += 1
+            if (ho0, ho1) != (0, Ho):
+                heights.append(ho1 - ho0)
+        assert (seen == 1).all()
+        if heights:
+            assert max(heights) <= max(block // (R * Wo * 4), 1), (heights, block)
+            assert max(heights) - min(heights) <= 1, heights
+
+
+def test_cpu_transposed_copies_in_bands():
+    """The banded transpose equals NumPy's, over several bands and a ragged last one."""
+    rng = np.random.default_rng(5)
+    for shape in [(1, 1), (3, 7), (64, 5), (65, 3), (2, 200, 9), (3, 129, 256)]:
+        a = rng.standard_normal(shape).astype(np.float32)
+        t = conv._transposed(a)
+        assert t.flags.c_contiguous and t.shape == shape[:-2] + (shape[-1], shape[-2])
+        np.testing.assert_array_equal(t, np.swapaxes(a, -1, -2))
+
+
+def test_cpu_kernels_keep_float16(rng):
+    """float16 has no compiled loop: it runs in float32 and comes back as float16."""
+    x = rng.standard_normal((2, 3, 6, 5)).astype(np.float16)
+    w = rng.standard_normal((4, 3, 3, 3)).astype(np.float16)
+    cols = kcpu.im2col.im2col(x, 3, 3, (1, 1), (1, 1), (1, 1))
+    assert cols.dtype == np.float16
+    np.testing.assert_array_equal(cols, ref_im2col(x, 3, 3, (1, 1), (1, 1), (1, 1)))
+    y = kcpu.conv.conv2d_forward(x, w, None, 1, 1, 1, 1)
+    dx = kcpu.conv.conv2d_input_grad(y, w, x.shape, 1, 1, 1, 1)
+    dw = kcpu.conv.conv2d_weight_grad(x, y, w.shape, 1, 1, 1, 1)
+    assert y.dtype == dx.dtype == dw.dtype == np.float16
+    y32 = kcpu.conv.conv2d_forward(x.astype(np.float32), w.astype(np.float32), None, 1, 1, 1, 1)
+    assert_close(y, y32, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "x_shape, K, kh, kw, padding, dilation, block",
+    [
+        ((2, 3, 7, 6), 4, 3, 3, (1, 1), (1, 1), 1),  # 'same' width: the flat-run fast path, one row per block
+        ((3, 2, 5, 9), 3, 3, 3, (1, 1), (1, 1), 700),  # a few rows per block
+        ((3, 2, 5, 9), 3, 3, 3, (1, 1), (1, 1), 10_000),  # several samples per block
+        ((2, 2, 9, 8), 2, 3, 3, (2, 2), (2, 2), 300),  # dilated 'same'
+        ((2, 2, 6, 7), 3, 5, 3, (2, 1), (1, 1), 64 << 20),  # 5x3 kernel
+        ((2, 2, 6, 7), 3, 1, 3, (0, 2), (1, 2), 200),  # taps entirely in the padding rows
+        ((1, 2, 3, 4), 2, 3, 3, (3, 1), (1, 1), 100),  # padding larger than the kernel reach
+        # atrous taps that land wholly beyond the input (ASPP on a small map): runs clamped to the plane
+        ((2, 2, 8, 1), 3, 3, 3, (6, 6), (6, 6), 64 << 20),
+        ((2, 2, 5, 3), 3, 3, 3, (17, 17), (17, 17), 64 << 20),
+        ((3, 2, 3, 3), 3, 3, 3, (14, 14), (14, 14), 200),
+        ((1, 2, 3, 1), 3, 2, 2, (2, 2), (4, 4), 64 << 20),
+    ],
+)
+def test_cpu_conv2d_same_width_fast_path(x_shape, K, kh, kw, padding, dilation, block, dtype, monkeypatch):
+    """Stride 1 and Wo == W take the flat-run paths of im2col and col2im: same results."""
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal(x_shape).astype(dtype)
+    w = rng.standard_normal((K, x_shape[1], kh, kw)).astype(dtype)
+    b = np.zeros(K, dtype)
+    Ho = conv_output_size(x_shape[2], kh, 1, padding[0], dilation[0])
+    Wo = conv_output_size(x_shape[3], kw, 1, padding[1], dilation[1])
+    assert Wo == x_shape[3]
+    dout = rng.standard_normal((x_shape[0], K, Ho, Wo)).astype(dtype)
+    y_t, dx_t, dw_t = torch_conv(x, w, b, dout, 1, padding, dilation, 1)
+    monkeypatch.setattr(conv, "_BLOCK_BYTES", block)
+    y = kcpu.conv.conv2d_forward(x, w, None, 1, padding, dilation, 1)
+    dx = kcpu.conv.conv2d_input_grad(dout, w, x_shape, 1, padding, dilation, 1)
+    dw = kcpu.conv.conv2d_weight_grad(x, dout, w.shape, 1, padding, dilation, 1)
+    tol = dict(rtol=1e-7, atol=1e-10) if dtype == np.float64 else dict(rtol=1e-4, atol=1e-4)
+    assert_close(y, y_t, **tol, msg="forward")
+    assert_close(dx, dx_t, **tol, msg="input grad")
+    assert_close(dw, dw_t, **tol, msg="weight grad")
+
+
+def test_cpu_conv2d_split_between_threads_equals_inline(monkeypatch):
+    """The batch split between worker threads gives the numbers of the one-thread loop."""
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((5, 3, 9, 8)).astype(np.float32)
+    w = rng.standard_normal((4, 3, 3, 3)).astype(np.float32)
+    dout = rng.standard_normal((5, 4, 9, 8)).astype(np.float32)
+    monkeypatch.setattr(runtime, "_SPLIT_MIN_MACS", 0)  # split however small the product
+    blas_before = None if runtime._blas_threads is None else runtime._blas_threads.get()
+    results = {}
+    for threads in ("1", "3"):
+        monkeypatch.setenv("SCRATCHSEG_NUM_THREADS", threads)
+        results[threads] = (
+            kcpu.conv.conv2d_forward(x, w, None, 1, 1, 1, 1),
+            kcpu.conv.conv2d_input_grad(dout, w, x.shape, 1, 1, 1, 1),
+            kcpu.conv.conv2d_weight_grad(x, dout, w.shape, 1, 1, 1, 1),
+            kcpu.im2col.im2col(x, 3, 3, (1, 1), (1, 1), (1, 1)),
+            kcpu.im2col.col2im(kcpu.im2col.im2col(x, 3, 3, (1, 1), (1, 1), (1, 1)), x.shape, 3, 3, (1, 1), (1, 1), (1, 1)),
+        )
+    if runtime._blas_threads is not None:
+        assert runtime._workers(5) == 3
+        assert runtime._blas_threads.get() == blas_before  # restored after the split
+    for a, b in zip(results["1"], results["3"]):
+        assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_cpu_small_convolutions_run_inline(monkeypatch):
+    """Below _SPLIT_MIN_MACS multiply-adds a convolution stays on the calling thread; from it on, it
+    splits; both give torch's numbers."""
+    splits = []
+    split = runtime._split
+    monkeypatch.setattr(runtime, "_split", lambda N, part: splits.append(N) or split(N, part))
+    monkeypatch.setenv("SCRATCHSEG_NUM_THREADS", "2")
+    rng = np.random.default_rng(12)
+    x = rng.standard_normal((4, 3, 8, 8))
+    w = rng.standard_normal((4, 3, 3, 3))
+    expected = torch.nn.functional.conv2d(torch.tensor(x), torch.tensor(w), None, 1, 1).numpy()
+    macs = 4 * 4 * 27 * 64  # N * K * (C*kh*kw) * Ho*Wo
+    monkeypatch.setattr(runtime, "_SPLIT_MIN_MACS", macs + 1)
+    assert_close(kcpu.conv.conv2d_forward(x, w, None, 1, 1, 1, 1), expected, msg="inline")
+    assert splits == []
+    monkeypatch.setattr(runtime, "_SPLIT_MIN_MACS", macs)
+    assert_close(kcpu.conv.conv2d_forward(x, w, None, 1, 1, 1, 1), expected, msg="split")
+    assert splits == ([4] if runtime._blas_threads is not None else [])
+
+
+# --------------------------------------------------------- Winograd F(2x2, 3x3)
+_WINOGRAD_THRESHOLDS = ("_WINOGRAD_MIN_CHANNELS", "_WINOGRAD_GRAD_MIN_CHANNELS", "_WINOGRAD_MIN_TILES",
+                        "_WINOGRAD_MIN_CHANNEL_TILES")
+
+
+@pytest.fixture
+def winograd_everywhere(monkeypatch):
+    """Lower the thresholds so small test shapes take the Winograd path; count its uses."""
+    for name in _WINOGRAD_THRESHOLDS:
+        monkeypatch.setattr(winograd, name, 1)
+    monkeypatch.setattr(runtime, "_SPLIT_MIN_MACS", 0)  # the tiles of each worker's samples
+    calls = []
+    for name in ("_winograd_conv", "_winograd_weight_grad"):
+        inner = getattr(winograd, name)
+
+        def counted(*args, _inner=inner, _name=name):
+            calls.append(_name)
+            return _inner(*args)
+
+        monkeypatch.setattr(winograd, name, counted)
+    return calls
+
+
+@st.composite
+def winograd_cases(draw):
+    N = draw(st.integers(1, 3))
+    C, K = draw(st.integers(1, 5)), draw(st.integers(1, 5))
+    H, W = draw(st.integers(1, 13)), draw(st.integers(1, 13))
+    dilation = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
+    padding = (draw(st.integers(0, 2 * dilation[0])), draw(st.integers(0, 2 * dilation[1])))
+    # every residue class of the output (forward) and of the input (input gradient) has pixels
+    Ho, Wo = H + 2 * padding[0] - 2 * dilation[0], W + 2 * padding[1] - 2 * dilation[1]
+    assume(min(Ho, H) >= dilation[0] and min(Wo, W) >= dilation[1])
+    block = draw(st.sampled_from([768 << 10, 1, 200]))  # 1, 200 bytes: one tile row per block
+    return (N, C, H, W), K, padding, dilation, block
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(winograd_cases(), st.sampled_from(DTYPES), st.booleans(), st.booleans())
+def test_cpu_winograd_conv_matches_torch(winograd_everywhere, case, dtype, with_bias, parallel):
+    """Forward, input gradient and weight gradient through Winograd's tiles: every residue class
+    of a dilated kernel, tiles cut by the image edge, padding up to the kernel's span, blocks of
+    one tile row."""
+    x_shape, K, padding, dilation, block = case
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal(x_shape).astype(dtype)
+    w = rng.standard_normal((K, x_shape[1], 3, 3)).astype(dtype)
+    b = rng.standard_normal(K).astype(dtype)
+    Ho = conv_output_size(x_shape[2], 3, 1, padding[0], dilation[0])
+    Wo = conv_output_size(x_shape[3], 3, 1, padding[1], dilation[1])
+    dout = rng.standard_normal((x_shape[0], K, Ho, Wo)).astype(dtype)
+    y_t, dx_t, dw_t = torch_conv(x, w, b, dout, 1, padding, dilation, 1)
+    plan = [(winograd, "_WINOGRAD_BLOCK_BYTES", block), (winograd, "_WINOGRAD_GRAD_BLOCK_BYTES", block),
+            (runtime, "_PARALLEL_MIN_WORK", 0 if parallel else 1 << 62)]  # the weight transforms
+    with patched(plan):
+        winograd_everywhere.clear()
+        y = kcpu.conv.conv2d_forward(x, w, b if with_bias else None, 1, padding, dilation, 1)
+        dx = kcpu.conv.conv2d_input_grad(dout, w, x_shape, 1, padding, dilation, 1)
+        dw = kcpu.conv.conv2d_weight_grad(x, dout, w.shape, 1, padding, dilation, 1)
+    assert winograd_everywhere == ["_winograd_conv", "_winograd_conv", "_winograd_weight_grad"], \
+        "all three products should have taken the Winograd path"
+    if not with_bias:
+        y_t = y_t - b.reshape(1, -1, 1, 1)
+    tol = dict(rtol=1e-9, atol=1e-9) if dtype == np.float64 else dict(rtol=1e-4, atol=1e-4)
+    assert y.dtype == dx.dtype == dw.dtype == dtype
+    assert_close(y, y_t, **tol, msg="forward")
+    assert_close(dx, dx_t, **tol, msg="input grad")
+    assert_close(dw, dw_t, **tol, msg="weight grad")
+
+
+def test_cpu_winograd_writes_every_output(winograd_everywhere):
+    """The output transform covers the whole output: a NaN-poisoned out= comes back finite."""
+    rng = np.random.default_rng(6)
+    for (H, W), padding, dilation in [((9, 7), (1, 1), (1, 1)), ((10, 11), (2, 1), (2, 3)), ((5, 6), (0, 0), (1, 1))]:
+        x = rng.standard_normal((2, 3, H, W)).astype(np.float32)
+        w = rng.standard_normal((4, 3, 3, 3)).astype(np.float32)
+        Ho = conv_output_size(H, 3, 1, padding[0], dilation[0])
+        Wo = conv_output_size(W, 3, 1, padding[1], dilation[1])
+        out = np.full((2, 4, Ho, Wo), np.nan, np.float32)
+        kcpu.conv.conv2d_forward(x, w, None, 1, padding, dilation, 1, out=out)
+        assert np.isfinite(out).all()
+        expected = kcpu.conv.conv2d_forward(x.astype(np.float64), w.astype(np.float64), None, 1, padding, dilation, 1)
+        assert_close(out, expected, rtol=1e-4, atol=1e-4)
+    assert winograd_everywhere
+
+
+def test_cpu_winograd_never_takes_what_it_cannot_compute(winograd_everywhere):
+    """With every threshold at its lowest, only 3x3, unit-stride, ungrouped convolutions take Winograd."""
+    takes = winograd._winograd_applies
+    assert takes(4, 4, 3, 3, 1, 1, 1, 1, 1, 8, 8)
+    assert takes(4, 4, 3, 3, 1, 1, 2, 3, 1, 8, 8)  # dilated: each residue class tiled on its own
+    assert not takes(4, 4, 3, 3, 2, 2, 1, 1, 1, 8, 8)  # strided
+    assert not takes(4, 4, 3, 3, 1, 2, 1, 1, 1, 8, 8)
+    assert not takes(4, 4, 3, 3, 1, 1, 1, 1, 2, 8, 8)  # grouped
+    assert not takes(4, 4, 1, 1, 1, 1, 1, 1, 1, 8, 8)  # 1x1
+    assert not takes(4, 4, 5, 3, 1, 1, 1, 1, 1, 8, 8)  # 5x3
+
+
+@pytest.mark.parametrize("threshold", _WINOGRAD_THRESHOLDS)
+def test_cpu_winograd_thresholds_choose_the_path_both_ways(winograd_everywhere, monkeypatch, threshold):
+    """Each threshold, set at this shape's value, sends the products it governs to Winograd; set
+    one above, to im2col + GEMM. Both paths give torch's numbers."""
+    rng = np.random.default_rng(13)
+    x = rng.standard_normal((2, 4, 8, 8))  # C = 4
+    w = rng.standard_normal((6, 4, 3, 3))  # K = 6
+    b = np.zeros(6)
+    dout = rng.standard_normal((2, 6, 8, 8))
+    y_t, dx_t, dw_t = torch_conv(x, w, b, dout, 1, 1, 1, 1)
+    # min(C, K) = 4 channels; 4x4 = 16 tiles of 2x2 outputs; 4 x 16 channel-tiles
+    value = {"_WINOGRAD_MIN_CHANNELS": 4, "_WINOGRAD_GRAD_MIN_CHANNELS": 4, "_WINOGRAD_MIN_TILES": 16,
+             "_WINOGRAD_MIN_CHANNEL_TILES": 64}[threshold]
+    all_three = ["_winograd_conv", "_winograd_conv", "_winograd_weight_grad"]
+    above = {"_WINOGRAD_MIN_CHANNELS": ["_winograd_weight_grad"],  # forward and input gradient
+             "_WINOGRAD_GRAD_MIN_CHANNELS": ["_winograd_conv", "_winograd_conv"],  # the weight gradient
+             "_WINOGRAD_MIN_TILES": [], "_WINOGRAD_MIN_CHANNEL_TILES": []}[threshold]  # all three
+    for limit, expected_calls in [(value, all_three), (value + 1, above)]:
+        monkeypatch.setattr(winograd, threshold, limit)
+        winograd_everywhere.clear()
+        y = kcpu.conv.conv2d_forward(x, w, None, 1, 1, 1, 1)
+        dx = kcpu.conv.conv2d_input_grad(dout, w, x.shape, 1, 1, 1, 1)
+        dw = kcpu.conv.conv2d_weight_grad(x, dout, w.shape, 1, 1, 1, 1)
+        assert winograd_everywhere == expected_calls, (threshold, limit)
+        assert_close(y, y_t, rtol=1e-9, atol=1e-9, msg=f"forward, {threshold}={limit}")
+        assert_close(dx, dx_t, rtol=1e-9, atol=1e-9, msg=f"input grad, {threshold}={limit}")
+        assert_close(dw, dw_t, rtol=1e-9, atol=1e-9, msg=f"weight grad, {threshold}={limit}")
