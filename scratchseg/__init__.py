@@ -50,7 +50,7 @@ def randn(*shape, dtype=None, requires_grad=False):
     return Tensor(backend.xp().asarray(data), requires_grad=requires_grad)
 
 
-_SUBMODULES = ("functional", "nn", "optim", "models", "data", "metrics", "gradcheck", "train", "checkpoint")
+_SUBMODULES = ("functional", "nn", "optim", "models", "data", "metrics", "gradcheck", "training", "checkpoint")
 
 
 def __getattr__(name):

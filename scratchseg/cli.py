@@ -160,7 +160,7 @@ def _setup(args):
 
 
 def _train_config(args):
-    from .train import TrainConfig
+    from .training import TrainConfig
 
     cfg = TrainConfig()
     if args.data:
@@ -197,7 +197,7 @@ def _train_config(args):
 
 
 def _cmd_train(args):
-    from .train import train
+    from .training import train
 
     if args.resume:
         given = [a for a in sys.argv[2:] if a.startswith("--") and a.split("=")[0] not in
@@ -215,7 +215,7 @@ def _cmd_eval(args):
     from .data import make_task, task_from_spec
     from .data.task import Task
     from .metrics import format_scores
-    from .train import evaluate, load_model, resolve_checkpoint
+    from .training import evaluate, load_model, parse_resize, resolve_checkpoint
 
     if not (args.checkpoint or args.checkpoint_option):
         raise ValueError("eval needs a run folder or checkpoint file, e.g. `scratchseg eval runs/latest`")
@@ -234,9 +234,7 @@ def _cmd_eval(args):
                 colors=[tuple(c) for c in meta.get("colors", task.colors)], ignore_index=task.ignore_index,
                 in_channels=task.in_channels, mean=tuple(meta.get("mean", task.mean)),
                 std=tuple(meta.get("std", task.std)), spec=task.spec)
-    from .train import _eval_resize
-
-    scores = evaluate(model, task, args.split, args.batch_size, _eval_resize(meta.get("resize")))
+    scores = evaluate(model, task, args.split, args.batch_size, parse_resize(meta.get("resize")))
     print(f"{path} on {task.name} / {args.split} ({len(task.split(args.split))} images):")
     print(format_scores(scores, task.class_names))
     if args.json:
@@ -248,7 +246,7 @@ def _cmd_eval(args):
 def _cmd_predict(args):
     from .data.folder import IMAGE_EXTENSIONS, read_image
     from .data.task import DataError, natural_key
-    from .train import _eval_resize, load_model, predict_array, resolve_checkpoint
+    from .training import load_model, parse_resize, predict_array, resolve_checkpoint
     from .viz import colorize, overlay, save_png
 
     paths = list(args.paths)
@@ -274,7 +272,7 @@ def _cmd_predict(args):
     os.makedirs(args.out, exist_ok=True)
     for f in files:
         image = read_image(f, meta["in_channels"])
-        pred = predict_array(model, image, meta["mean"], meta["std"], _eval_resize(meta.get("resize")))
+        pred = predict_array(model, image, meta["mean"], meta["std"], parse_resize(meta.get("resize")))
         stem = os.path.splitext(os.path.basename(f))[0]
         colour = colorize(pred, colors)
         save_png(os.path.join(args.out, f"{stem}_pred.png"), colour)
@@ -340,7 +338,7 @@ def main(argv=None):
     from .backend import BackendError
     from .checkpoint import CheckpointError
     from .data.task import DataError
-    from .train import NonFiniteLossError, TrainingInterrupted
+    from .training import NonFiniteLossError, TrainingInterrupted
 
     commands = {"train": _cmd_train, "eval": _cmd_eval, "predict": _cmd_predict, "models": _cmd_models,
                 "datasets": _cmd_datasets, "gradcheck": _cmd_gradcheck}

@@ -189,6 +189,10 @@ def test_mask_resize_is_nearest_and_crop_pads_with_ignore():
     big = T.resize_mask(mask, (6, 8))
     assert set(np.unique(big)) == set(range(12))  # no blended values
     np.testing.assert_array_equal(big[::2, ::2], mask)
+    np.testing.assert_array_equal(T.resize_mask(big, (3, 4)), mask)  # the source pixel under each output centre
+    batch = np.stack([mask, mask + 12])  # (N, H, W): masks or predicted labels, resized map by map
+    np.testing.assert_array_equal(T.resize_mask(batch, (6, 8)), np.stack([big, big + 12]))
+    np.testing.assert_array_equal(T.center_crop_mask(batch, (1, 2)), batch[:, 1:2, 1:3])
     img = np.zeros((3, 4, 1), np.uint8)
     out_img, out_mask = T.RandomCrop(5, ignore_index=99)(img, mask, np.random.default_rng(0))
     assert out_img.shape == (5, 5, 1) and (out_mask == 99).sum() == 25 - 12

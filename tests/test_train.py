@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,11 +15,16 @@ import pytest
 from PIL import Image
 
 from scratchseg.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from scratchseg.train import NonFiniteLossError, TrainConfig, evaluate, load_model, train
+from scratchseg.training import NonFiniteLossError, TrainConfig, evaluate, load_model, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_DATA = "shapes:n_train=12,n_val=4,n_test=0,size=16"
 RECORD_KEYS = {"epoch", "train_loss", "val_loss", "pixel_acc", "mean_acc", "miou", "fwiou", "per_class_iou", "seconds"}
+# the checkpoint header as run folders have always had it: older folders still resume, and eval/predict read them
+CHECKPOINT_KEYS = {"kind", "config", "model_name", "model_options", "num_classes", "in_channels", "class_names",
+                   "colors", "ignore_index", "mean", "std", "task_spec", "resize", "epoch", "position", "iteration",
+                   "epoch_loss_sum", "epoch_loss_count", "history", "best_miou", "rng_state", "class_weights", "init",
+                   "frozen", "backend", "kernels", "time"}
 
 
 def tiny(tmp_path, **kw):
@@ -46,6 +52,7 @@ def test_a_run_writes_metrics_checkpoints_curves_and_predictions(tmp_path):
     for name in ("last.npz", "best.npz"):
         ck = load_checkpoint(os.path.join(run, name))
         assert ck["meta"]["model_name"] == "unet" and ck["meta"]["num_classes"] == 4
+        assert set(ck["meta"]) == CHECKPOINT_KEYS and ck["meta"]["kind"] == name[:-4]
     assert load_checkpoint(os.path.join(run, "last.npz"))["meta"]["epoch"] == 2
     assert Image.open(os.path.join(run, "curves.png")).size[0] > 100
     preds = sorted(os.listdir(os.path.join(run, "predictions")))
@@ -122,6 +129,41 @@ def test_sigkill_mid_epoch_then_resume_gives_the_same_weights(tmp_path):
     again = json.load(open(tmp_path / "killed" / "metrics.json"))
     assert [r["train_loss"] for r in again] == [r["train_loss"] for r in whole]
     assert [r["miou"] for r in again] == [r["miou"] for r in whole]
+
+
+def test_save_then_resume_takes_the_same_steps_as_an_uninterrupted_run(tmp_path, monkeypatch):
+    """In one process: the last.npz of iteration 5 (mid-epoch 2 of 3) resumed gives the same losses and weights."""
+    import scratchseg.training.loop as loop
+    from scratchseg.training.run import RunFolder
+
+    losses = []  # every training loss, in order
+    monkeypatch.setattr(loop, "check_loss", lambda value, state, last: losses.append(value) or value)
+    stopped = tmp_path / "stopped"
+    save = RunFolder.save
+
+    def save_and_keep_iteration_5(self, kind, state, *objects):
+        save(self, kind, state, *objects)
+        if kind == "last" and state.iteration == 5 and not stopped.exists():
+            stopped.mkdir()
+            shutil.copy(self.last, stopped / "last.npz")  # as if the run had been killed right here
+
+    monkeypatch.setattr(RunFolder, "save", save_and_keep_iteration_5)
+    cfg = tiny(tmp_path, name="whole", epochs=3, checkpoint_every=5, model="fcn32s",
+               model_options={"width": 0.03, "dropout": 0.5})  # dropout: the RNG must continue too
+    whole = train(cfg, log=lambda *_: None)
+    uninterrupted = list(losses)
+    assert len(uninterrupted) == 9  # 3 epochs x 3 batches
+    meta = load_checkpoint(stopped / "last.npz")["meta"]
+    assert (meta["epoch"], meta["position"], meta["iteration"]) == (1, 2, 5)
+
+    losses.clear()
+    resumed = train(resume=str(stopped), log=lambda *_: None)
+    assert losses == uninterrupted[5:]
+    assert resumed["history"] == [dict(r, seconds=s["seconds"]) for r, s in zip(whole["history"], resumed["history"])]
+    reference, again = weights(os.path.join(whole["run_dir"], "last.npz")), weights(stopped / "last.npz")
+    assert list(again) == list(reference)
+    for key in reference:
+        np.testing.assert_array_equal(again[key], reference[key], err_msg=key)
 
 
 def test_ctrl_c_saves_and_exits_then_resume_finishes(tmp_path):

@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import numpy
 
-__all__ = ["Compose", "Resize", "RandomScale", "RandomCrop", "RandomHorizontalFlip", "Normalize",
-           "resize_image", "resize_mask", "parse_size"]
+from ..backend import get_array_module
+
+__all__ = ["Compose", "Resize", "ResizeImage", "RandomScale", "RandomCrop", "RandomHorizontalFlip", "Normalize",
+           "resize_image", "resize_mask", "center_crop_mask", "parse_size"]
 
 
 def parse_size(value):
@@ -52,13 +54,30 @@ def resize_image(image, size):
 
 
 def resize_mask(mask, size):
-    """Nearest-neighbour resize of an (H, W) label map to ``size`` = (H', W')."""
+    """Nearest-neighbour resize of label maps (..., H, W) to ``size`` = (H', W'), on their backend.
+
+    One (H, W) mask or a batch (N, H, W) of masks or predicted labels, NumPy or
+    CuPy. Output pixel ``i`` takes source pixel ``floor((i + 0.5) * H / H')``.
+    """
     h, w = size
-    if mask is None or mask.shape == (h, w):
+    if mask is None or mask.shape[-2:] == (h, w):
         return mask
-    rows = ((numpy.arange(h) + 0.5) * mask.shape[0] / h).astype(numpy.int64)  # source row of each output row
-    cols = ((numpy.arange(w) + 0.5) * mask.shape[1] / w).astype(numpy.int64)
-    return mask[rows[:, None], cols[None, :]]  # (H', W')
+    rows = ((numpy.arange(h) + 0.5) * mask.shape[-2] / h).astype(numpy.int64)  # source row of each output row
+    cols = ((numpy.arange(w) + 0.5) * mask.shape[-1] / w).astype(numpy.int64)
+    if not isinstance(mask, numpy.ndarray):  # a CuPy array takes indices on its own device
+        xp = get_array_module(mask)
+        rows, cols = xp.asarray(rows), xp.asarray(cols)
+    return mask[..., rows[:, None], cols[None, :]]  # (..., H', W')
+
+
+def center_crop_mask(masks, size):
+    """The central ``size`` = (h, w) window of label maps (..., H, W): the map a valid-convolution model predicts."""
+    H, W = masks.shape[-2:]
+    h, w = size
+    if (H, W) == (h, w):
+        return masks
+    top, left = (H - h) // 2, (W - w) // 2
+    return masks[..., top:top + h, left:left + w]  # (..., h, w)
 
 
 class Compose:
@@ -92,6 +111,16 @@ class Resize:
 
     def __repr__(self):
         return f"Resize({self.factor if self.factor is not None else self.size})"
+
+
+class ResizeImage(Resize):
+    """Resize the image only, keeping the mask: evaluation scores predictions against the full-size mask."""
+
+    def __call__(self, image, mask, rng=None):
+        return resize_image(image, self.target(image.shape[:2])), mask
+
+    def __repr__(self):
+        return f"ResizeImage({self.factor if self.factor is not None else self.size})"
 
 
 class RandomScale:

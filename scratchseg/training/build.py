@@ -1,0 +1,169 @@
+"""Set-up: the pieces a run is made of, each built from the configuration.
+
+Task, model (with ``--init`` weights and ``--freeze``), training loader,
+optimizer, learning-rate schedule and class weights. Every check that needs
+the data is made here, before the run folder exists, so a bad option leaves
+nothing half-made behind.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy
+
+from .. import backend
+from ..checkpoint import CheckpointError, load_weights, match_weights
+from ..data import Loader, make_task
+from ..data import transforms as T
+from .config import TrainConfig, parse_resize
+
+__all__ = ["build_task", "build_model", "init_weights", "freeze", "build_loader", "build_optimizer",
+           "build_scheduler", "class_weights", "loss_weight"]
+
+
+def build_task(cfg: TrainConfig):
+    return make_task(cfg.data, label_map=cfg.label_map, ignore_index=cfg.ignore_index,
+                     num_classes=cfg.num_classes, val_split=cfg.val_split)
+
+
+def build_model(name, options, num_classes, in_channels):
+    """``models.create(...)`` on the active backend (moved to the GPU under CuPy)."""
+    from .. import models
+
+    if name not in models.available():
+        raise ValueError(f"unknown model {name!r}; available: {', '.join(models.available())}")
+    model = models.create(name, num_classes=num_classes, in_channels=in_channels, **(options or {}))
+    if backend.current() == "cupy":
+        model.to("cuda")
+    return model
+
+
+def init_weights(model, path, log):
+    """Load what fits from ``path`` (``--init``), log what was skipped; the report is kept in checkpoints."""
+    weights = load_weights(path)
+    matched, skipped, missing = match_weights(model.state_dict(), weights)
+    if not matched:
+        raise CheckpointError(f"no weight in {path} fits this model: " +
+                              "; ".join(f"{n}: {why}" for n, why in skipped[:8]))
+    model.load_state_dict(matched, strict=False)
+    log(f"init from {path}: {len(matched)} entries loaded, {len(skipped)} skipped, {len(missing)} left as initialised")
+    for name, why in skipped:
+        log(f"  skipped {name}: {why}")
+    if missing:
+        log("  not in the file (kept initialised): " + ", ".join(missing[:12]) + (" ..." if len(missing) > 12 else ""))
+    return {"file": os.path.abspath(path), "matched": list(matched), "skipped": [list(s) for s in skipped],
+            "missing": missing}
+
+
+def freeze(model, prefixes):
+    """Stop gradients for parameters under the given module-name prefixes ('backbone' = the encoder)."""
+    if not prefixes:
+        return []
+    top = [name for name, _ in model.named_children()]
+    expanded = []
+    for p in prefixes:
+        if p == "backbone" and "backbone" not in top:
+            aliases = [n for n in top if n in ("encoder", "down", "features", "stem", "layers")]
+            if hasattr(model, "backbone_prefixes"):
+                aliases = list(model.backbone_prefixes())
+            if not aliases:
+                raise ValueError(f"this model has no part called 'backbone'; give module-name prefixes to freeze "
+                                 f"instead (its top-level modules: {', '.join(top)})")
+            expanded.extend(aliases)
+        else:
+            expanded.append(p)
+    frozen = []
+    for name, param in model.named_parameters():
+        if any(name == p or name.startswith(p + ".") for p in expanded):
+            param.requires_grad = False
+            frozen.append(name)
+    unmatched = [p for p in expanded if not any(n == p or n.startswith(p + ".") for n in frozen)]
+    if unmatched:
+        raise ValueError(f"--freeze {', '.join(unmatched)} matches no parameter; the model's top-level modules are "
+                         f"{', '.join(top)}")
+    return frozen
+
+
+def build_loader(cfg: TrainConfig, task):
+    """Shuffled, augmented training batches; the order depends only on (seed, epoch), so a resume replays it."""
+    steps = []
+    if cfg.resize is not None:
+        steps.append(T.Resize(parse_resize(cfg.resize)))
+    if cfg.scale:
+        steps.append(T.RandomScale(*cfg.scale))
+    if cfg.crop is not None:
+        steps.append(T.RandomCrop(cfg.crop, ignore_index=task.loss_ignore_index))
+    if cfg.hflip:
+        steps.append(T.RandomHorizontalFlip())
+    train_set = task.split("train")
+    return Loader(train_set, batch_size=cfg.batch_size, shuffle=True, seed=cfg.seed,
+                  transform=T.Compose(steps) if steps else None, drop_last=len(train_set) > cfg.batch_size,
+                  mean=task.mean, std=task.std)
+
+
+def build_optimizer(cfg: TrainConfig, model):
+    """SGD, Adam or AdamW over the parameters that are not frozen."""
+    from .. import optim
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("every parameter is frozen: nothing to train")
+    lr = cfg.default_lr()
+    if cfg.optimizer == "sgd":
+        return optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    adam = optim.Adam if cfg.optimizer == "adam" else optim.AdamW  # the name was checked by cfg.validate()
+    return adam(params, lr=lr, weight_decay=cfg.weight_decay)
+
+
+def build_scheduler(cfg: TrainConfig, optimizer, iters_per_epoch):
+    """Stepped once per iteration. poly: DeepLab's (1 - t/T)^power; step: x gamma every step_size epochs."""
+    from .. import optim
+
+    total = max(1, cfg.epochs * iters_per_epoch)
+    warm = int(cfg.warmup_iters)
+    if warm < 0 or warm > total:
+        raise ValueError(f"warmup_iters must be between 0 and the {total} training iterations, got {warm}")
+    if cfg.schedule == "poly":
+        return optim.PolyLR(optimizer, max_iters=total, power=cfg.power, warmup_iters=warm)
+    step_iters = max(1, int(cfg.step_size) * iters_per_epoch)
+    gamma = float(cfg.gamma) if cfg.schedule == "step" else 1.0
+
+    def factor(t):
+        f = gamma ** (t // step_iters)
+        if t < warm:
+            f *= 0.001 + 0.999 * t / warm
+        return f
+
+    return optim.LambdaLR(optimizer, factor)
+
+
+def class_weights(cfg: TrainConfig, task):
+    """None, the given list, or median-frequency balancing (SegNet): w_k = median(f) / f_k."""
+    if cfg.class_weights is None:
+        return None
+    K = task.num_classes
+    if isinstance(cfg.class_weights, str) and cfg.class_weights != "balanced":
+        raise ValueError(f"class weights must be 'balanced' or {K} numbers, got {cfg.class_weights!r}")
+    if cfg.class_weights == "balanced":
+        counts = numpy.zeros(K, dtype=numpy.float64)
+        for i in range(len(task.split("train"))):
+            m = task.split("train")[i][1]
+            m = m[(m >= 0) & (m < K)]
+            counts += numpy.bincount(m.ravel(), minlength=K)[:K]
+        freq = counts / max(counts.sum(), 1)
+        med = numpy.median(freq[freq > 0])
+        weights = numpy.where(freq > 0, med / numpy.maximum(freq, 1e-12), 1.0)
+        return [float(w) for w in weights]
+    weights = [float(w) for w in cfg.class_weights]
+    if len(weights) != K or any(w < 0 or not math.isfinite(w) for w in weights):
+        raise ValueError(f"class weights must be {K} non-negative numbers (one per class), got {weights}")
+    return weights
+
+
+def loss_weight(weights):
+    """The class weights as the loss takes them: an array of the active backend and dtype (or None)."""
+    if weights is None:
+        return None
+    return backend.xp().asarray(numpy.asarray(weights, dtype=backend.get_default_dtype()))
