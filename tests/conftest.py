@@ -1,6 +1,19 @@
 """Shared pytest set-up: the ``tests/`` folder on ``sys.path`` (so ``from helpers
-import ...`` works), a seeded ``rng`` fixture, a hypothesis profile without
-deadlines, and ``gpu``-marked tests skipped when CuPy or a GPU is missing."""
+import ...`` works), a seeded ``rng`` fixture, the ``kernel_set`` fixture, a
+hypothesis profile without deadlines, and ``gpu``-marked tests skipped when CuPy
+or a GPU is missing.
+
+``kernel_set`` runs a test once per kernel set: ``numba`` (the compiled kernels
+of ``kernels.cpu`` stand in for the reference functions that have one) and
+``numpy`` (the readable reference everywhere), inside
+``scratchseg.backend.use_kernels(...)``. The op test modules apply it to every
+test with ``pytestmark = pytest.mark.usefixtures("kernel_set")``; a test that
+needs the name takes ``kernel_set`` as an argument. Hypothesis tests take it
+through ``usefixtures`` only (hypothesis refuses function-scoped fixtures as
+arguments): the context then wraps every example, and selecting the kernel set
+is all it does, so nothing needs resetting between examples. With
+``SCRATCHSEG_KERNELS`` set in the environment only that set runs.
+"""
 
 from __future__ import annotations
 
@@ -38,6 +51,23 @@ def pytest_collection_modifyitems(config, items):
         skip = pytest.mark.skip(reason="needs CuPy and an NVIDIA GPU")
         for item in gpu_items:
             item.add_marker(skip)
+
+
+def _kernel_sets():
+    forced = os.environ.get("SCRATCHSEG_KERNELS", "").strip().lower()
+    return [forced] if forced else ["numba", "numpy"]
+
+
+KERNEL_SETS = _kernel_sets()
+
+
+@pytest.fixture(params=KERNEL_SETS, ids=[f"kernels={name}" for name in KERNEL_SETS])
+def kernel_set(request):
+    """The kernel set this run of the test uses: 'numba' or 'numpy' (the reference)."""
+    from scratchseg import backend
+
+    with backend.use_kernels(request.param):
+        yield request.param
 
 
 @pytest.fixture

@@ -1,6 +1,13 @@
 """Small helpers for holding scratchseg side by side with PyTorch in tests.
 
-    from helpers import to_torch, to_numpy, assert_close, cupy_or_skip
+    from helpers import check_against_torch, geometries, assert_close, to_torch, to_numpy, cupy_or_skip
+
+* ``check_against_torch(ours_fn, torch_fn, inputs, ...)``: THE harness that runs
+  an op of ours and torch's on the same inputs, forward and backward (with a
+  random upstream gradient), and compares the output and every input gradient;
+* ``geometries(...)``: THE hypothesis strategy for convolution / pooling /
+  resizing geometries (shape, kernel, stride, padding, dilation, groups), a
+  :class:`Geometry`;
 
 * ``to_torch(a, requires_grad=False)``: a Tensor / NumPy / CuPy array as a CPU
   ``torch.Tensor`` of the same dtype (a fresh leaf, so it can require grad);
@@ -14,6 +21,9 @@
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple, Optional
 
 import numpy as np
 import pytest
@@ -81,3 +91,224 @@ def cupy_or_skip():
     except Exception as exc:
         pytest.skip(f"CuPy finds no usable GPU ({type(exc).__name__})")
     return cupy
+
+
+# ------------------------------------------------------------------ the harness
+class TorchComparison(NamedTuple):
+    """What :func:`check_against_torch` ran, for extra checks: ours and torch's side by side."""
+
+    out: object  # our output (a scratchseg.Tensor)
+    out_t: object  # torch's output
+    grads: list  # our gradient of each input (None where the input is not differentiable)
+    grads_t: list  # torch's
+    args: list  # the arguments ours_fn got (Tensors, plain arrays, values passed through)
+    args_t: list  # the arguments torch_fn got
+    dout: np.ndarray  # the upstream gradient both outputs were given
+
+
+def check_against_torch(ours_fn, torch_fn, inputs, *, rtol=None, atol=None, grad_rtol=None, grad_atol=None,
+                        seed=0, nondiff=(), dout=None):
+    """Run ``ours_fn`` and ``torch_fn`` on the same ``inputs``; assert the output and every gradient agree.
+
+    ``inputs`` is a list; each NumPy array becomes a ``scratchseg.Tensor`` that
+    requires grad for ``ours_fn`` (the very array, so its layout is kept) and a
+    CPU torch leaf with a copy of it for ``torch_fn``. Arrays at the positions in
+    ``nondiff``, and integer or boolean arrays (targets, masks), are passed as
+    they are to ours and as a torch tensor that needs no gradient to torch;
+    anything else (None, numbers, tuples) goes to both unchanged.
+
+    Both forwards run; the outputs are compared with ``rtol`` / ``atol`` (None:
+    :func:`assert_close`'s defaults for the dtype). Then an upstream gradient of
+    the output's shape and dtype, drawn at random from ``seed`` (an int or a
+    ``numpy.random.Generator``; ``dout`` gives one explicitly), is sent back
+    through both, and the gradient of every differentiable input is compared
+    with ``grad_rtol`` / ``grad_atol`` (None: the output's tolerances). A
+    differentiable input must get a gradient from us; torch leaves None for an
+    input its output does not depend on, which counts as zeros. Inputs that are
+    not differentiable get no gradient on either side.
+
+    Returns a :class:`TorchComparison` with both outputs, gradients and arguments.
+    """
+    import torch
+
+    import scratchseg
+
+    diff = []
+    args, args_t = [], []
+    for i, a in enumerate(inputs):
+        if isinstance(a, np.ndarray):
+            differentiable = i not in nondiff and a.dtype.kind == "f"
+            t = torch.from_numpy(np.array(a, copy=True))
+            args_t.append(t.requires_grad_(True) if differentiable else t)
+            args.append(scratchseg.Tensor(a, requires_grad=True) if differentiable else a)
+            diff.append(differentiable)
+        else:
+            args.append(a)
+            args_t.append(a)
+            diff.append(False)
+
+    out = ours_fn(*args)
+    out_t = torch_fn(*args_t)
+    assert_close(out, out_t, rtol=rtol, atol=atol, msg="output")
+
+    rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+    if dout is None:
+        dout = np.asarray(rng.standard_normal(tuple(out_t.shape)), dtype=to_numpy(out).dtype)
+    out.backward(dout)
+    out_t.backward(torch.from_numpy(np.array(dout, copy=True)).to(out_t.dtype))
+
+    grad_rtol = rtol if grad_rtol is None else grad_rtol
+    grad_atol = atol if grad_atol is None else grad_atol
+    grads, grads_t = [], []
+    for i, (a, a_t, differentiable) in enumerate(zip(args, args_t, diff)):
+        if not differentiable:  # a plain array for ours, a tensor without grad for torch: no gradient
+            grads.append(None)
+            grads_t.append(None)
+            continue
+        g, g_t = a.grad, a_t.grad
+        assert g is not None, f"input {i} requires grad but got no gradient"
+        expected = g_t if g_t is not None else np.zeros(to_numpy(a).shape, dtype=to_numpy(g).dtype)
+        assert_close(g, expected, rtol=grad_rtol, atol=grad_atol, msg=f"gradient of input {i}")
+        grads.append(g)
+        grads_t.append(g_t)
+    return TorchComparison(out, out_t, grads, grads_t, args, args_t, dout)
+
+
+def torch_nearest_by_gather(x, **kw):
+    """torch's nearest ``interpolate`` forward as a gather, so torch's autograd gives the gradient
+    *of that forward*: the oracle where torch's own nearest backward disagrees with its forward.
+
+    torch's CPU nearest backward always uses ``nearest_idx`` (float32 ratio, copy when
+    out == in, ``i >> 1`` when out == 2*in), but its forward does so only for 4-D inputs
+    with ``H_out + W_out <= 128``; elsewhere the forward uses the input's precision and no
+    shortcuts. E.g. length 2, scale 2.3 in 1-D: forward reads [0, 0, 0, 1], backward sends
+    to [0, 0, 1, 1]. That gradient is not the gradient of the forward, so it cannot be the
+    oracle there. The source indices are read off torch's forward on codes of ``x``'s dtype.
+    """
+    import torch
+    import torch.nn.functional as TF
+
+    numel = int(np.prod(x.shape[2:]))
+    codes = torch.arange(numel, dtype=x.dtype).reshape((1, 1) + tuple(x.shape[2:]))
+    src = TF.interpolate(codes, **kw).long()  # (1, 1, *out): flat source index of each output
+    flat = x.reshape(x.shape[0], x.shape[1], numel)  # (N, C, prod(in))
+    return flat[:, :, src.reshape(-1)].reshape(tuple(x.shape[:2]) + tuple(src.shape[2:]))
+
+
+# --------------------------------------------------------------- the geometries
+@dataclass(frozen=True)
+class Geometry:
+    """A drawn input shape and, for window ops, the window: what conv, pooling and resizing tests share.
+
+    ``x_shape`` is (N, C, *spatial); the window fields are tuples with one entry
+    per spatial axis (``padding`` may also be 'same' or 'valid'), or None when
+    the strategy drew no window. ``out_channels`` is K (None: not drawn);
+    ``output_padding`` is drawn for transposed convolutions only.
+    """
+
+    x_shape: tuple
+    kernel: Optional[tuple] = None
+    stride: Optional[tuple] = None
+    padding: object = None
+    dilation: Optional[tuple] = None
+    groups: int = 1
+    out_channels: Optional[int] = None
+    transposed: bool = False
+    output_padding: Optional[tuple] = None
+
+    @property
+    def spatial(self):
+        return self.x_shape[2:]
+
+    @property
+    def weight_shape(self):
+        """conv: (K, C/groups, *kernel); transposed: (C, K/groups, *kernel)."""
+        C, K, G = self.x_shape[1], self.out_channels, self.groups
+        return ((C, K // G) if self.transposed else (K, C // G)) + tuple(self.kernel)
+
+    @property
+    def conv_kwargs(self):
+        """stride, padding, dilation, groups (and output_padding): the keywords of conv2d / conv_transpose2d."""
+        kw = dict(stride=self.stride, padding=self.padding, dilation=self.dilation, groups=self.groups)
+        if self.transposed:
+            kw["output_padding"] = self.output_padding
+        return kw
+
+    @property
+    def im2col_args(self):
+        """(kh, kw, stride, padding, dilation): the arguments of im2col / col2im after the array."""
+        return (*self.kernel, self.stride, self.padding, self.dilation)
+
+
+def geometries(*, dims=2, batch=(1, 2), channels=(1, 3), groups=1, out_channels=None, kernel=(1, 3),
+               stride=(1, 3), padding=(0, 2), dilation=(1, 3), size=(1, 6), fit="offset",
+               transposed=False, same_valid=False):
+    """Hypothesis strategy of :class:`Geometry`: the one place conv / pooling / resizing tests draw shapes.
+
+    Every range is an inclusive ``(low, high)`` pair or one int:
+
+    * ``dims``: the number of spatial axes (``(1, 3)``: 1-D to 3-D);
+    * ``batch``: N; ``groups``: G; ``channels``: C / G (C is a multiple of G);
+      ``out_channels``: K / G (None: no K drawn);
+    * ``kernel``, ``stride``, ``padding``, ``dilation``: each drawn per axis;
+      ``kernel=None`` draws no window at all (just a shape, as resizing needs);
+    * ``size`` and ``fit``, each spatial size n:
+
+      - ``fit=None``: n in ``size``, whatever the window (the op may refuse it);
+      - ``fit="offset"``: n in [lo, lo + size[1] - size[0]] with
+        lo = max(size[0], span - 2 * pad), span = dilation * (k - 1) + 1, so at
+        least one window fits (a convolution has an output pixel);
+      - ``fit="bounded"``: n in [lo, max(span, size[1])], the same guarantee with
+        a fixed upper bound.
+
+    * ``transposed=True``: also ``output_padding`` per axis in [0, max(stride, dilation) - 1]
+      (what torch accepts), and only geometries with a non-empty output of conv_transpose;
+    * ``same_valid=True``: with stride 1, half the draws use padding 'same' or
+      'valid' (the latter only where the window fits without padding).
+    """
+    from hypothesis import assume
+    from hypothesis import strategies as st
+
+    def _ints(bounds):
+        low, high = (bounds, bounds) if isinstance(bounds, int) else bounds
+        return st.integers(low, high)
+
+    @st.composite
+    def draw_geometry(draw):
+        nd = draw(_ints(dims))
+        G = draw(_ints(groups))
+        C = G * draw(_ints(channels))
+        K = None if out_channels is None else G * draw(_ints(out_channels))
+        N = draw(_ints(batch))
+        if kernel is None:
+            spatial = tuple(draw(_ints(size)) for _ in range(nd))
+            return Geometry((N, C) + spatial, groups=G, out_channels=K)
+        k = tuple(draw(_ints(kernel)) for _ in range(nd))
+        s = tuple(draw(_ints(stride)) for _ in range(nd))
+        d = tuple(draw(_ints(dilation)) for _ in range(nd))
+        p = tuple(draw(_ints(padding)) for _ in range(nd))
+        op = None
+        if transposed:
+            op = tuple(draw(st.integers(0, max(si, di) - 1)) for si, di in zip(s, d))
+        spans = tuple(di * (ki - 1) + 1 for ki, di in zip(k, d))
+        spatial = []
+        for span, pad in zip(spans, p):
+            if fit is None:
+                spatial.append(draw(_ints(size)))
+                continue
+            lo = max(size[0], span - 2 * pad)
+            hi = lo + size[1] - size[0] if fit == "offset" else max(span, size[1])
+            spatial.append(draw(st.integers(lo, hi)))
+        spatial = tuple(spatial)
+        if transposed:
+            for n, ki, si, pi, di, opi in zip(spatial, k, s, p, d, op):
+                assume((n - 1) * si - 2 * pi + di * (ki - 1) + opi + 1 >= 1)
+        padding_value = p
+        if same_valid and all(si == 1 for si in s) and draw(st.booleans()):
+            padding_value = draw(st.sampled_from(["same", "valid"]))
+            assume(padding_value == "same" or all(n >= span for n, span in zip(spatial, spans)))
+        return Geometry((N, C) + spatial, k, s, padding_value, d, G, K, transposed, op)
+
+    if fit not in (None, "offset", "bounded"):
+        raise ValueError(f"fit must be None, 'offset' or 'bounded', got {fit!r}")
+    return draw_geometry()

@@ -8,23 +8,18 @@ import contextlib
 from unittest import mock
 
 import numpy as np
+from helpers import geometries as shared_geometries
 from hypothesis import strategies as st
 
 DTYPES = [np.float32, np.float64]
 
 
-@st.composite
-def geometries(draw, max_size=9):
-    """(x_shape, kh, kw, stride, padding, dilation) with at least one output pixel."""
-    kh, kw = draw(st.integers(1, 4)), draw(st.integers(1, 4))
-    stride = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
-    dilation = (draw(st.integers(1, 5)), draw(st.integers(1, 5)))
-    padding = (draw(st.integers(0, 6)), draw(st.integers(0, 6)))  # up to far beyond the input
-    span_h, span_w = dilation[0] * (kh - 1) + 1, dilation[1] * (kw - 1) + 1
-    H = draw(st.integers(max(1, span_h - 2 * padding[0]), max(span_h, max_size)))
-    W = draw(st.integers(max(1, span_w - 2 * padding[1]), max(span_w, max_size)))
-    N, C = draw(st.integers(1, 3)), draw(st.integers(1, 4))
-    return (N, C, H, W), kh, kw, stride, padding, dilation
+def geometries(max_size=9):
+    """(x_shape, kh, kw, stride, padding, dilation) with at least one output pixel, padding up to far
+    beyond the input: the shared strategy of ``helpers.geometries`` with the kernel tests' ranges."""
+    return shared_geometries(batch=(1, 3), channels=(1, 4), kernel=(1, 4), stride=(1, 3), padding=(0, 6),
+                             dilation=(1, 5), size=(1, max_size), fit="bounded").map(
+        lambda g: (g.x_shape, *g.im2col_args))
 
 
 @st.composite

@@ -6,51 +6,25 @@ import doctest
 
 import numpy as np
 import pytest
-import torch
 import torch.nn.functional as TF
-from hypothesis import assume, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import scratchseg
 import scratchseg.functional as F
 from scratchseg import backend
 from scratchseg.functional import conv as conv_module
-from helpers import assert_close, cupy_or_skip, to_torch
+from helpers import assert_close, check_against_torch, cupy_or_skip, geometries, to_torch
 
-pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same':UserWarning")
-
-KERNELS = ["numba", "numpy"]  # numba falls back to the reference when no fast kernel exists
-
-
-@pytest.fixture(params=KERNELS)
-def kernels(request):
-    with backend.use_kernels(request.param):
-        yield request.param
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:Using padding='same':UserWarning"),
+    pytest.mark.usefixtures("kernel_set"),  # every test on the numba kernels and on the reference
+]
 
 
-def run_both(op, x, w, b, dout, **kwargs):
-    """Run scratchseg's ``op`` and torch's on the same data; return both (out, dx, dw, db)."""
-    X, Wt = scratchseg.Tensor(x, requires_grad=True), scratchseg.Tensor(w, requires_grad=True)
-    B = scratchseg.Tensor(b, requires_grad=True) if b is not None else None
-    out = getattr(F, op)(X, Wt, B, **kwargs)
-    out.backward(dout)
-
-    tx, tw = to_torch(x, True), to_torch(w, True)
-    tb = to_torch(b, True) if b is not None else None
-    tout = getattr(TF, op)(tx, tw, tb, **kwargs)
-    tout.backward(to_torch(dout))
-    ours = (out, X.grad, Wt.grad, B.grad if B is not None else None)
-    theirs = (tout, tx.grad, tw.grad, tb.grad if tb is not None else None)
-    return ours, theirs
-
-
-def compare(ours, theirs, rtol=None, atol=None):
-    for name, a, e in zip(("out", "dx", "dw", "db"), ours, theirs):
-        if e is None:
-            assert a is None
-            continue
-        assert a is not None, f"{name} missing"
-        assert_close(a, e, rtol=rtol, atol=atol, msg=name)
+def conv(op, **kwargs):
+    """(ours, torch's) ``op`` with the geometry ``kwargs`` bound: the pair check_against_torch compares."""
+    return (lambda x, w, b: getattr(F, op)(x, w, b, **kwargs), lambda x, w, b: getattr(TF, op)(x, w, b, **kwargs))
 
 
 def make(rng, x_shape, w_shape, bias=True, dtype=np.float64):
@@ -58,6 +32,36 @@ def make(rng, x_shape, w_shape, bias=True, dtype=np.float64):
     w = rng.standard_normal(w_shape).astype(dtype)
     b = rng.standard_normal(w_shape[0]).astype(dtype) if bias else None
     return x, w, b
+
+
+# --------------------------------------------------------- the kernel sets
+def test_kernel_set_fixture_switches_the_kernels(kernel_set, monkeypatch, rng):
+    """Under 'numba' the registered kernel runs; under 'numpy' only the reference does."""
+    import kernels.cpu
+
+    calls = []
+
+    def spy(*args, **kwargs):
+        calls.append(args[0].shape)
+        raise RuntimeError("the numba kernel was called")
+
+    monkeypatch.setitem(kernels.cpu.KERNELS, "conv2d_forward", spy)
+    x, w, b = make(rng, (1, 2, 5, 5), (3, 2, 3, 3))
+    assert backend.kernels() == kernel_set
+    if kernel_set == "numba":
+        with pytest.raises(RuntimeError, match="numba kernel was called"):
+            F.conv2d(x, w, b)
+        assert calls == [x.shape]
+    else:
+        expected = TF.conv2d(to_torch(x), to_torch(w), to_torch(b))
+        assert_close(F.conv2d(x, w, b), expected)
+        assert calls == []
+
+
+@settings(max_examples=5)
+@given(st.integers(0, 3))
+def test_kernel_set_wraps_every_hypothesis_example(request, n):
+    assert backend.kernels() == request.node.callspec.params["kernel_set"]
 
 
 # ----------------------------------------------------------------- conv2d
@@ -77,29 +81,23 @@ CONV_CASES = [
 
 
 @pytest.mark.parametrize("x_shape, w_shape, kwargs", CONV_CASES)
-def test_conv2d_matches_torch_float64(x_shape, w_shape, kwargs, kernels, rng):
+def test_conv2d_matches_torch_float64(x_shape, w_shape, kwargs, rng):
     x, w, b = make(rng, x_shape, w_shape)
-    with torch.no_grad():
-        out_shape = TF.conv2d(to_torch(x), to_torch(w), **kwargs).shape
-    dout = rng.standard_normal(tuple(out_shape))
-    ours, theirs = run_both("conv2d", x, w, b, dout, **kwargs)
-    compare(ours, theirs)
+    check_against_torch(*conv("conv2d", **kwargs), [x, w, b], seed=rng)
 
 
 def test_conv2d_float32(rng):
     x, w, b = make(rng, (2, 8, 10, 10), (16, 4, 3, 3), dtype=np.float32)
-    dout = rng.standard_normal((2, 16, 5, 5)).astype(np.float32)
-    ours, theirs = run_both("conv2d", x, w, b, dout, stride=2, padding=1, groups=2)
-    for a in ours:
+    r = check_against_torch(*conv("conv2d", stride=2, padding=1, groups=2), [x, w, b], seed=rng, rtol=1e-4, atol=1e-4)
+    assert r.out.shape == (2, 16, 5, 5)
+    for a in [r.out, *r.grads]:
         assert a.dtype == np.float32
-    compare(ours, theirs, rtol=1e-4, atol=1e-4)
 
 
 def test_conv2d_without_bias(rng):
     x, w, _ = make(rng, (2, 3, 6, 6), (4, 3, 3, 3), bias=False)
-    dout = rng.standard_normal((2, 4, 4, 4))
-    ours, theirs = run_both("conv2d", x, w, None, dout)
-    compare(ours, theirs)
+    r = check_against_torch(*conv("conv2d"), [x, w, None], seed=rng)
+    assert r.grads[2] is None
 
 
 def test_conv2d_non_contiguous_inputs(rng):
@@ -107,11 +105,8 @@ def test_conv2d_non_contiguous_inputs(rng):
     w = rng.standard_normal((3, 3, 3, 4)).transpose(3, 0, 2, 1)  # (4, 3, 3, 3)
     assert not x.flags.c_contiguous and not w.flags.c_contiguous
     b = rng.standard_normal(4)
-    dout = rng.standard_normal((2, 4, 4, 2))  # Ho = (7+2-3)//2+1, Wo = (6+2-5)//2+1
-    for kernels in KERNELS:
-        with backend.use_kernels(kernels):
-            ours, theirs = run_both("conv2d", x, w, b, dout, stride=(2, 2), padding=(1, 1), dilation=(1, 2))
-            compare(ours, theirs)
+    r = check_against_torch(*conv("conv2d", stride=(2, 2), padding=(1, 1), dilation=(1, 2)), [x, w, b], seed=rng)
+    assert r.out.shape == (2, 4, 4, 2)  # Ho = (7+2-3)//2+1, Wo = (6+2-5)//2+1
 
 
 def test_one_element_tuples_mean_both_axes(rng):
@@ -124,16 +119,10 @@ def test_conv2d_accepts_plain_arrays(rng):
     """Plain arrays need no gradient; only the Tensor that requires one gets it."""
     x, w, b = make(rng, (1, 2, 5, 5), (3, 2, 3, 3))
     out = F.conv2d(x, w, b, padding=1)
-    expected = TF.conv2d(to_torch(x), to_torch(w), to_torch(b), padding=1)
     assert isinstance(out, scratchseg.Tensor) and not out.requires_grad
-    assert_close(out, expected)
-
-    Wt = scratchseg.Tensor(w, requires_grad=True)
-    dout = rng.standard_normal((1, 3, 5, 5))
-    F.conv2d(x, Wt, b, padding=1).backward(dout)
-    tw = to_torch(w, True)
-    TF.conv2d(to_torch(x), tw, to_torch(b), padding=1).backward(to_torch(dout))
-    assert_close(Wt.grad, tw.grad)
+    r = check_against_torch(*conv("conv2d", padding=1), [x, w, b], seed=rng, nondiff=(0, 2))
+    assert r.grads[0] is None and r.grads[2] is None and r.grads[1] is not None
+    assert_close(out, r.out_t)
 
 
 def test_conv2d_input_grad_is_conv_transpose2d(rng):
@@ -174,92 +163,57 @@ TRANSPOSE_CASES = [
 
 
 @pytest.mark.parametrize("x_shape, w_shape, kwargs", TRANSPOSE_CASES)
-def test_conv_transpose2d_matches_torch_float64(x_shape, w_shape, kwargs, kernels, rng):
+def test_conv_transpose2d_matches_torch_float64(x_shape, w_shape, kwargs, rng):
     x = rng.standard_normal(x_shape)
     w = rng.standard_normal(w_shape)
     b = rng.standard_normal(w_shape[1] * kwargs.get("groups", 1))
-    with torch.no_grad():
-        out_shape = TF.conv_transpose2d(to_torch(x), to_torch(w), **kwargs).shape
-    dout = rng.standard_normal(tuple(out_shape))
-    ours, theirs = run_both("conv_transpose2d", x, w, b, dout, **kwargs)
-    compare(ours, theirs)
+    check_against_torch(*conv("conv_transpose2d", **kwargs), [x, w, b], seed=rng)
 
 
 def test_conv_transpose2d_float32(rng):
     x = rng.standard_normal((2, 8, 5, 5)).astype(np.float32)
     w = rng.standard_normal((8, 4, 4, 4)).astype(np.float32)
     b = rng.standard_normal(8).astype(np.float32)
-    dout = rng.standard_normal((2, 8, 10, 10)).astype(np.float32)
-    ours, theirs = run_both("conv_transpose2d", x, w, b, dout, stride=2, padding=1, groups=2)
-    for a in ours:
+    r = check_against_torch(*conv("conv_transpose2d", stride=2, padding=1, groups=2), [x, w, b], seed=rng,
+                            rtol=1e-4, atol=1e-4)
+    assert r.out.shape == (2, 8, 10, 10)
+    for a in [r.out, *r.grads]:
         assert a.dtype == np.float32
-    compare(ours, theirs, rtol=1e-4, atol=1e-4)
 
 
 def test_conv_transpose2d_non_contiguous_inputs(rng):
     x = rng.standard_normal((4, 3, 2, 2)).transpose(2, 3, 1, 0)  # (2, 2, 3, 4)
     w = rng.standard_normal((3, 3, 3, 2)).transpose(3, 2, 0, 1)  # (2, 3, 3, 3)
     b = rng.standard_normal(3)
-    dout = rng.standard_normal((2, 3, 6, 8))
-    ours, theirs = run_both("conv_transpose2d", x, w, b, dout, stride=2, padding=1, output_padding=1)
-    compare(ours, theirs)
+    r = check_against_torch(*conv("conv_transpose2d", stride=2, padding=1, output_padding=1), [x, w, b], seed=rng)
+    assert r.out.shape == (2, 3, 6, 8)
 
 
 # ---------------------------------------------------------------- hypothesis
-@st.composite
-def conv_configs(draw, transposed):
-    G = draw(st.integers(1, 2))
-    C, K = G * draw(st.integers(1, 3)), G * draw(st.integers(1, 3))
-    N = draw(st.integers(1, 2))
-    kh, kw = draw(st.integers(1, 3)), draw(st.integers(1, 3))
-    stride = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
-    dilation = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
-    padding = (draw(st.integers(0, 2)), draw(st.integers(0, 2)))
-    kwargs = dict(stride=stride, padding=padding, dilation=dilation, groups=G)
-    if transposed:
-        H, W = draw(st.integers(1, 5)), draw(st.integers(1, 5))
-        output_padding = tuple(draw(st.integers(0, max(s, d) - 1)) for s, d in zip(stride, dilation))
-        kwargs["output_padding"] = output_padding
-        for n, k, s, p, d, op in zip((H, W), (kh, kw), stride, padding, dilation, output_padding):
-            assume((n - 1) * s - 2 * p + d * (k - 1) + op + 1 >= 1)
-        return (N, C, H, W), (C, K // G, kh, kw), K, kwargs
-    span_h, span_w = dilation[0] * (kh - 1) + 1, dilation[1] * (kw - 1) + 1
-    H = draw(st.integers(max(1, span_h - 2 * padding[0]), max(1, span_h - 2 * padding[0]) + 5))
-    W = draw(st.integers(max(1, span_w - 2 * padding[1]), max(1, span_w - 2 * padding[1]) + 5))
-    if draw(st.booleans()) and stride == (1, 1):
-        kwargs["padding"] = draw(st.sampled_from(["same", "valid"]))
-        assume(kwargs["padding"] == "same" or (H >= span_h and W >= span_w))
-    return (N, C, H, W), (K, C // G, kh, kw), K, kwargs
+# the ranges the convolution tests have always drawn: groups 1-2, C and K 1-3 per group,
+# kernels 1-3, strides 1-3, dilations 1-2, padding 0-2
+CONV_GEOMETRY = dict(groups=(1, 2), channels=(1, 3), out_channels=(1, 3), kernel=(1, 3), stride=(1, 3),
+                     dilation=(1, 2), padding=(0, 2))
 
 
 @settings(max_examples=40)
-@given(conv_configs(transposed=False), st.booleans(), st.integers(0, 2**31 - 1), st.sampled_from(KERNELS))
-def test_conv2d_hypothesis(config, bias, seed, kernels):
-    x_shape, w_shape, K, kwargs = config
+@given(geometries(**CONV_GEOMETRY, size=(1, 6), fit="offset", same_valid=True), st.booleans(),
+       st.integers(0, 2**31 - 1))
+def test_conv2d_hypothesis(g, bias, seed):
     rng = np.random.default_rng(seed)
-    x, w = rng.standard_normal(x_shape), rng.standard_normal(w_shape)
-    b = rng.standard_normal(K) if bias else None
-    with torch.no_grad():
-        out_shape = TF.conv2d(to_torch(x), to_torch(w), **kwargs).shape
-    dout = rng.standard_normal(tuple(out_shape))
-    with backend.use_kernels(kernels):
-        ours, theirs = run_both("conv2d", x, w, b, dout, **kwargs)
-    compare(ours, theirs)
+    x, w = rng.standard_normal(g.x_shape), rng.standard_normal(g.weight_shape)
+    b = rng.standard_normal(g.out_channels) if bias else None
+    check_against_torch(*conv("conv2d", **g.conv_kwargs), [x, w, b], seed=rng)
 
 
 @settings(max_examples=40)
-@given(conv_configs(transposed=True), st.booleans(), st.integers(0, 2**31 - 1), st.sampled_from(KERNELS))
-def test_conv_transpose2d_hypothesis(config, bias, seed, kernels):
-    x_shape, w_shape, K, kwargs = config
+@given(geometries(**CONV_GEOMETRY, size=(1, 5), fit=None, transposed=True), st.booleans(),
+       st.integers(0, 2**31 - 1))
+def test_conv_transpose2d_hypothesis(g, bias, seed):
     rng = np.random.default_rng(seed)
-    x, w = rng.standard_normal(x_shape), rng.standard_normal(w_shape)
-    b = rng.standard_normal(K) if bias else None
-    with torch.no_grad():
-        out_shape = TF.conv_transpose2d(to_torch(x), to_torch(w), **kwargs).shape
-    dout = rng.standard_normal(tuple(out_shape))
-    with backend.use_kernels(kernels):
-        ours, theirs = run_both("conv_transpose2d", x, w, b, dout, **kwargs)
-    compare(ours, theirs)
+    x, w = rng.standard_normal(g.x_shape), rng.standard_normal(g.weight_shape)
+    b = rng.standard_normal(g.out_channels) if bias else None
+    check_against_torch(*conv("conv_transpose2d", **g.conv_kwargs), [x, w, b], seed=rng)
 
 
 # -------------------------------------------------------------------- errors

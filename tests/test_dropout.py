@@ -8,15 +8,16 @@ import warnings
 
 import numpy as np
 import pytest
-import torch
 import torch.nn.functional as TF
 
 import scratchseg
 import scratchseg.functional as F
-from helpers import assert_close, cupy_or_skip
+from helpers import assert_close, check_against_torch, cupy_or_skip
 
 # the package re-exports the function `dropout` under the module's name
 dropout_module = importlib.import_module("scratchseg.functional.dropout")
+
+pytestmark = pytest.mark.usefixtures("kernel_set")  # every test on the numba kernels and on the reference
 
 
 def positive(rng, shape, dtype=np.float64):
@@ -78,17 +79,15 @@ def test_eval_is_identity(fn, rng):
     np.testing.assert_array_equal(out_plain.numpy(), x)
 
 
-@pytest.mark.parametrize("fn", [F.dropout, F.dropout2d])
-def test_p_zero_and_one(fn, rng):
+@pytest.mark.parametrize("name", ["dropout", "dropout2d"])
+@pytest.mark.parametrize("p", [0.0, 1.0])
+def test_p_zero_and_one_match_torch_exactly(name, p, rng):
+    """The deterministic cases: p=0 is the identity, p=1 all zeros, forward and backward, as torch's."""
     x = positive(rng, (2, 3, 4, 4))
-    np.testing.assert_array_equal(fn(x, p=0.0).numpy(), x)
-    X = scratchseg.Tensor(x, requires_grad=True)
-    out = fn(X, p=1.0)
-    np.testing.assert_array_equal(out.numpy(), np.zeros_like(x))
-    out.backward(rng.standard_normal(x.shape))
-    np.testing.assert_array_equal(X.grad, np.zeros_like(x))
-    # torch agrees for the deterministic cases
-    np.testing.assert_array_equal(TF.dropout(torch.from_numpy(x), 1.0).numpy(), out.numpy())
+    r = check_against_torch(lambda a: getattr(F, name)(a, p=p), lambda a: getattr(TF, name)(a, p=p), [x],
+                            seed=rng, rtol=0, atol=0)
+    np.testing.assert_array_equal(r.out.numpy(), x if p == 0.0 else np.zeros_like(x))
+    np.testing.assert_array_equal(r.grads[0], r.dout if p == 0.0 else np.zeros_like(x))
 
 
 def test_dropout2d_drops_whole_channels(rng):

@@ -126,6 +126,7 @@ def test_clear_errors_for_bad_inputs():
         gradcheck(Tanh.apply, (scratchseg.Tensor(np.ones(3)),))
 
 
+@pytest.mark.usefixtures("kernel_set")  # the ops on the numba kernels and on the reference
 def test_a_module_and_its_parameters():
     scratchseg.manual_seed(0)
     conv = nn.Conv2d(2, 3, 3, padding=1).double()
@@ -135,6 +136,7 @@ def test_a_module_and_its_parameters():
     assert gradcheck(lambda x, *params: block(x), (_t(3, 2, 3, 3), *block.parameters()), max_full_jacobian=32)
 
 
+@pytest.mark.usefixtures("kernel_set")  # the ops on the numba kernels and on the reference
 def test_builtin_ops_table_passes_and_lists_every_op():
     out = io.StringIO()
     assert check_builtin_ops(file=out)

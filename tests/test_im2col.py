@@ -1,4 +1,4 @@
-"""im2col / col2im: the reference against a naive loop, adjointness, layouts, doctests."""
+"""im2col / col2im, the numba kernels and the reference alike: against a naive loop, adjointness, layouts, doctests."""
 
 from __future__ import annotations
 
@@ -9,9 +9,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from scratchseg import backend
+from helpers import geometries
 from scratchseg.functional import im2col as im2col_module
 from scratchseg.functional.im2col import col2im, conv_output_size, im2col
+
+# im2col and col2im are replaceable: every test runs on the numba kernels and on the reference
+pytestmark = pytest.mark.usefixtures("kernel_set")
 
 
 def naive_im2col(x, kh, kw, stride, padding, dilation):
@@ -53,20 +56,6 @@ def naive_col2im(cols, x_shape, kh, kw, stride, padding, dilation):
     return dx
 
 
-@st.composite
-def geometries(draw):
-    """(x_shape, kh, kw, stride, padding, dilation) with at least one output pixel."""
-    kh, kw = draw(st.integers(1, 3)), draw(st.integers(1, 3))
-    stride = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
-    padding = (draw(st.integers(0, 2)), draw(st.integers(0, 2)))
-    dilation = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
-    span_h, span_w = dilation[0] * (kh - 1) + 1, dilation[1] * (kw - 1) + 1
-    H = draw(st.integers(max(1, span_h - 2 * padding[0]), max(1, span_h - 2 * padding[0]) + 5))
-    W = draw(st.integers(max(1, span_w - 2 * padding[1]), max(1, span_w - 2 * padding[1]) + 5))
-    N, C = draw(st.integers(1, 2)), draw(st.integers(1, 3))
-    return (N, C, H, W), kh, kw, stride, padding, dilation
-
-
 CASES = [
     ((2, 3, 5, 5), 3, 3, (1, 1), (1, 1), (1, 1)),
     ((1, 2, 7, 6), 3, 2, (2, 1), (0, 1), (1, 2)),
@@ -97,11 +86,13 @@ def test_col2im_matches_naive_loop(x_shape, kh, kw, stride, padding, dilation, r
     assert dx.shape == x_shape and dx.flags.c_contiguous
 
 
+# kernels 1-3, strides 1-3, padding 0-2, dilations 1-3, N 1-2, C 1-3; at least one output pixel
 @settings(max_examples=30)
-@given(geometries(), st.integers(0, 2**31 - 1))
-def test_col2im_is_the_adjoint_of_im2col(geometry, seed):
+@given(geometries(kernel=(1, 3), stride=(1, 3), padding=(0, 2), dilation=(1, 3), batch=(1, 2), channels=(1, 3),
+                  size=(1, 6), fit="offset"), st.integers(0, 2**31 - 1))
+def test_col2im_is_the_adjoint_of_im2col(g, seed):
     """<im2col(x), y> == <x, col2im(y)> for random x and y."""
-    x_shape, kh, kw, stride, padding, dilation = geometry
+    x_shape, (kh, kw), stride, padding, dilation = g.x_shape, g.kernel, g.stride, g.padding, g.dilation
     rng = np.random.default_rng(seed)
     x = rng.standard_normal(x_shape)
     cols = im2col(x, kh, kw, stride, padding, dilation)
@@ -132,21 +123,6 @@ def test_conv_output_size_formula():
     assert conv_output_size(7, 3, 2, 1, 1) == 4
     assert conv_output_size(7, 3, 1, 0, 3) == 1
     assert conv_output_size(10, 4, 3, 2, 2) == 3  # (10 + 4 - 6 - 1) // 3 + 1
-
-
-@pytest.mark.parametrize("name", ["im2col", "col2im"])
-def test_fast_kernel_matches_reference(name, rng):
-    """Whatever accelerated kernel the backend picks gives the reference's numbers."""
-    x = rng.standard_normal((2, 3, 7, 6))
-    fast = backend.kernel(name, x)
-    if fast is None:
-        pytest.skip(f"no accelerated {name} kernel on this machine")
-    geometry = (3, 2, (2, 1), (1, 2), (2, 1))
-    if name == "im2col":
-        np.testing.assert_allclose(fast(x, *geometry), im2col(x, *geometry), rtol=1e-13)
-    else:
-        cols = rng.standard_normal(im2col(x, *geometry).shape)
-        np.testing.assert_allclose(fast(cols, x.shape, *geometry), col2im(cols, x.shape, *geometry), rtol=1e-13)
 
 
 def test_doctests():

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as TF
-from helpers import assert_close, cupy_or_skip, to_numpy
+from helpers import assert_close, check_against_torch, cupy_or_skip, to_numpy
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -18,20 +18,20 @@ import scratchseg.functional as F
 from scratchseg.functional import loss as loss_module
 
 
-def torch_loss(fn, x, t, g, **kw):
-    """(loss, dx) from torch for upstream gradient ``g``."""
-    xt = torch.from_numpy(np.ascontiguousarray(x)).requires_grad_()
-    w = kw.pop("weight", None)
-    out = fn(xt, torch.from_numpy(t.astype(np.int64)), weight=None if w is None else torch.from_numpy(w), **kw)
-    out.backward(torch.from_numpy(np.asarray(g, dtype=x.dtype)))
-    return out.detach().numpy(), xt.grad.numpy()
+pytestmark = pytest.mark.usefixtures("kernel_set")  # every test on the numba kernels and on the reference
 
 
-def our_loss(fn, x, t, g, **kw):
-    xs = scratchseg.Tensor(x, requires_grad=True)
-    out = fn(xs, t, **kw)
-    out.backward(np.asarray(g, dtype=x.dtype))
-    return out, xs.grad
+def check_loss(name, x, t, weight=None, *, seed=0, dout=None, rtol=None, atol=None, grad_rtol=None, grad_atol=None,
+               **kw):
+    """Our loss ``name`` and torch's on scores ``x``, integer target ``t`` and class ``weight``:
+    ``check_against_torch`` (the loss and dL/dx for a random upstream gradient; the target
+    and the weight need no gradient)."""
+    return check_against_torch(
+        lambda x, t, w: getattr(F, name)(x, t, weight=w, **kw),
+        lambda x, t, w: getattr(TF, name)(x, t.long(), weight=w, **kw),
+        [x, t, weight], nondiff=(2,), seed=seed, dout=dout, rtol=rtol, atol=atol, grad_rtol=grad_rtol,
+        grad_atol=grad_atol,
+    )
 
 
 @st.composite
@@ -50,46 +50,36 @@ def problems(draw):
     t = rng.integers(0, C, size=(N,) + spatial)
     t[rng.random(t.shape) < ignore_fraction] = ignore_index
     weight = rng.uniform(0.2, 2.0, size=C) if weighted else None
-    g = rng.standard_normal(t.shape) if reduction == "none" else rng.standard_normal()
     kw = dict(weight=weight, ignore_index=ignore_index, reduction=reduction)
-    return x, t, g, kw, label_smoothing
+    return x, t, rng, kw, label_smoothing
 
 
 @settings(max_examples=80)
 @given(problems())
 def test_cross_entropy_matches_torch_float64(problem):
-    x, t, g, kw, eps = problem
-    out, dx = our_loss(F.cross_entropy, x, t, g, label_smoothing=eps, **kw)
-    ref, dx_ref = torch_loss(TF.cross_entropy, x, t, g, label_smoothing=eps, **kw)
-    assert out.dtype == np.float64 and out.shape == ref.shape
-    assert_close(out, ref, rtol=1e-7, atol=1e-12)
-    assert_close(dx, dx_ref, rtol=1e-7, atol=1e-12)
+    x, t, rng, kw, eps = problem
+    r = check_loss("cross_entropy", x, t, seed=rng, label_smoothing=eps, rtol=1e-7, atol=1e-12, **kw)
+    assert r.out.dtype == np.float64
 
 
 @settings(max_examples=40)
 @given(problems())
 def test_nll_loss_matches_torch_float64(problem):
-    x, t, g, kw, _ = problem
+    x, t, rng, kw, _ = problem
     logp = x - np.log(np.exp(x).sum(axis=1, keepdims=True))
-    out, dx = our_loss(F.nll_loss, logp, t, g, **kw)
-    ref, dx_ref = torch_loss(TF.nll_loss, logp, t, g, **kw)
-    assert out.shape == ref.shape
-    assert_close(out, ref, rtol=1e-7, atol=1e-12)
-    assert_close(dx, dx_ref, rtol=1e-7, atol=1e-12)
+    check_loss("nll_loss", logp, t, seed=rng, rtol=1e-7, atol=1e-12, **kw)
 
 
 @settings(max_examples=25)
 @given(problems())
 def test_cross_entropy_matches_torch_float32(problem):
-    x, t, g, kw, eps = problem
+    x, t, rng, kw, eps = problem
     x = x.astype(np.float32)
     if kw["weight"] is not None:
         kw["weight"] = kw["weight"].astype(np.float32)
-    out, dx = our_loss(F.cross_entropy, x, t, g, label_smoothing=eps, **kw)
-    ref, dx_ref = torch_loss(TF.cross_entropy, x, t, g, label_smoothing=eps, **kw)
-    assert out.dtype == np.float32 and dx.dtype == np.float32
-    assert_close(out, ref, rtol=1e-5, atol=1e-5)
-    assert_close(dx, dx_ref, rtol=1e-4, atol=1e-6)
+    r = check_loss("cross_entropy", x, t, seed=rng, label_smoothing=eps, rtol=1e-5, atol=1e-5, grad_rtol=1e-4,
+                   grad_atol=1e-6, **kw)
+    assert r.out.dtype == np.float32 and r.grads[0].dtype == np.float32
 
 
 def test_segmentation_shapes_and_ignore_255(rng):
@@ -97,13 +87,9 @@ def test_segmentation_shapes_and_ignore_255(rng):
     x = rng.standard_normal((2, 21, 6, 7))
     t = rng.integers(0, 21, size=(2, 6, 7))
     t[:, 0, :] = 255
-    g = rng.standard_normal()
-    for kw in [{}, {"weight": rng.uniform(0.5, 1.5, 21)}]:
-        out, dx = our_loss(F.cross_entropy, x, t, g, ignore_index=255, **kw)
-        ref, dx_ref = torch_loss(TF.cross_entropy, x, t, g, ignore_index=255, **kw)
-        assert_close(out, ref)
-        assert_close(dx, dx_ref)
-        assert np.all(to_numpy(dx)[:, :, 0, :] == 0)  # ignored pixels get no gradient
+    for weight in [None, rng.uniform(0.5, 1.5, 21)]:
+        r = check_loss("cross_entropy", x, t, weight, seed=rng, ignore_index=255)
+        assert np.all(to_numpy(r.grads[0])[:, :, 0, :] == 0)  # ignored pixels get no gradient
 
 
 def test_weighted_mean_divides_by_total_target_weight():
@@ -121,28 +107,19 @@ def test_non_contiguous_scores(rng):
     x = base.transpose(0, 3, 1, 2)  # (N, C, H, W) view
     assert not x.flags.c_contiguous
     t = rng.integers(0, 3, size=(2, 5, 4))
-    g = rng.standard_normal((2, 5, 4))
-    out, dx = our_loss(F.cross_entropy, x, t, g, reduction="none")
-    ref, dx_ref = torch_loss(TF.cross_entropy, x, t, g, reduction="none")
-    assert_close(out, ref)
-    assert_close(dx, dx_ref)
+    check_loss("cross_entropy", x, t, seed=rng, reduction="none")
     t_strided = rng.integers(0, 3, size=(2, 10, 4))[:, ::2]  # non-contiguous target
-    out, dx = our_loss(F.cross_entropy, x, t_strided, 1.0, label_smoothing=0.2)
-    ref, dx_ref = torch_loss(TF.cross_entropy, x, np.ascontiguousarray(t_strided), 1.0, label_smoothing=0.2)
-    assert_close(out, ref)
-    assert_close(dx, dx_ref)
+    assert not t_strided.flags.c_contiguous
+    check_loss("cross_entropy", x, t_strided, seed=rng, label_smoothing=0.2)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_numerically_stable_for_huge_scores(dtype):
     x = np.array([[1e4, -1e4, 0.0], [-3e4, 3e4, 2e4], [500.0, 499.0, -800.0]], dtype=dtype)
     t = np.array([1, 1, 0])
-    g = np.array([0.5, -1.5, 2.0])
-    out, dx = our_loss(F.cross_entropy, x, t, g, reduction="none")
-    assert np.all(np.isfinite(to_numpy(out))) and np.all(np.isfinite(to_numpy(dx)))
-    ref, dx_ref = torch_loss(TF.cross_entropy, x, t, g, reduction="none")
-    assert_close(out, ref, rtol=1e-6)
-    assert_close(dx, dx_ref, rtol=1e-6)
+    g = np.array([0.5, -1.5, 2.0], dtype=dtype)
+    r = check_loss("cross_entropy", x, t, dout=g, reduction="none", rtol=1e-6)
+    assert np.all(np.isfinite(to_numpy(r.out))) and np.all(np.isfinite(to_numpy(r.grads[0])))
 
 
 def test_all_targets_ignored():
@@ -150,10 +127,8 @@ def test_all_targets_ignored():
     t = np.full((2, 2), -100)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no RuntimeWarning from 0/0 either
-        out, dx = our_loss(F.cross_entropy, x, t, 1.0)
-    ref, dx_ref = torch_loss(TF.cross_entropy, x, t, 1.0)
-    assert np.isnan(out.item()) and np.isnan(ref)
-    assert_close(dx, dx_ref)  # torch: zero gradient
+        r = check_loss("cross_entropy", x, t)  # the gradient: zeros, as torch's
+    assert np.isnan(r.out.item()) and np.isnan(r.out_t.item())
     assert F.cross_entropy(x, t, reduction="sum").item() == 0.0
     np.testing.assert_array_equal(to_numpy(F.cross_entropy(x, t, reduction="none")), np.zeros((2, 2)))
     assert np.isnan(F.nll_loss(x, t).item())
@@ -163,11 +138,8 @@ def test_unbatched_input(rng):
     x = rng.standard_normal(5)
     t = np.array(3)
     for reduction in ["mean", "none"]:
-        out, dx = our_loss(F.cross_entropy, x, t, 0.7, reduction=reduction, label_smoothing=0.1)
-        ref, dx_ref = torch_loss(TF.cross_entropy, x, t, 0.7, reduction=reduction, label_smoothing=0.1)
-        assert out.shape == ref.shape == ()
-        assert_close(out, ref)
-        assert_close(dx, dx_ref)
+        r = check_loss("cross_entropy", x, t, seed=rng, reduction=reduction, label_smoothing=0.1)
+        assert r.out.shape == tuple(r.out_t.shape) == ()
 
 
 def test_cross_entropy_is_nll_of_log_softmax(rng):

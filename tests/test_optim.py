@@ -14,6 +14,9 @@ from scratchseg.nn import Parameter
 
 from helpers import assert_close, to_numpy
 
+# the update rules are replaceable (sgd_update): every test on the numba kernels and on the reference
+pytestmark = pytest.mark.usefixtures("kernel_set")
+
 SHAPES = [(3, 4), (5,), (2, 1, 3)]
 
 

@@ -14,7 +14,9 @@ from hypothesis import strategies as st
 import scratchseg
 import scratchseg.functional as F
 from scratchseg.functional import pooling
-from helpers import assert_close, cupy_or_skip, to_torch
+from helpers import assert_close, check_against_torch, cupy_or_skip, geometries
+
+pytestmark = pytest.mark.usefixtures("kernel_set")  # every test on the numba kernels and on the reference
 
 
 def distinct(rng, shape, dtype=np.float64):
@@ -23,17 +25,12 @@ def distinct(rng, shape, dtype=np.float64):
     return (rng.permutation(n).reshape(shape) / n - 0.5).astype(dtype)
 
 
-def run_both(ours, theirs, x, rng, dtype=np.float64):
-    """Forward both with x, backward a random upstream gradient; return (out, dx, out_t, dx_t)."""
-    X = scratchseg.Tensor(x, requires_grad=True)
-    out = ours(X)
-    xt = to_torch(x, requires_grad=True)
-    out_t = theirs(xt)
-    assert out.shape == tuple(out_t.shape)
-    dout = rng.standard_normal(out.shape).astype(dtype)
-    out.backward(dout)
-    out_t.backward(torch.from_numpy(dout))
-    return out, X.grad, out_t, xt.grad
+def pool(name, *args, **kw):
+    """(ours, torch's) pooling ``name`` with its arguments bound: the pair check_against_torch compares."""
+    return (lambda x: getattr(F, name)(x, *args, **kw), lambda x: getattr(TF, name)(x, *args, **kw))
+
+
+EXACT_OUT_FLOAT64_GRAD = dict(rtol=0, atol=0, grad_rtol=1e-7, grad_atol=1e-10)  # max: the very maximum; dx: float64
 
 
 # --------------------------------------------------------------- max pool
@@ -53,11 +50,7 @@ MAX_CASES = [
 @pytest.mark.parametrize("kw", MAX_CASES)
 def test_max_pool2d_matches_torch_float64(kw, rng):
     x = distinct(rng, (2, 3, 7, 9))
-    out, dx, out_t, dx_t = run_both(
-        lambda a: F.max_pool2d(a, **kw), lambda a: TF.max_pool2d(a, **kw), x, rng
-    )
-    assert_close(out, out_t, rtol=0, atol=0)
-    assert_close(dx, dx_t, rtol=1e-12, atol=1e-12)
+    check_against_torch(*pool("max_pool2d", **kw), [x], seed=rng, rtol=0, atol=0, grad_rtol=1e-12, grad_atol=1e-12)
 
 
 @pytest.mark.parametrize("kw", MAX_CASES[:5])
@@ -81,8 +74,7 @@ def test_max_pool2d_ties_take_first_max_like_torch(rng):
     out, idx = F.max_pool2d(x, return_indices=True, **kw)
     _, idx_t = TF.max_pool2d(torch.from_numpy(x), return_indices=True, **kw)
     np.testing.assert_array_equal(idx.numpy(), idx_t.numpy())
-    out, dx, out_t, dx_t = run_both(lambda a: F.max_pool2d(a, **kw), lambda a: TF.max_pool2d(a, **kw), x, rng)
-    assert_close(dx, dx_t, rtol=0, atol=1e-15)
+    check_against_torch(*pool("max_pool2d", **kw), [x], seed=rng, rtol=0, atol=1e-15)
 
 
 def test_max_pool2d_nan_propagates_like_torch(rng):
@@ -99,11 +91,8 @@ def test_max_pool2d_nan_propagates_like_torch(rng):
 def test_max_pool2d_float32(rng):
     x = distinct(rng, (2, 4, 10, 11), np.float32)
     kw = dict(kernel_size=3, stride=2, padding=1)
-    out, dx, out_t, dx_t = run_both(lambda a: F.max_pool2d(a, **kw), lambda a: TF.max_pool2d(a, **kw), x, rng,
-                                    np.float32)
-    assert out.dtype == np.float32 and dx.dtype == np.float32
-    assert_close(out, out_t)
-    assert_close(dx, dx_t)
+    r = check_against_torch(*pool("max_pool2d", **kw), [x], seed=rng)
+    assert r.out.dtype == np.float32 and r.grads[0].dtype == np.float32
 
 
 def test_max_pool2d_unbatched_and_noncontiguous(rng):
@@ -111,22 +100,20 @@ def test_max_pool2d_unbatched_and_noncontiguous(rng):
     x = base.transpose(0, 2, 1)  # (3, 8, 9), not C-contiguous
     assert not x.flags["C_CONTIGUOUS"]
     kw = dict(kernel_size=2, stride=1, padding=1)
-    out, dx, out_t, dx_t = run_both(lambda a: F.max_pool2d(a, **kw), lambda a: TF.max_pool2d(a, **kw), x, rng)
-    assert out.shape == (3, 9, 10)
-    assert_close(out, out_t, rtol=0, atol=0)
-    assert_close(dx, dx_t)
+    r = check_against_torch(*pool("max_pool2d", **kw), [x], seed=rng, **EXACT_OUT_FLOAT64_GRAD)
+    assert r.out.shape == (3, 9, 10)
 
 
-@given(
-    n=st.integers(1, 2), c=st.integers(1, 2), h=st.integers(1, 9), w=st.integers(1, 9),
-    kh=st.integers(1, 4), kw=st.integers(1, 4), sh=st.integers(1, 3), sw=st.integers(1, 3),
-    ph=st.integers(0, 2), pw=st.integers(0, 2), dh=st.integers(1, 3), dw=st.integers(1, 3),
-    ceil_mode=st.booleans(), seed=st.integers(0, 2**16),
-)
-def test_max_pool2d_hypothesis(n, c, h, w, kh, kw, sh, sw, ph, pw, dh, dw, ceil_mode, seed):
+# N, C 1-2; H, W 1-9 whatever the window (both must refuse what torch refuses); kernels 1-4,
+# strides 1-3, padding 0-2, dilations 1-3
+@given(g=geometries(batch=(1, 2), channels=(1, 2), size=(1, 9), fit=None, kernel=(1, 4), stride=(1, 3),
+                    padding=(0, 2), dilation=(1, 3)),
+       ceil_mode=st.booleans(), seed=st.integers(0, 2**16))
+def test_max_pool2d_hypothesis(g, ceil_mode, seed):
     rng = np.random.default_rng(seed)
-    x = distinct(rng, (n, c, h, w))
-    args = dict(kernel_size=(kh, kw), stride=(sh, sw), padding=(ph, pw), dilation=(dh, dw), ceil_mode=ceil_mode)
+    x = distinct(rng, g.x_shape)
+    h, w = g.spatial
+    args = dict(kernel_size=g.kernel, stride=g.stride, padding=g.padding, dilation=g.dilation, ceil_mode=ceil_mode)
     try:
         out_t, index_t = TF.max_pool2d(torch.from_numpy(x), **args, return_indices=True)
     except RuntimeError:
@@ -140,9 +127,7 @@ def test_max_pool2d_hypothesis(n, c, h, w, kh, kw, sh, sw, ph, pw, dh, dw, ceil_
         out = F.max_pool2d(x, **args)
         assert_close(out, out_t, rtol=0, atol=0)
         return
-    out, dx, out_t, dx_t = run_both(lambda a: F.max_pool2d(a, **args), lambda a: TF.max_pool2d(a, **args), x, rng)
-    assert_close(out, out_t, rtol=0, atol=0)
-    assert_close(dx, dx_t, rtol=1e-12, atol=1e-12)
+    check_against_torch(*pool("max_pool2d", **args), [x], seed=rng, rtol=0, atol=0, grad_rtol=1e-12, grad_atol=1e-12)
 
 
 def test_max_pool2d_saves_a_small_index_not_the_windows(rng):
@@ -168,31 +153,25 @@ AVG_CASES = [
 @pytest.mark.parametrize("kw", AVG_CASES)
 def test_avg_pool2d_matches_torch_float64(kw, rng):
     x = rng.standard_normal((2, 3, 7, 9))
-    out, dx, out_t, dx_t = run_both(lambda a: F.avg_pool2d(a, **kw), lambda a: TF.avg_pool2d(a, **kw), x, rng)
-    assert_close(out, out_t)
-    assert_close(dx, dx_t)
+    check_against_torch(*pool("avg_pool2d", **kw), [x], seed=rng)
 
 
 def test_avg_pool2d_float32_noncontiguous_unbatched(rng):
     x = rng.standard_normal((10, 3, 11)).astype(np.float32).transpose(1, 0, 2)  # (3, 10, 11) strided
     kw = dict(kernel_size=3, stride=2, padding=1, ceil_mode=True, count_include_pad=False)
-    out, dx, out_t, dx_t = run_both(lambda a: F.avg_pool2d(a, **kw), lambda a: TF.avg_pool2d(a, **kw), x, rng,
-                                    np.float32)
-    assert out.dtype == np.float32
-    assert_close(out, out_t)
-    assert_close(dx, dx_t)
+    r = check_against_torch(*pool("avg_pool2d", **kw), [x], seed=rng)
+    assert r.out.dtype == np.float32
 
 
-@given(
-    h=st.integers(1, 9), w=st.integers(1, 9), kh=st.integers(1, 4), kw=st.integers(1, 4),
-    sh=st.integers(1, 3), sw=st.integers(1, 3), ph=st.integers(0, 2), pw=st.integers(0, 2),
-    ceil_mode=st.booleans(), count_include_pad=st.booleans(),
-    divisor_override=st.sampled_from([None, None, 1, 7]), seed=st.integers(0, 2**16),
-)
-def test_avg_pool2d_hypothesis(h, w, kh, kw, sh, sw, ph, pw, ceil_mode, count_include_pad, divisor_override, seed):
+# N = C = 2; H, W 1-9 whatever the window; kernels 1-4, strides 1-3, padding 0-2 (no dilation)
+@given(g=geometries(batch=2, channels=2, size=(1, 9), fit=None, kernel=(1, 4), stride=(1, 3), padding=(0, 2),
+                    dilation=1),
+       ceil_mode=st.booleans(), count_include_pad=st.booleans(),
+       divisor_override=st.sampled_from([None, None, 1, 7]), seed=st.integers(0, 2**16))
+def test_avg_pool2d_hypothesis(g, ceil_mode, count_include_pad, divisor_override, seed):
     rng = np.random.default_rng(seed)
-    x = rng.standard_normal((2, 2, h, w))
-    args = dict(kernel_size=(kh, kw), stride=(sh, sw), padding=(ph, pw), ceil_mode=ceil_mode,
+    x = rng.standard_normal(g.x_shape)
+    args = dict(kernel_size=g.kernel, stride=g.stride, padding=g.padding, ceil_mode=ceil_mode,
                 count_include_pad=count_include_pad, divisor_override=divisor_override)
     try:
         TF.avg_pool2d(torch.from_numpy(x), **args)
@@ -200,32 +179,24 @@ def test_avg_pool2d_hypothesis(h, w, kh, kw, sh, sw, ph, pw, ceil_mode, count_in
         with pytest.raises(ValueError):
             F.avg_pool2d(x, **args)
         return
-    out, dx, out_t, dx_t = run_both(lambda a: F.avg_pool2d(a, **args), lambda a: TF.avg_pool2d(a, **args), x, rng)
-    assert_close(out, out_t)
-    assert_close(dx, dx_t)
+    check_against_torch(*pool("avg_pool2d", **args), [x], seed=rng)
 
 
 # --------------------------------------------------------- adaptive pools
-ADAPTIVE_PAIRS = ((F.adaptive_avg_pool2d, TF.adaptive_avg_pool2d), (F.adaptive_max_pool2d, TF.adaptive_max_pool2d))
+ADAPTIVE = ("adaptive_avg_pool2d", "adaptive_max_pool2d")
 ADAPTIVE_SIZES = [1, 2, (2, 3), (None, 4), (3, None), (7, 9), (10, 12), (4, 1)]
 
 
 @pytest.mark.parametrize("size", ADAPTIVE_SIZES)
 def test_adaptive_avg_pool2d_matches_torch(size, rng):
     x = rng.standard_normal((2, 3, 7, 9))
-    out, dx, out_t, dx_t = run_both(lambda a: F.adaptive_avg_pool2d(a, size),
-                                    lambda a: TF.adaptive_avg_pool2d(a, size), x, rng)
-    assert_close(out, out_t)
-    assert_close(dx, dx_t)
+    check_against_torch(*pool("adaptive_avg_pool2d", size), [x], seed=rng)
 
 
 @pytest.mark.parametrize("size", ADAPTIVE_SIZES)
 def test_adaptive_max_pool2d_matches_torch(size, rng):
     x = distinct(rng, (2, 3, 7, 9))
-    out, dx, out_t, dx_t = run_both(lambda a: F.adaptive_max_pool2d(a, size),
-                                    lambda a: TF.adaptive_max_pool2d(a, size), x, rng)
-    assert_close(out, out_t, rtol=0, atol=0)
-    assert_close(dx, dx_t)
+    check_against_torch(*pool("adaptive_max_pool2d", size), [x], seed=rng, **EXACT_OUT_FLOAT64_GRAD)
     _, idx = F.adaptive_max_pool2d(x, size, return_indices=True)
     _, idx_t = TF.adaptive_max_pool2d(torch.from_numpy(x), size, return_indices=True)
     np.testing.assert_array_equal(idx.numpy(), idx_t.numpy())
@@ -233,22 +204,18 @@ def test_adaptive_max_pool2d_matches_torch(size, rng):
 
 def test_adaptive_pools_float32_unbatched_noncontiguous(rng):
     x = rng.standard_normal((9, 3, 7)).astype(np.float32).transpose(1, 2, 0)  # (3, 7, 9)
-    for ours, theirs in ADAPTIVE_PAIRS:
-        out, dx, out_t, dx_t = run_both(lambda a: ours(a, (3, 4)), lambda a: theirs(a, (3, 4)), x, rng, np.float32)
-        assert out.shape == (3, 3, 4) and out.dtype == np.float32
-        assert_close(out, out_t)
-        assert_close(dx, dx_t)
+    for name in ADAPTIVE:
+        r = check_against_torch(*pool(name, (3, 4)), [x], seed=rng)
+        assert r.out.shape == (3, 3, 4) and r.out.dtype == np.float32
 
 
-@given(h=st.integers(1, 10), w=st.integers(1, 10), oh=st.integers(1, 12), ow=st.integers(1, 12),
+@given(g=geometries(batch=1, channels=2, kernel=None, size=(1, 10)), oh=st.integers(1, 12), ow=st.integers(1, 12),
        seed=st.integers(0, 2**16))
-def test_adaptive_pools_hypothesis(h, w, oh, ow, seed):
+def test_adaptive_pools_hypothesis(g, oh, ow, seed):
     rng = np.random.default_rng(seed)
-    x = distinct(rng, (1, 2, h, w))
-    for ours, theirs in ADAPTIVE_PAIRS:
-        out, dx, out_t, dx_t = run_both(lambda a: ours(a, (oh, ow)), lambda a: theirs(a, (oh, ow)), x, rng)
-        assert_close(out, out_t)
-        assert_close(dx, dx_t)
+    x = distinct(rng, g.x_shape)
+    for name in ADAPTIVE:
+        check_against_torch(*pool(name, (oh, ow)), [x], seed=rng)
 
 
 def test_adaptive_bins_follow_torch_rule():

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as TF
-from helpers import assert_close, cupy_or_skip, to_numpy
+from helpers import assert_close, check_against_torch, cupy_or_skip, geometries, to_numpy, torch_nearest_by_gather
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -17,25 +17,20 @@ import scratchseg
 import scratchseg.functional as F
 from scratchseg.functional import upsampling
 
+pytestmark = pytest.mark.usefixtures("kernel_set")  # every test on the numba kernels and on the reference
+
 LINEAR_MODE = {1: "linear", 2: "bilinear", 3: "trilinear"}
 SCALES = [0.3, 0.5, 0.75, 1.0, 1.1, 1.5, 1.7, 2.0, 2.05, 2.5, 3.0, 4.6]
 
 
-def run_both(x, g, **kw):
-    """(our output, our dx, torch output, torch dx) for upstream gradient ``g``."""
-    xs = scratchseg.Tensor(x, requires_grad=True)
-    out = F.interpolate(xs, **kw)
-    xt = torch.from_numpy(np.ascontiguousarray(x)).requires_grad_()
-    ref = TF.interpolate(xt, **kw)
-    if g is None:
-        return out, None, ref, None
-    out.backward(g)
-    ref.backward(torch.from_numpy(np.ascontiguousarray(g)))
-    return out, xs.grad, ref, xt.grad
+def resize(**kw):
+    """(ours, torch's) interpolate with ``kw`` bound: the pair check_against_torch compares."""
+    return (lambda x: F.interpolate(x, **kw), lambda x: TF.interpolate(x, **kw))
 
 
 def torch_nearest_backward_is_inconsistent(shape, kw):
-    """torch's 1-D/3-D nearest forward takes no shortcuts but its backward does (see upsampling.py)."""
+    """torch's 1-D/3-D nearest forward takes no shortcuts but its backward does (see upsampling.py):
+    there the oracle is the transpose of torch's forward (``torch_nearest_by_gather``)."""
     if kw["mode"] != "nearest" or len(shape) == 4 or "scale_factor" not in kw or kw.get("recompute_scale_factor"):
         return False
     scales = kw["scale_factor"]
@@ -48,10 +43,11 @@ def torch_nearest_backward_is_inconsistent(shape, kw):
 
 
 @st.composite
-def geometries(draw):
-    nd = draw(st.integers(1, 3))
+def resizes(draw):
+    """An input shape (N 2, C 3, 1 to 3 spatial axes of 1 to 7) and interpolate's keywords for it."""
+    shape = draw(geometries(dims=(1, 3), batch=2, channels=3, kernel=None, size=(1, 7))).x_shape
+    nd = len(shape) - 2
     mode = draw(st.sampled_from(["nearest", LINEAR_MODE[nd]]))
-    spatial = tuple(draw(st.integers(1, 7)) for _ in range(nd))
     kw = {"mode": mode}
     if mode != "nearest":
         kw["align_corners"] = draw(st.booleans())
@@ -60,44 +56,45 @@ def geometries(draw):
         kw["size"] = sizes if (nd > 1 or draw(st.booleans())) else sizes[0]
     else:
         scales = tuple(draw(st.sampled_from(SCALES)) for _ in range(nd))
-        if any(math.floor(n * s) < 1 for n, s in zip(spatial, scales)):
+        if any(math.floor(n * s) < 1 for n, s in zip(shape[2:], scales)):
             scales = tuple(max(s, 1.0) for s in scales)
         kw["scale_factor"] = scales if (nd > 1 or draw(st.booleans())) else scales[0]
         if draw(st.booleans()):
             kw["recompute_scale_factor"] = True
-    return (2, 3) + spatial, kw
+    return shape, kw
+
+
+def oracle(shape, kw):
+    """torch's interpolate, or the transpose of its forward where its backward disagrees with it."""
+    if torch_nearest_backward_is_inconsistent(shape, kw):
+        return lambda x: torch_nearest_by_gather(x, **kw)
+    return lambda x: TF.interpolate(x, **kw)
 
 
 @settings(max_examples=60)
-@given(geometries(), st.integers(0, 2**31 - 1))
+@given(resizes(), st.integers(0, 2**31 - 1))
 def test_matches_torch_float64(geometry, seed):
     shape, kw = geometry
     rng = np.random.default_rng(seed)
     x = rng.standard_normal(shape)
-    ref_shape = tuple(TF.interpolate(torch.zeros(shape, dtype=torch.float64), **kw).shape)
-    g = rng.standard_normal(ref_shape)
-    out, dx, ref, dx_ref = run_both(x, g, **kw)
-    assert out.dtype == np.float64
-    assert_close(out, ref, rtol=1e-7, atol=1e-12)
+    r = check_against_torch(lambda x: F.interpolate(x, **kw), oracle(shape, kw), [x], seed=rng,
+                            rtol=1e-7, atol=1e-12)
+    assert r.out.dtype == np.float64
+    assert_close(r.out, TF.interpolate(torch.from_numpy(x), **kw), rtol=1e-7, atol=1e-12)  # torch's own forward
     # linearity: <f(x), g> == <x, dx> holds for any correct backward
-    np.testing.assert_allclose(np.sum(to_numpy(out) * g), np.sum(x * to_numpy(dx)), rtol=1e-9, atol=1e-9)
-    if not torch_nearest_backward_is_inconsistent(shape, kw):
-        assert_close(dx, dx_ref, rtol=1e-7, atol=1e-12)
+    np.testing.assert_allclose(np.sum(to_numpy(r.out) * r.dout), np.sum(x * to_numpy(r.grads[0])), rtol=1e-9, atol=1e-9)
 
 
 @settings(max_examples=25)
-@given(geometries(), st.integers(0, 2**31 - 1))
+@given(resizes(), st.integers(0, 2**31 - 1))
 def test_matches_torch_float32(geometry, seed):
     shape, kw = geometry
     rng = np.random.default_rng(seed)
     x = rng.standard_normal(shape).astype(np.float32)
-    ref_shape = tuple(TF.interpolate(torch.zeros(shape), **kw).shape)
-    g = rng.standard_normal(ref_shape).astype(np.float32)
-    out, dx, ref, dx_ref = run_both(x, g, **kw)
-    assert out.dtype == np.float32 and dx.dtype == np.float32
-    assert_close(out, ref, rtol=1e-5, atol=1e-5)
-    if not torch_nearest_backward_is_inconsistent(shape, kw):
-        assert_close(dx, dx_ref, rtol=1e-4, atol=1e-4)
+    r = check_against_torch(lambda x: F.interpolate(x, **kw), oracle(shape, kw), [x], seed=rng,
+                            rtol=1e-5, atol=1e-5, grad_rtol=1e-4, grad_atol=1e-4)
+    assert r.out.dtype == np.float32 and r.grads[0].dtype == np.float32
+    assert_close(r.out, TF.interpolate(torch.from_numpy(x), **kw), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("mode,align_corners", [("nearest", None), ("bilinear", False), ("bilinear", True)])
@@ -106,37 +103,28 @@ def test_segmentation_upsampling_factors(rng, mode, align_corners, factor):
     """The decoder's typical case: logits upsampled by 2, 8 or 32 (FCN-32s) to full size."""
     x = rng.standard_normal((2, 3, 3, 4))
     size = (3 * factor, 4 * factor)
-    g = rng.standard_normal((2, 3) + size)
-    out, dx, ref, dx_ref = run_both(x, g, size=size, mode=mode, align_corners=align_corners)
-    assert_close(out, ref)
-    assert_close(dx, dx_ref)
-    out, dx, ref, dx_ref = run_both(x, g, scale_factor=factor, mode=mode, align_corners=align_corners)
-    assert_close(out, ref)
-    assert_close(dx, dx_ref)
+    r = check_against_torch(*resize(size=size, mode=mode, align_corners=align_corners), [x], seed=rng)
+    assert r.out.shape == (2, 3) + size
+    r = check_against_torch(*resize(scale_factor=factor, mode=mode, align_corners=align_corners), [x], seed=rng)
+    assert r.out.shape == (2, 3) + size
 
 
 @pytest.mark.parametrize("mode,align_corners", [("bilinear", False), ("bilinear", True), ("nearest", None)])
 def test_downsampling(rng, mode, align_corners):
     x = rng.standard_normal((1, 2, 17, 23))
-    g = rng.standard_normal((1, 2, 5, 4))
-    out, dx, ref, dx_ref = run_both(x, g, size=(5, 4), mode=mode, align_corners=align_corners)
-    assert_close(out, ref)
-    assert_close(dx, dx_ref)
+    check_against_torch(*resize(size=(5, 4), mode=mode, align_corners=align_corners), [x], seed=rng)
 
 
 def test_non_contiguous_input(rng):
     base = rng.standard_normal((3, 2, 9, 6))
     x = base.transpose(1, 0, 3, 2)[:, :, ::2, :]  # (2, 3, 3, 5), strided and transposed
     assert not x.flags.c_contiguous
-    g = rng.standard_normal((2, 3, 7, 11))
     for mode, ac in [("bilinear", False), ("bilinear", True), ("nearest", None)]:
-        out, dx, ref, dx_ref = run_both(x, g, size=(7, 11), mode=mode, align_corners=ac)
-        assert_close(out, ref)
-        assert_close(dx, dx_ref)
+        check_against_torch(*resize(size=(7, 11), mode=mode, align_corners=ac), [x], seed=rng)
     # a non-contiguous upstream gradient too
     g2 = rng.standard_normal((11, 7, 3, 2)).transpose(3, 2, 1, 0)
-    out, dx, ref, dx_ref = run_both(x, g2, size=(7, 11), mode="bilinear", align_corners=False)
-    assert_close(dx, dx_ref)
+    assert not g2.flags.c_contiguous
+    check_against_torch(*resize(size=(7, 11), mode="bilinear", align_corners=False), [x], dout=g2)
 
 
 def test_identity_size_copies(rng):
@@ -164,13 +152,13 @@ def test_plain_array_input_gives_tensor_without_grad(rng):
 
 def test_gradient_flows_through_a_chain(rng):
     """interpolate composed with other ops: the upstream gradient arrives unchanged in shape."""
-    x = scratchseg.Tensor(rng.standard_normal((1, 2, 3, 3)), requires_grad=True)
+    x = rng.standard_normal((1, 2, 3, 3))
     w = rng.standard_normal((1, 2, 6, 6))
-    y = (F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=True) * w).sum()
-    y.backward()
-    xt = torch.from_numpy(to_numpy(x)).requires_grad_()
-    (TF.interpolate(xt, scale_factor=2, mode="bilinear", align_corners=True) * torch.from_numpy(w)).sum().backward()
-    assert_close(x.grad, xt.grad)
+    check_against_torch(
+        lambda x: (F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=True) * w).sum(),
+        lambda x: (TF.interpolate(x, scale_factor=2, mode="bilinear", align_corners=True) * torch.from_numpy(w)).sum(),
+        [x], seed=rng,
+    )
 
 
 def test_upsample_aliases(rng):
@@ -186,10 +174,7 @@ def test_long_axis_uses_sparse_columns():
     plan = upsampling._axis(1000, 8000, "linear", False, None, "float64")
     assert plan.src.shape == (1000, plan.src.shape[1]) and plan.src.shape[1] <= 17
     x = np.random.default_rng(1).standard_normal((1, 1, 1000))
-    g = np.random.default_rng(2).standard_normal((1, 1, 8000))
-    out, dx, ref, dx_ref = run_both(x, g, size=8000, mode="linear", align_corners=False)
-    assert_close(out, ref)
-    assert_close(dx, dx_ref)
+    check_against_torch(*resize(size=8000, mode="linear", align_corners=False), [x], seed=2)
 
 
 @pytest.mark.parametrize(
