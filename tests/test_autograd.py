@@ -544,3 +544,23 @@ def test_cupy_graph_matches_numpy(rng):
     assert_close(out_gpu, out_cpu)
     assert_close(dx_gpu, dx_cpu)
     assert_close(dy_gpu, dy_cpu)
+
+
+def test_tensor_inspection_methods_read_like_torch(rng):
+    import torch
+
+    x = rng.standard_normal((2, 3, 4))
+    ours, theirs = scratchseg.Tensor(x, requires_grad=True), torch.tensor(x, requires_grad=True)
+    assert ours.size() == tuple(theirs.size()) and ours.size(1) == theirs.size(1)
+    assert ours.dim() == theirs.dim() and ours.numel() == theirs.numel()
+    np.testing.assert_array_equal(ours.argmax(2, keepdim=True).numpy(), theirs.argmax(2, keepdim=True).numpy())
+    assert ours.max().item() == theirs.max().item() and ours.min().item() == theirs.min().item()
+    dout = rng.standard_normal((4, 3, 2))
+    (ours.T * dout).sum().backward()
+    (theirs.permute(2, 1, 0) * torch.tensor(dout)).sum().backward()
+    np.testing.assert_allclose(ours.grad, theirs.grad.numpy(), rtol=1e-12)
+    y = np.abs(x) + 0.5
+    ours, theirs = scratchseg.Tensor(y, requires_grad=True), torch.tensor(y, requires_grad=True)
+    (ours.sqrt().clone() * 2).sum().backward()
+    (theirs.sqrt().clone() * 2).sum().backward()
+    np.testing.assert_allclose(ours.grad, theirs.grad.numpy(), rtol=1e-12)

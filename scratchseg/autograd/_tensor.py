@@ -90,6 +90,31 @@ class Tensor:
     def grad_fn(self):
         return self._fn
 
+    def dim(self):
+        return self.data.ndim
+
+    def size(self, dim=None):
+        return self.shape if dim is None else self.shape[dim]
+
+    def numel(self):
+        return int(self.data.size)
+
+    def argmax(self, dim=None, keepdim=False):
+        """Index of the largest value (no gradient)."""
+        xp = backend.get_array_module(self.data)
+        out = xp.argmax(self.data, axis=dim)
+        if keepdim and dim is not None:
+            out = xp.expand_dims(out, dim)
+        return Tensor(out)
+
+    def max(self, dim=None):
+        """Largest value (no gradient; use max_pool2d for a differentiable max)."""
+        return Tensor(backend.get_array_module(self.data).max(self.data, axis=dim))
+
+    def min(self, dim=None):
+        """Smallest value (no gradient)."""
+        return Tensor(backend.get_array_module(self.data).min(self.data, axis=dim))
+
     def __len__(self):
         return self.shape[0]
 

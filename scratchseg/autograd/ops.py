@@ -330,6 +330,15 @@ class _TensorMethods:
     def exp(self):
         return Exp.apply(self)
 
+    def sqrt(self):
+        return self**0.5
+
+    def clone(self):
+        return Tensor(self.data.copy()) if not self.requires_grad else self + 0
+
+    def contiguous(self):
+        return self
+
     def log(self):
         return Log.apply(self)
 
@@ -364,6 +373,10 @@ class _TensorMethods:
         dims[dim0], dims[dim1] = dims[dim1], dims[dim0]
         return Permute.apply(self, tuple(dims))
 
+    @property
+    def T(self):
+        return self.permute(tuple(reversed(range(self.ndim))))
+
     def unsqueeze(self, dim):
         dim = dim % (self.ndim + 1)
         return self.reshape(self.shape[:dim] + (1,) + self.shape[dim:])
@@ -381,8 +394,8 @@ class _TensorMethods:
 
 
 for _name, _method in vars(_TensorMethods).items():
-    if callable(_method):
-        if _method.__qualname__.startswith("_TensorMethods."):  # (view is reshape: named once)
+    if callable(_method) or isinstance(_method, property):
+        if callable(_method) and _method.__qualname__.startswith("_TensorMethods."):  # (view is reshape: named once)
             _method.__qualname__ = f"Tensor.{_name}"
         setattr(Tensor, _name, _method)
 del _name, _method
