@@ -359,6 +359,10 @@ def _builtin_cases(xp):
     target[0, 0, 0] = target[1, 2, 1] = -1  # ignored pixels
     ce_weight = xp.asarray(rng.uniform(0.5, 2.0, 4))
     bn_mean, bn_var = rng.standard_normal(3), rng.uniform(0.5, 2.0, 3)
+    # max_pool2d's indices of a 5x5 input: where max_unpool2d puts each value back
+    # (its own generator, so the other cases draw the same numbers as before)
+    pooled = numpy.random.default_rng(5).permutation(2 * 2 * 5 * 5).reshape(2, 2, 5, 5).astype(numpy.float64)
+    _, unpool_idx = F.max_pool2d(xp.asarray(pooled), 2, return_indices=True)
 
     cases = [
         ("conv2d", "3x3 padding=1", lambda x, w, b: F.conv2d(x, w, b, padding=1), (t(2, 3, 5, 5), t(4, 3, 3, 3), t(4))),
@@ -400,8 +404,50 @@ def _builtin_cases(xp):
          lambda x: F.cross_entropy(x, xp.asarray(target), weight=ce_weight, ignore_index=-1), (t(2, 4, 3, 3),)),
         ("cat", "dim=1", lambda a, b: F.cat([a, b], dim=1), (t(2, 2, 3), t(2, 3, 3))),
         ("pad", "(1, 2, 0, 1)", lambda x: F.pad(x, (1, 2, 0, 1)), (t(2, 2, 3, 3),)),
+        ("pad", "reflect (2, 1, -1, 2)", lambda x: F.pad(x, (2, 1, -1, 2), mode="reflect"), (t(2, 2, 3, 4),)),
+        ("pad", "replicate (1, 3, 2, 0)", lambda x: F.pad(x, (1, 3, 2, 0), mode="replicate"), (t(2, 2, 3, 3),)),
+        ("linear", "(2, 3, 5) -> 4 with bias", lambda x, w, b: F.linear(x, w, b), (t(2, 3, 5), t(4, 5), t(4))),
+        ("linear", "1-D input, no bias", lambda x, w: F.linear(x, w), (t(5), t(3, 5))),
+        ("pixel_shuffle", "upscale_factor=2", lambda x: F.pixel_shuffle(x, 2), (t(2, 8, 2, 3),)),
+        ("pixel_unshuffle", "downscale_factor=2", lambda x: F.pixel_unshuffle(x, 2), (t(2, 2, 4, 6),)),
+        ("max_unpool2d", "2x2 indices of a 5x5 input", lambda x: F.max_unpool2d(x, unpool_idx, 2, output_size=(5, 5)),
+         (t(2, 2, 2, 2),)),
     ]
+    cases += _loss_cases(xp, t, target)
     return cases
+
+
+def _loss_cases(xp, t, target):
+    """The sigmoid BCE and the ``scratchseg.losses`` (ignored pixels included), small enough for the full Jacobian."""
+    from . import functional as F
+    from . import losses as L
+
+    rng = numpy.random.default_rng(4321)  # its own generator: the cases above draw what they always drew
+    labels = xp.asarray(target)  # (2, 3, 3) in [0, 4), -1 ignored
+    binary = rng.integers(0, 2, size=(2, 3, 3))
+    binary[0, 1, 1] = -1
+    binary = xp.asarray(binary)
+    w, pw = xp.asarray(rng.uniform(0.5, 2.0, (3, 1, 1))), xp.asarray(rng.uniform(0.5, 3.0, (3, 1, 1)))
+    return [
+        ("bce_with_logits", "weight + pos_weight, input and target",
+         lambda x, y: F.binary_cross_entropy_with_logits(x, y, w, pos_weight=pw), (t(2, 3, 2, 2), t(2, 3, 2, 2))),
+        ("dice_loss", "multiclass, ignore_index=-1", lambda x: L.dice_loss(x, labels, ignore_index=-1),
+         (t(2, 4, 3, 3),)),
+        ("dice_loss", "binary micro smooth=0", lambda x: L.dice_loss(x, binary, "binary", 0.0, "micro", -1),
+         (t(2, 1, 3, 3),)),
+        ("jaccard_loss", "multiclass, ignore_index=-1", lambda x: L.jaccard_loss(x, labels, ignore_index=-1),
+         (t(2, 4, 3, 3),)),
+        ("tversky_loss", "binary alpha=0.3 beta=0.7",
+         lambda x: L.tversky_loss(x, binary, "binary", 0.3, 0.7, ignore_index=-1), (t(2, 1, 3, 3),)),
+        ("focal_loss", "multiclass gamma=2 alpha per class",
+         lambda x: L.focal_loss(x, labels, gamma=2.0, alpha=[0.5, 1.0, 1.5, 2.0], ignore_index=-1), (t(2, 4, 3, 3),)),
+        ("focal_loss", "binary gamma=1.5 alpha=0.25",
+         lambda x: L.focal_loss(x, binary, "binary", 1.5, 0.25, ignore_index=-1), (t(2, 1, 3, 3),)),
+        ("lovasz_softmax", "present classes, ignore_index=-1",
+         lambda x: L.lovasz_softmax(x, labels, ignore_index=-1), (t(2, 4, 3, 3),)),
+        ("lovasz_hinge", "per image, ignore_index=-1", lambda x: L.lovasz_hinge(x, binary, ignore_index=-1),
+         (t(2, 1, 3, 3),)),
+    ]
 
 
 def check_builtin_ops(file=sys.stdout, backend=None):

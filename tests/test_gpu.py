@@ -140,6 +140,19 @@ CASES = {
         {"a": normal(2, 3, 6, 6), "b": normal(2, 2, 6, 6)},
         lambda t: F.center_crop(F.pad(scratchseg.cat([t["a"], t["b"]], 1), (1, 2, 0, 1)), (5, 7)),
     ),
+    "binary_cross_entropy_with_logits": (
+        {"x": normal(3, 1, 4, 5), "y": labels(2, 3, 1, 4, 5), "pw": positive(1)},
+        lambda t: F.binary_cross_entropy_with_logits(t["x"], t["y"].astype(np.float64), pos_weight=t["pw"].data),
+    ),
+    "linear": ({"x": normal(2, 3, 5), "w": normal(4, 5), "b": normal(4)}, lambda t: F.linear(t["x"], t["w"], t["b"])),
+    "pixel_shuffle_round_trip": (
+        {"x": normal(2, 8, 3, 4)},
+        lambda t: F.pixel_unshuffle(F.pixel_shuffle(t["x"], 2) * 1.5, 2),
+    ),
+    "pad_reflect_replicate": (
+        {"x": normal(2, 3, 5, 6)},
+        lambda t: F.pad(F.pad(t["x"], (2, 1, 1, 3), mode="reflect"), (1, 0, 2, 1), mode="replicate"),
+    ),
     "tensor_ops": (
         {"a": positive(3, 4), "b": normal(4, 5), "c": normal(5)},
         lambda t: (((t["a"] @ t["b"]) * t["c"] + t["c"]) / (t["a"].sum(1, keepdim=True) + 1)).exp().log().reshape(5, 3).permute(1, 0)[1:, ::2]
@@ -198,11 +211,15 @@ def test_case_table_covers_every_functional_op():
     """A new op in scratchseg.functional must get a CuPy-vs-NumPy case (runs without a GPU too)."""
     import importlib
 
-    families = ("activation", "conv", "dropout", "loss", "normalization", "pooling", "shape", "upsampling")
+    families = ("activation", "conv", "dropout", "linear", "loss", "normalization", "pooling", "shape", "unpooling",
+                "upsampling")
     modules = [importlib.import_module(f"scratchseg.functional.{family}") for family in families]
     # thin aliases of ops that have a case, and helpers that are no ops
     covered_elsewhere = {"upsample", "upsample_nearest", "upsample_bilinear", "relu6", "crop",
-                         "pool_output_size", "adaptive_bins"}
+                         "pool_output_size", "adaptive_bins",
+                         # no gradient to compare, or indices from another op: their own gpu tests
+                         # in test_shuffle_unpool.py
+                         "one_hot", "max_unpool2d"}
     used = {name for _, fn in CASES.values() for name in fn.__code__.co_names}
     ops = [op for module in modules for op in module.__all__ if callable(getattr(module, op))]
     missing = [op for op in ops if op not in used and op not in covered_elsewhere]

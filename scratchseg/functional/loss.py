@@ -1,4 +1,4 @@
-"""Losses: ``cross_entropy`` and ``nll_loss``, as ``torch.nn.functional``.
+"""Losses: ``cross_entropy``, ``nll_loss`` and ``binary_cross_entropy_with_logits``, as ``torch.nn.functional``.
 
 Segmentation classifies every pixel, so both take scores of shape
 (N, C, d1, d2, ...) (or (N, C), or an unbatched (C,)) and one integer class
@@ -17,6 +17,11 @@ adds them, and ``'mean'`` divides the sum by the *total weight of the
 targets*, sum over non-ignored positions of w_t (the number of non-ignored
 positions when there are no weights). If every target is ignored, ``'mean'``
 is 0/0 = nan, as in torch.
+
+``binary_cross_entropy_with_logits`` is the loss of a one-channel (sigmoid)
+model: element-wise, no class axis, see ``BinaryCrossEntropyWithLogits``. The
+overlap losses (Dice, Jaccard, Tversky, Focal, Lovasz), and a BCE that takes
+integer masks with ``ignore_index``, live in ``scratchseg.losses``.
 """
 
 from __future__ import annotations
@@ -27,9 +32,10 @@ import numpy
 
 from .. import backend
 from ..autograd import Function, Tensor
+from ..autograd.ops import unbroadcast
 from ..backend import get_array_module, replaceable
 
-__all__ = ["cross_entropy", "nll_loss"]
+__all__ = ["cross_entropy", "nll_loss", "binary_cross_entropy_with_logits"]
 
 _REDUCTIONS = ("mean", "sum", "none")
 
@@ -307,3 +313,137 @@ def nll_loss(input, target, weight=None, ignore_index=-100, reduction="mean"):
         out = NLLLoss.apply(x, target.reshape(1), weight, int(ignore_index), reduction)
         return out.reshape(()) if reduction == "none" else out
     return NLLLoss.apply(input, target, weight, int(ignore_index), reduction)
+
+
+# ------------------------------------------------- binary cross entropy
+def _softplus(x):
+    """log(1 + e^x) without overflow: max(x, 0) + log1p(e^-|x|)."""
+    xp = get_array_module(x)
+    return xp.maximum(x, 0) + xp.log1p(xp.exp(-xp.abs(x)))
+
+
+def _sigmoid(x):
+    """1 / (1 + e^-x) from e^-|x|, so it never overflows."""
+    xp = get_array_module(x)
+    e = xp.exp(-xp.abs(x))
+    return xp.where(x >= 0, 1 / (1 + e), e / (1 + e))
+
+
+class BinaryCrossEntropyWithLogits(Function):
+    """Sigmoid + binary cross-entropy in one numerically stable step.
+
+    Element-wise, with x the logit, y the target in [0, 1], w the weight and
+    pw the positive-class weight (both broadcast to x, default 1):
+
+        l = -w [pw y log sigmoid(x) + (1 - y) log(1 - sigmoid(x))]
+          = w [(1 - y) x + (1 + (pw - 1) y) softplus(-x)]
+
+    since log sigmoid(x) = -softplus(-x) and log(1 - sigmoid(x)) = -x - softplus(-x);
+    softplus(-x) = max(-x, 0) + log1p(e^-|x|) never overflows.
+
+    Gradients (g the upstream gradient per element, divided by the element
+    count for ``'mean'``; each summed back over the axes it was broadcast along):
+
+        dx  = g w [(1 + (pw - 1) y) sigmoid(x) - pw y]
+        dy  = g w [(pw - 1) softplus(-x) - x]
+        dw  = g l / w  = g [(1 - y) x + (1 + (pw - 1) y) softplus(-x)]
+        dpw = g w y softplus(-x)
+    """
+
+    @staticmethod
+    def forward(ctx, x, y, w, pw, reduction):
+        sp = _softplus(-x)  # softplus(-x) = -log sigmoid(x)
+        a = 1 + (pw - 1) * y if pw is not None else 1 + 0 * y  # 1 + (pw - 1) y, broadcast to x
+        core = (1 - y) * x + a * sp  # the loss before the weight
+        loss = core * w if w is not None else core
+        ctx.x, ctx.y, ctx.w, ctx.pw, ctx.sp, ctx.a, ctx.core = x, y, w, pw, sp, a, core
+        ctx.reduction = reduction
+        if reduction == "none":
+            return loss
+        return loss.sum() if reduction == "sum" else loss.mean()
+
+    @staticmethod
+    def backward(ctx, dout):
+        x, y, w, pw = ctx.x, ctx.y, ctx.w, ctx.pw
+        g = dout / x.size if ctx.reduction == "mean" else dout  # a scalar, or one per element
+        gw = g * w if w is not None else g  # g w
+        needs = ctx.needs_input_grad
+        dx = dy = dw = dpw = None
+        if needs[0]:
+            dx = unbroadcast(gw * (ctx.a * _sigmoid(x) - (y if pw is None else pw * y)), x.shape)
+        if needs[1]:
+            dy = unbroadcast(gw * ((0 if pw is None else (pw - 1) * ctx.sp) - x), y.shape)
+        if needs[2]:
+            dw = unbroadcast(g * ctx.core, w.shape)
+        if needs[3]:
+            dpw = unbroadcast(gw * y * ctx.sp, pw.shape)
+        return dx, dy, dw, dpw, None
+
+
+def binary_cross_entropy_with_logits(input, target, weight=None, size_average=None, reduce=None,
+                                     reduction="mean", pos_weight=None):
+    """Sigmoid + binary cross-entropy, as ``torch.nn.functional.binary_cross_entropy_with_logits``.
+
+    Args:
+        input: logits of any shape (a one-channel segmentation model gives (N, 1, H, W)).
+        target: the same shape, values in [0, 1] (floating: torch's contract; an
+            integer 0/1 mask is accepted and cast).
+        weight: optional rescaling weight, broadcastable to ``input``.
+        size_average, reduce: torch's deprecated arguments; must be left None.
+        reduction: ``'mean'`` (over all elements), ``'sum'`` or ``'none'``.
+        pos_weight: optional weight of the positive term, broadcastable to
+            ``input`` (for (N, C, H, W) give it shape (C, 1, 1)); pw > 1 raises recall.
+
+    Every floating Tensor argument that requires grad gets its gradient (input,
+    target, weight, pos_weight), as in torch. The maths is in
+    :class:`BinaryCrossEntropyWithLogits`.
+
+    Shape:
+        - Input: (*) ; Target: (*), the same shape
+        - Output: () for ``'mean'``/``'sum'``, (*) for ``'none'``
+
+        >>> import numpy as np
+        >>> x = np.zeros((2, 1, 3, 3))
+        >>> bool(binary_cross_entropy_with_logits(x, np.ones_like(x)).item() == np.log(2))
+        True
+        >>> binary_cross_entropy_with_logits(x, np.ones_like(x), reduction="none").shape
+        (2, 1, 3, 3)
+    """
+    name = "binary_cross_entropy_with_logits"
+    if size_average is not None or reduce is not None:
+        raise ValueError(f"{name}: size_average and reduce are deprecated; use reduction='mean', 'sum' or 'none'")
+    if not hasattr(input, "ndim") or not hasattr(input, "dtype"):
+        raise TypeError(f"{name} expects a Tensor or an array as input, got {type(input).__name__}")
+    if input.dtype.kind != "f":
+        raise TypeError(f"{name} expects floating point logits as input, got dtype {input.dtype}")
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction={reduction!r} is not valid; expected one of {', '.join(map(repr, _REDUCTIONS))}")
+    device = backend.device_of(_as_data(input))
+
+    def operand(a):
+        if a is None or isinstance(a, Tensor):
+            if isinstance(a, Tensor) and a.dtype.kind != "f":
+                return Tensor(a.data.astype(input.dtype))
+            return a
+        a = a if hasattr(a, "dtype") else numpy.asarray(a)
+        a = backend.to_device(a, device)
+        return a.astype(input.dtype, copy=False) if a.dtype.kind != "f" else a
+
+    target = operand(target)
+    if tuple(target.shape) != tuple(input.shape):
+        raise ValueError(
+            f"{name}: target has shape {tuple(target.shape)}, expected {tuple(input.shape)}, the shape of the "
+            "input (one target per logit)"
+        )
+    weight, pos_weight = operand(weight), operand(pos_weight)
+    for what, a in (("weight", weight), ("pos_weight", pos_weight)):
+        if a is not None:
+            try:
+                numpy.broadcast_shapes(tuple(a.shape), tuple(input.shape))
+            except ValueError:
+                raise ValueError(f"{name}: {what} of shape {tuple(a.shape)} does not broadcast to the input's "
+                                 f"shape {tuple(input.shape)}") from None
+            if numpy.broadcast_shapes(tuple(a.shape), tuple(input.shape)) != tuple(input.shape):
+                raise ValueError(f"{name}: {what} of shape {tuple(a.shape)} would enlarge the input's shape "
+                                 f"{tuple(input.shape)}")
+    return BinaryCrossEntropyWithLogits.apply(input, target, weight, pos_weight, reduction)

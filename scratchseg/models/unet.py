@@ -47,15 +47,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy
-
 import scratchseg
 from scratchseg import functional as F
 from scratchseg import nn
 from scratchseg.args import check_image_batch, positive_int
-from scratchseg.backend import get_array_module
 
-from .upsampling import MODES, make_upsample
+from .upsampling import MODES, SubPixel, make_upsample
 
 __all__ = ["UNetConfig", "DoubleConv", "Up", "UNet", "valid_output_size", "mirror_pad", "unet", "unet_original"]
 
@@ -68,7 +65,7 @@ class UNetConfig:
     depth: int = 4  # number of 2x2 poolings
     padding: bool = True  # 'same' 3x3 convolutions (False: the paper's valid ones)
     batchnorm: bool = True
-    up_mode: str = "transposed"  # 'transposed' (2x2 up-conv), 'resize_conv' or 'bilinear'
+    up_mode: str = "transposed"  # 'transposed' (2x2 up-conv), 'resize_conv', 'sub_pixel' or 'bilinear'
     tiling: str = "auto"  # valid networks only: 'auto', 'valid' or 'same'
 
 
@@ -110,6 +107,11 @@ def mirror_pad(x, top, bottom, left, right):
     repeated as often as needed when the pad is larger than the image.
 
     The paper extrapolates the missing context at the image border this way.
+    Each round is one ``F.pad(..., mode="reflect")`` of at most ``size - 1`` per
+    side (torch's limit); the padded image is larger, so the next round can
+    reach further, and the rounds add up to the periodic mirror image of
+    period ``2*(size - 1)``. A side of size 1 is its own mirror image: it is
+    repeated (``mode="replicate"``).
 
     Shape:
         (N, C, H, W) -> (N, C, H + top + bottom, W + left + right)
@@ -118,20 +120,19 @@ def mirror_pad(x, top, bottom, left, right):
     >>> mirror_pad(scratchseg.tensor(numpy.arange(3.0).reshape(1, 1, 1, 3)), 0, 0, 4, 1).numpy()[0, 0, 0]
     array([0., 1., 2., 1., 0., 1., 2., 1.])
     """
-    xp = get_array_module(x.data if isinstance(x, scratchseg.Tensor) else x)
-
-    def reflect(n, before, after):
-        idx = numpy.arange(-before, n + after)
-        if n == 1:
-            return numpy.zeros_like(idx)
-        period = 2 * (n - 1)
-        idx = numpy.mod(idx, period)
-        return numpy.where(idx >= n, period - idx, idx)
-
-    H, W = x.shape[-2], x.shape[-1]
-    rows = xp.asarray(reflect(H, top, bottom))  # (H + top + bottom,)
-    cols = xp.asarray(reflect(W, left, right))  # (W + left + right,)
-    return x[:, :, rows][:, :, :, cols]
+    todo = [left, right, top, bottom]  # F.pad's order: last dimension first
+    while any(todo):
+        H, W = x.shape[-2], x.shape[-1]
+        reach = (W - 1, W - 1, H - 1, H - 1)  # the most one reflection can add per side
+        single = [t if r == 0 else 0 for t, r in zip(todo, reach)]
+        if any(single):  # a 1-pixel side: its mirror image is itself
+            x = F.pad(x, single, mode="replicate")
+            todo = [t - s for t, s in zip(todo, single)]
+            continue
+        step = [min(t, r) for t, r in zip(todo, reach)]
+        x = F.pad(x, step, mode="reflect")
+        todo = [t - s for t, s in zip(todo, step)]
+    return x
 
 
 class DoubleConv(nn.Module):
@@ -192,7 +193,7 @@ class UNet(nn.Module):
         super().__init__()
         if config.up_mode not in MODES or config.up_mode == "trilinear":
             raise ValueError(
-                f"U-Net up_mode must be 'transposed', 'resize_conv' or 'bilinear', got {config.up_mode!r}"
+                f"U-Net up_mode must be 'transposed', 'resize_conv', 'sub_pixel' or 'bilinear', got {config.up_mode!r}"
             )
         if config.tiling not in ("auto", "valid", "same"):
             raise ValueError(f"U-Net tiling must be 'auto', 'valid' or 'same', got {config.tiling!r}")
@@ -214,6 +215,9 @@ class UNet(nn.Module):
         for m in self.modules():
             if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
                 nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
+        for m in self.modules():
+            if isinstance(m, SubPixel):
+                m.icnr_()  # He-initialised, then ICNR: checkerboard-free at the start (fan-in unchanged)
 
     def _forward(self, x):
         skips = []
@@ -263,7 +267,8 @@ class UNet(nn.Module):
 
 
 def unet(num_classes, in_channels=3, **options):
-    """The padded U-Net (output size = input size); options: base, depth, batchnorm, up_mode."""
+    """The padded U-Net (output size = input size); options: base, depth, batchnorm,
+    up_mode ('transposed', 'resize_conv', 'sub_pixel' or 'bilinear')."""
     return UNet(UNetConfig(num_classes=num_classes, in_channels=in_channels, **options))
 
 

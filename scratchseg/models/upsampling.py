@@ -1,7 +1,7 @@
 """Up-sampling building blocks a decoder chooses by name.
 
 A segmentation network shrinks the image to see context and must grow the
-scores back to one per pixel. There are four classic ways, all here:
+scores back to one per pixel. There are five classic ways, all here:
 
 * ``'transposed'`` -- a learnable transposed convolution ("deconvolution",
   FCN, U-Net's 2x2 up-convolution). It can start as exact bilinear
@@ -12,6 +12,14 @@ scores back to one per pixel. There are four classic ways, all here:
   (Odena, Dumoulin & Olah, "Deconvolution and Checkerboard Artifacts",
   Distill 2016): learnable, and every output pixel sees the same number of
   inputs, so no checkerboard.
+* ``'sub_pixel'`` -- a 3x3 convolution to ``out_ch * scale**2`` channels at
+  the low resolution, then a pixel shuffle that moves each group of
+  ``scale**2`` channels into a ``scale x scale`` block of pixels (Shi et al.,
+  "Real-Time Single Image and Video Super-Resolution Using an Efficient
+  Sub-Pixel Convolutional Neural Network", CVPR 2016). Learnable and cheap
+  (the convolution runs before the resolution grows). Started with ICNR
+  (Aitken et al. 2017: the ``scale**2`` sub-kernels of each output channel
+  equal) it is exactly resize-conv at initialisation, so no checkerboard.
 * ``'bilinear'`` -- fixed bilinear interpolation (DeepLab, hypercolumns);
   no parameters unless the channel count changes (then a 1x1 convolution
   follows).
@@ -41,10 +49,11 @@ __all__ = [
     "make_upsample",
     "transposed_upsample",
     "ResizeConv",
+    "SubPixel",
     "Interpolate",
 ]
 
-MODES = ("transposed", "resize_conv", "bilinear", "trilinear")
+MODES = ("transposed", "resize_conv", "sub_pixel", "bilinear", "trilinear")
 
 
 def bilinear_kernel(in_ch, out_ch, size):
@@ -149,6 +158,54 @@ class ResizeConv(nn.Module):
         return self.conv(x)
 
 
+class SubPixel(nn.Module):
+    """Sub-pixel convolution (Shi et al. 2016): a 3x3 convolution to ``out_ch * scale**2``
+    channels, then ``pixel_shuffle`` by ``scale``.
+
+    out = pixel_shuffle(conv3x3(x), scale): output pixel ``(h*s + i, w*s + j)`` of
+    channel ``c`` is conv channel ``c*s^2 + i*s + j`` at ``(h, w)``.
+
+    With ``icnr=True`` (the default) the weight starts as ICNR (Aitken et al.
+    2017, "Checkerboard artifact free sub-pixel convolution"): the ``s^2``
+    sub-kernels of each output channel are copies of one, so at initialisation
+    every ``s x s`` block is constant, i.e. nearest resize of a convolution,
+    and no checkerboard. ``icnr_()`` re-applies it after a model re-draws its
+    weights.
+
+    Shape:
+        (N, in_ch, H, W) -> conv (N, out_ch*scale**2, H, W) -> (N, out_ch, scale*H, scale*W)
+
+    >>> SubPixel(4, 2, 3)(scratchseg.randn(2, 4, 3, 5)).shape
+    (2, 2, 9, 15)
+    >>> up = SubPixel(1, 1, 2)
+    >>> y = up(scratchseg.randn(1, 1, 2, 2)).numpy()[0, 0]
+    >>> bool((y[0::2, 0::2] == y[1::2, 1::2]).all())   # ICNR: constant 2x2 blocks at the start
+    True
+    """
+
+    def __init__(self, in_ch, out_ch, scale, bias=True, icnr=True):
+        super().__init__()
+        self.scale = positive_int(scale, "upsampling scale")
+        # padding 1 keeps the size: the shuffle, not the conv, sets the geometry
+        self.conv = nn.Conv2d(in_ch, out_ch * self.scale**2, 3, padding=1, bias=bias)
+        self.shuffle = nn.PixelShuffle(self.scale)
+        if icnr:
+            self.icnr_()
+
+    def icnr_(self):
+        """Make the ``scale**2`` sub-kernels (and biases) of each output channel copies of the first."""
+        r2 = self.scale**2
+        for p in (self.conv.weight, self.conv.bias):
+            if p is None:
+                continue
+            groups = p.data.reshape((-1, r2) + p.shape[1:])  # (out_ch, s^2, ...): channel c*s^2 + k
+            groups[...] = groups[:, :1].copy()
+        return self
+
+    def forward(self, x):
+        return self.shuffle(self.conv(x))  # (N, out_ch*s^2, H, W) -> (N, out_ch, s*H, s*W)
+
+
 class Interpolate(nn.Module):
     """Fixed (parameter-free) bilinear or trilinear up-sampling by ``scale``.
 
@@ -191,20 +248,23 @@ def make_upsample(mode, in_ch, out_ch, scale, **options):
 
     ``options`` go to the chosen block: ``kernel_size``, ``padding``, ``bias``,
     ``bilinear_init`` for ``'transposed'``; ``bias`` for ``'resize_conv'``;
-    ``align_corners`` for ``'bilinear'``/``'trilinear'``.
+    ``bias`` and ``icnr`` for ``'sub_pixel'``; ``align_corners`` for
+    ``'bilinear'``/``'trilinear'``.
 
     Shape:
         (N, in_ch, H, W) -> (N, out_ch, scale*H, scale*W)
         ('trilinear': (N, C, D, H, W) -> (N, C, scale*D, scale*H, scale*W))
 
     >>> [tuple(make_upsample(m, 2, 2, 2)(scratchseg.randn(1, 2, 3, 3)).shape)
-    ...  for m in ("transposed", "resize_conv", "bilinear")]
-    [(1, 2, 6, 6), (1, 2, 6, 6), (1, 2, 6, 6)]
+    ...  for m in ("transposed", "resize_conv", "sub_pixel", "bilinear")]
+    [(1, 2, 6, 6), (1, 2, 6, 6), (1, 2, 6, 6), (1, 2, 6, 6)]
     """
     if mode == "transposed":
         return transposed_upsample(in_ch, out_ch, scale, **options)
     if mode == "resize_conv":
         return ResizeConv(in_ch, out_ch, scale, **options)
+    if mode == "sub_pixel":
+        return SubPixel(in_ch, out_ch, scale, **options)
     if mode in ("bilinear", "trilinear"):
         return Interpolate(in_ch, out_ch, scale, mode=mode, **options)
     raise ValueError(f"unknown upsampling mode {mode!r}; expected one of {', '.join(map(repr, MODES))}")

@@ -3,7 +3,8 @@ containers, layers under torch's names, ``ConvBlock`` and ``nn.init``.
 
 The layers live in one file per family, mirroring ``scratchseg.functional``
 as ``torch/nn/modules`` does: ``conv``, ``normalization``, ``dropout``,
-``pooling``, ``activation``, ``upsampling``, ``shape`` and ``loss``.
+``pooling``, ``activation``, ``upsampling``, ``shape``, ``linear``, ``padding``
+and ``loss``.
 
     >>> from scratchseg import nn
     >>> net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
@@ -20,12 +21,14 @@ from .containers import Identity, ModuleDict, ModuleList, Sequential
 from .activation import LeakyReLU, LogSoftmax, ReLU, Sigmoid, Softmax, Tanh
 from .conv import Conv2d, ConvTranspose2d
 from .dropout import Dropout, Dropout2d
-from .loss import CrossEntropyLoss
+from .linear import Linear
+from .loss import BCEWithLogitsLoss, CrossEntropyLoss
 from .module import IncompatibleKeys, Module, StateDictError
 from .normalization import BatchNorm1d, BatchNorm2d, BatchNorm3d
 from .parameter import Parameter
-from .pooling import AdaptiveAvgPool2d, AvgPool2d, MaxPool2d
-from .shape import Flatten
+from .padding import ConstantPad2d, ReflectionPad2d, ReplicationPad2d, ZeroPad2d
+from .pooling import AdaptiveAvgPool2d, AvgPool2d, MaxPool2d, MaxUnpool2d
+from .shape import Flatten, PixelShuffle, PixelUnshuffle
 from .upsampling import Upsample
 
 __all__ = [
@@ -50,6 +53,14 @@ __all__ = [
     "MaxPool2d",
     "AvgPool2d",
     "AdaptiveAvgPool2d",
+    "MaxUnpool2d",
+    "Linear",
+    "ReflectionPad2d",
+    "ReplicationPad2d",
+    "ZeroPad2d",
+    "ConstantPad2d",
+    "PixelShuffle",
+    "PixelUnshuffle",
     "ReLU",
     "LeakyReLU",
     "Tanh",
@@ -59,6 +70,7 @@ __all__ = [
     "Upsample",
     "Flatten",
     "CrossEntropyLoss",
+    "BCEWithLogitsLoss",
 ]
 
 _sys.modules[__name__ + ".functional"] = functional  # `import scratchseg.nn.functional as F` works too

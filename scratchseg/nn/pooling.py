@@ -1,5 +1,5 @@
-"""Pooling layers, as ``torch.nn.MaxPool2d``, ``AvgPool2d`` and
-``AdaptiveAvgPool2d``: they keep their window arguments as given (as torch
+"""Pooling layers, as ``torch.nn.MaxPool2d``, ``AvgPool2d``,
+``AdaptiveAvgPool2d`` and ``MaxUnpool2d``: they keep their window arguments as given (as torch
 does) and call ``scratchseg.functional``'s pooling ops.
 """
 
@@ -9,7 +9,7 @@ from .. import functional as F
 from ..args import pair
 from .module import Module
 
-__all__ = ["MaxPool2d", "AvgPool2d", "AdaptiveAvgPool2d"]
+__all__ = ["MaxPool2d", "AvgPool2d", "AdaptiveAvgPool2d", "MaxUnpool2d"]
 
 
 def _check_window(module, kernel_size, stride, padding):
@@ -104,3 +104,37 @@ class AdaptiveAvgPool2d(Module):
 
     def extra_repr(self):
         return f"output_size={self.output_size}"
+
+
+class MaxUnpool2d(Module):
+    """Put each value back at its max-pooling index, zeros elsewhere (SegNet's decoder).
+
+    ``forward(input, indices, output_size=None)`` takes ``MaxPool2d(...,
+    return_indices=True)``'s indices; pass the pooled map's size as
+    ``output_size`` when it was odd.
+
+    Shape:
+        (N, C, H, W) -> (N, C, Ho, Wo) with Ho = (H - 1)*stride[0] - 2*padding[0] + kernel_size[0],
+        or ``output_size``.
+
+        >>> import scratchseg
+        >>> pool, unpool = MaxPool2d(2, return_indices=True), MaxUnpool2d(2)
+        >>> x = scratchseg.randn(1, 3, 7, 6)
+        >>> out, idx = pool(x)
+        >>> unpool(out, idx, output_size=x.shape).shape
+        (1, 3, 7, 6)
+    """
+
+    def __init__(self, kernel_size, stride=None, padding=0):
+        super().__init__()
+        _check_window(self, kernel_size, kernel_size if stride is None else stride, padding)
+        # kept as pairs, as torch's MaxUnpool2d does
+        self.kernel_size = pair(kernel_size, "kernel_size")
+        self.stride = self.kernel_size if stride is None else pair(stride, "stride")
+        self.padding = pair(padding, "padding")
+
+    def forward(self, input, indices, output_size=None):
+        return F.max_unpool2d(input, indices, self.kernel_size, self.stride, self.padding, output_size)
+
+    def extra_repr(self):
+        return f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}"
