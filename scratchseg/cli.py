@@ -91,6 +91,10 @@ def build_parser():
     t.add_argument("--gamma", type=float, help="decay factor for --schedule step")
     t.add_argument("--warmup-iters", type=int, help="linear warm-up iterations")
     t.add_argument("--class-weights", help="'balanced' (median frequency) or K comma-separated numbers")
+    t.add_argument("--loss", help="ce (default), bce, dice, jaccard, tversky, focal, lovasz, or a weighted sum "
+                   "such as ce+dice or ce+0.5*dice (docs/losses.md)")
+    t.add_argument("--binary", action="store_true",
+                   help="two-class task as one sigmoid channel, threshold 0.5 (default loss bce)")
     t.add_argument("--label-map", help="mask value -> class, e.g. 0:0,255:1 (target 'ignore' allowed)")
     t.add_argument("--ignore-index", type=int, help="mask value that counts for nothing (e.g. 11 = void)")
     t.add_argument("--num-classes", type=int, help="number of classes when the folder has no classes.txt")
@@ -108,6 +112,10 @@ def build_parser():
     t.add_argument("--checkpoint-every", type=int, help="iterations between mid-epoch checkpoints (default 50)")
     t.add_argument("--num-predictions", type=int, help="validation images drawn into predictions/ (default 4)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.add_argument("--dtype", choices=["float32", "float64"], help="the run's float type (default float32)")
+    t.add_argument("--distributed", action="store_true",
+                   help="data parallel under mpirun -n R: --batch-size per process (docs/distributed.md)")
+    t.add_argument("--sync-bn", action="store_true", help="with --distributed: batch norm over the global batch")
 
     e = sub.add_parser("eval", help="evaluate a checkpoint on a split")
     _common(e)
@@ -128,6 +136,18 @@ def build_parser():
     pr.add_argument("--checkpoint", dest="checkpoint_option", metavar="PATH",
                     help="run folder (uses best.npz) or checkpoint file")
     pr.add_argument("--out", default="predictions", help="output folder (default predictions/)")
+    pr.add_argument("--onnx", metavar="MODEL.onnx",
+                    help="run this exported model with ONNX Runtime instead of a checkpoint (all paths are images)")
+
+    ex = sub.add_parser("export", help="export a run's model to ONNX (checked by onnx.checker)")
+    _common(ex)
+    ex.add_argument("checkpoint", metavar="RUN_OR_CHECKPOINT", help="run folder (uses best.npz) or checkpoint file")
+    ex.add_argument("output", metavar="MODEL.onnx")
+    ex.add_argument("--size", default=None, metavar="HxW",
+                    help="example input size traced (default 100x132; for a U-Net pick one that is not a multiple "
+                         "of 2**depth, so the trace takes its pad-and-crop path)")
+    ex.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
+    ex.add_argument("--static-size", action="store_true", help="fix height and width to --size (batch stays dynamic)")
 
     m = sub.add_parser("models", help="list the models with their parameter counts")
     _common(m)
@@ -172,7 +192,7 @@ def _train_config(args):
         cfg.model_options = dict(cfg.model_options, **_parse_options(args.model_option))
     simple = ["epochs", "batch_size", "optimizer", "lr", "momentum", "weight_decay", "schedule", "power",
               "step_size", "gamma", "warmup_iters", "label_map", "ignore_index", "num_classes", "val_split",
-              "out", "name", "init", "checkpoint_every", "num_predictions", "seed"]
+              "out", "name", "init", "checkpoint_every", "num_predictions", "seed", "dtype"]
     for key in simple:
         value = getattr(args, key, None)
         if value is not None:
@@ -191,23 +211,37 @@ def _train_config(args):
         cfg.hflip = args.hflip
     if args.freeze:
         cfg.freeze = [p.strip() for p in args.freeze.split(",") if p.strip()]
+    if args.loss is not None:
+        cfg.loss = args.loss
+    if args.binary:
+        cfg.binary = True
     if args.no_progress:
         cfg.progress = False
+    cfg.distributed, cfg.sync_bn = bool(args.distributed), bool(args.sync_bn)
     return cfg
 
 
 def _cmd_train(args):
-    from .training import train
+    from . import distributed
+    from .training import NonFiniteLossError, TrainingInterrupted, train
 
-    if args.resume:
-        given = [a for a in sys.argv[2:] if a.startswith("--") and a.split("=")[0] not in
-                 ("--resume", "--backend", "--kernels", "--no-progress")]
-        if given:
-            print(f"note: --resume continues with the run's own settings; ignoring {', '.join(given)}",
-                  file=sys.stderr)
-        result = train(resume=args.resume)
-    else:
-        result = train(_train_config(args))
+    if args.distributed:
+        distributed.init()  # under mpirun: join the job (rank 0 alone prints and writes)
+    elif distributed.launcher_world_size() > 1:
+        raise ValueError(f"started by mpirun/srun as one of {distributed.launcher_world_size()} processes but "
+                         "without --distributed: each would train alone; add --distributed")
+    log = print if distributed.is_main() else (lambda *a, **k: None)
+    # an error on one process ends the job with its message; those raised by all at once end it normally
+    with distributed.abort_on_error(collective=(TrainingInterrupted, NonFiniteLossError)):
+        if args.resume:
+            given = [a for a in sys.argv[2:] if a.startswith("--") and a.split("=")[0] not in
+                     ("--resume", "--backend", "--kernels", "--no-progress", "--distributed")]
+            if given and distributed.is_main():
+                print(f"note: --resume continues with the run's own settings; ignoring {', '.join(given)}",
+                      file=sys.stderr)
+            result = train(resume=args.resume, log=log)
+        else:
+            result = train(_train_config(args), log=log)
     return 0 if result else 1
 
 
@@ -244,11 +278,12 @@ def _cmd_eval(args):
 
 
 def _cmd_predict(args):
-    from .data.folder import IMAGE_EXTENSIONS, read_image
-    from .data.task import DataError, natural_key
+    from .data.folder import read_image
     from .training import load_model, parse_resize, predict_array, resolve_checkpoint
     from .viz import colorize, overlay, save_png
 
+    if args.onnx:
+        return _predict_onnx(args)
     paths = list(args.paths)
     checkpoint = args.checkpoint_option or paths.pop(0)
     if not paths:
@@ -256,18 +291,7 @@ def _cmd_predict(args):
                          "e.g. `scratchseg predict runs/latest photo.png`")
     path = resolve_checkpoint(checkpoint)
     model, meta = load_model(path)
-    files = []
-    for item in paths:
-        if os.path.isdir(item):
-            found = [os.path.join(item, f) for f in sorted(os.listdir(item), key=natural_key)
-                     if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS]
-            if not found:
-                raise DataError(f"folder {item} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
-            files.extend(found)
-        elif os.path.isfile(item):
-            files.append(item)
-        else:
-            raise DataError(f"input {item} does not exist")
+    files = _image_files(paths)
     colors = [tuple(c) for c in meta["colors"]]
     os.makedirs(args.out, exist_ok=True)
     for f in files:
@@ -281,6 +305,70 @@ def _cmd_predict(args):
         counts = {meta["class_names"][k]: int((pred == k).sum()) for k in range(len(colors)) if (pred == k).any()}
         print(f"{f}: " + ", ".join(f"{n} {100 * c / pred.size:.1f}%" for n, c in counts.items()))
     print(f"wrote {len(files)} x (_pred.png colour mask, _overlay.png, _mask.png class indices) to {args.out}")
+    return 0
+
+
+def _image_files(paths):
+    from .data.folder import IMAGE_EXTENSIONS
+    from .data.task import DataError, natural_key
+
+    files = []
+    for item in paths:
+        if os.path.isdir(item):
+            found = [os.path.join(item, f) for f in sorted(os.listdir(item), key=natural_key)
+                     if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS]
+            if not found:
+                raise DataError(f"folder {item} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+            files.extend(found)
+        elif os.path.isfile(item):
+            files.append(item)
+        else:
+            raise DataError(f"input {item} does not exist")
+    return files
+
+
+def _predict_onnx(args):
+    import numpy
+
+    from .onnx.runtime import load, predict_images
+
+    if args.checkpoint_option:
+        raise ValueError("give either --onnx MODEL.onnx or --checkpoint, not both")
+    files = _image_files(args.paths)
+    try:
+        model = load(args.onnx)
+    except ImportError as exc:
+        raise ValueError(str(exc)) from None
+    names = model.meta.get("class_names") or [str(k) for k in range(model.meta.get("num_classes", 0))]
+    for f, mask in predict_images(model, files, args.out):
+        counts = {names[k] if k < len(names) else str(k): int((mask == k).sum()) for k in numpy.unique(mask)}
+        print(f"{f}: " + ", ".join(f"{n} {100 * c / mask.size:.1f}%" for n, c in counts.items()))
+    print(f"wrote {len(files)} x (_pred.png colour mask, _overlay.png, _mask.png class indices) to {args.out} "
+          f"with ONNX Runtime ({args.onnx})")
+    return 0
+
+
+def _cmd_export(args):
+    import numpy
+
+    from .data.transforms import parse_size
+    from .training import load_model, resolve_checkpoint
+
+    try:
+        from .onnx import export
+    except ImportError as exc:
+        raise ValueError(str(exc)) from None
+
+    path = resolve_checkpoint(args.checkpoint)
+    model, meta = load_model(path)
+    size = args.size or "100x132"
+    h, w = parse_size(size)
+    x = numpy.random.default_rng(0).standard_normal((1, meta["in_channels"], h, w)).astype(numpy.float32)
+    info = {k: meta[k] for k in ("mean", "std", "class_names", "colors", "resize", "model_name", "model_options")
+            if meta.get(k) is not None}
+    info["colors"] = [list(c) for c in info.get("colors", [])]
+    export(model, x, args.output, opset=args.opset, dynamic_size=not args.static_size, metadata=info)
+    print(f"wrote {args.output} ({meta['model_name']}, traced at {h}x{w}, opset {args.opset}) from {path}")
     return 0
 
 
@@ -325,6 +413,12 @@ def _cmd_gradcheck(args):
     return 0 if ok else 1
 
 
+def _is_main():
+    from . import distributed
+
+    return distributed.is_main()
+
+
 def main(argv=None):
     """Entry point of the ``scratchseg`` command; returns the exit status."""
     parser = build_parser()
@@ -338,20 +432,23 @@ def main(argv=None):
     from .backend import BackendError
     from .checkpoint import CheckpointError
     from .data.task import DataError
+    from .distributed import DistributedError
     from .training import NonFiniteLossError, TrainingInterrupted
 
     commands = {"train": _cmd_train, "eval": _cmd_eval, "predict": _cmd_predict, "models": _cmd_models,
-                "datasets": _cmd_datasets, "gradcheck": _cmd_gradcheck}
+                "datasets": _cmd_datasets, "gradcheck": _cmd_gradcheck, "export": _cmd_export}
     try:
         _setup(args)
         return commands[args.command](args)
     except TrainingInterrupted as exc:
-        print(f"\n{exc}", file=sys.stderr)
+        if _is_main():
+            print(f"\n{exc}", file=sys.stderr)
         return 130
     except NonFiniteLossError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        if _is_main():
+            print(f"error: {exc}", file=sys.stderr)
         return 3
-    except (DataError, CheckpointError, BackendError, FileNotFoundError, ValueError) as exc:
+    except (DataError, CheckpointError, BackendError, FileNotFoundError, ValueError, DistributedError) as exc:
         if os.environ.get("SCRATCHSEG_DEBUG"):
             raise
         print(f"error: {exc}", file=sys.stderr)

@@ -265,3 +265,100 @@ def test_checkpoint_for_another_class_count_lists_the_mismatched_entries(tmp_pat
     save_checkpoint(tmp_path / "odd.npz", ck["model"], ck["optimizer"], ck["scheduler"], ck["meta"])
     with pytest.raises(CheckpointError, match=r"(?s)odd\.npz does not fit.*head\.weight.*\(3, 4, 1, 1\).*\(4, 4, 1, 1\)"):
         load_model(str(tmp_path / "odd.npz"))
+
+
+# ------------------------------------------------------------------ --loss and --binary
+def _blob_folder(root, classes, n=6, size=16, seed=0):
+    """A folder dataset a tiny U-Net learns in a few steps: a bright square (class 1) and, with
+    ``classes=3``, a dark one (class 2) on grey; masks 0/255 for two classes (with a 128 void border
+    stripe) or 0/1/2 with 9 as void."""
+    rng = np.random.default_rng(seed)
+    for split in ("train", "val"):
+        for sub in ("images", "masks"):
+            os.makedirs(root / split / sub, exist_ok=True)
+        for i in range(n):
+            image = np.full((size, size, 3), 128, np.uint8) + rng.integers(0, 20, (size, size, 3)).astype(np.uint8)
+            mask = np.zeros((size, size), np.uint8)
+            r, c = rng.integers(1, size - 7, 2)
+            image[r:r + 6, c:c + 6] = 240
+            mask[r:r + 6, c:c + 6] = 255 if classes == 2 else 1
+            if classes == 3:
+                r2, c2 = rng.integers(1, size - 5, 2)
+                image[r2:r2 + 4, c2:c2 + 4] = 10
+                mask[r2:r2 + 4, c2:c2 + 4] = 2
+            mask[:, 0] = 128 if classes == 2 else 9  # void
+            Image.fromarray(image).save(root / split / "images" / f"{i}.png")
+            Image.fromarray(mask).save(root / split / "masks" / f"{i}.png")
+    return root
+
+
+def _folder_args(root, tmp_path, name, *extra):
+    return ["train", "--data", f"folder:{root}", "--model-option", "base=4,depth=2", "--epochs", "3",
+            "--batch-size", "3", "--lr", "0.02", "--out", str(tmp_path), "--name", name, "--no-progress",
+            "--num-predictions", "2", "--checkpoint-every", "0", *extra]
+
+
+def test_cli_trains_a_folder_with_ce_plus_dice(tmp_path):
+    from scratchseg.cli import main
+
+    root = _blob_folder(tmp_path / "data", classes=3)
+    assert main(_folder_args(root, tmp_path, "cedice", "--ignore-index", "9", "--loss", "ce+0.5*dice")) == 0
+    run = tmp_path / "cedice"
+    records = json.load(open(run / "metrics.json"))
+    assert len(records) == 3 and all(np.isfinite(r["train_loss"]) for r in records)
+    assert records[-1]["train_loss"] < records[0]["train_loss"]
+    assert load_checkpoint(run / "best.npz")["meta"]["config"]["loss"] == "ce+0.5*dice"
+
+
+def test_cli_binary_trains_evaluates_and_predicts_one_sigmoid_channel(tmp_path, capsys):
+    from scratchseg.cli import main
+    from scratchseg.data import task_from_spec
+
+    root = _blob_folder(tmp_path / "data", classes=2)
+    args = _folder_args(root, tmp_path, "bin", "--label-map", "0:0,255:1,128:ignore", "--binary", "--epochs", "4")
+    assert main(args) == 0
+    run = tmp_path / "bin"
+    assert "loss bce" in capsys.readouterr().out
+    records = json.load(open(run / "metrics.json"))
+    assert len(records[-1]["per_class_iou"]) == 2 and records[-1]["train_loss"] < records[0]["train_loss"]
+    assert records[-1]["pixel_acc"] > 0.6 and np.isfinite(records[-1]["val_loss"])  # the BCE of the counted pixels
+    assert len([p for p in os.listdir(run / "predictions") if p.endswith("_panel.png")]) == 2
+    model, meta = load_model(str(run))
+    assert meta["num_classes"] == 2 and model.head.weight.shape[0] == 1  # one output channel for two classes
+    task = task_from_spec(meta["task_spec"])
+    assert evaluate(model, task, "val")["miou"] == pytest.approx(max(r["miou"] for r in records), abs=1e-9)
+    assert main(["eval", str(run)]) == 0
+    assert "mIoU" in capsys.readouterr().out
+    assert main(["predict", str(run), str(root / "val" / "images" / "0.png"), "--out", str(tmp_path / "p")]) == 0
+    mask = np.asarray(Image.open(tmp_path / "p" / "0_mask.png"))
+    assert mask.shape == (16, 16) and set(np.unique(mask)) <= {0, 1}
+    # the other losses train a binary model too
+    assert main(_folder_args(root, tmp_path, "bin2", "--label-map", "0:0,255:1,128:ignore", "--binary", "--epochs",
+                             "1", "--loss", "bce+dice+0.5*lovasz+focal")) == 0
+
+
+def test_predicted_labels_threshold_a_sigmoid_channel_at_one_half():
+    from scratchseg.training.evaluate import predicted_labels
+
+    logits = np.array([[[[-1.0, 0.0], [1e-9, 5.0]]]])  # (1, 1, 2, 2): sigmoid 0.27, 0.5, >0.5, 0.99
+    assert predicted_labels(logits).tolist() == [[[0, 0], [1, 1]]]
+    assert predicted_labels(np.array([[[[0.0]], [[2.0]], [[1.0]]]])).tolist() == [[[1]]]
+
+
+def test_loss_errors_name_the_value(tmp_path, capsys):
+    from scratchseg.cli import main
+
+    assert main(["train", "--data", TINY_DATA, "--loss", "ce+dise", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "unknown loss 'dise' in 'ce+dise'; known losses: ce, bce, dice, jaccard, tversky, focal, lovasz" in err
+    assert main(["train", "--data", TINY_DATA, "--binary", "--loss", "ce", "--out", str(tmp_path)]) == 2
+    assert "loss 'ce' does not fit a one-channel binary model: use 'bce'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=r"--binary trains one sigmoid channel for a two-class task.*4 classes"):
+        train(tiny(tmp_path, binary=True), log=lambda *_: None)
+    assert not os.listdir(tmp_path)  # refused before any run folder was made
+
+
+def test_the_python_api_takes_a_loss_with_class_weights(tmp_path):
+    result = train(tiny(tmp_path, epochs=1, loss="focal+lovasz+0.5*ce", class_weights="balanced"),
+                   log=lambda *_: None)
+    assert np.isfinite(result["history"][0]["train_loss"])

@@ -44,6 +44,21 @@ class Loader:
         self.normalize = Normalize(mean if mean is not None else (0.5,) * channels,
                                    std if std is not None else (0.25,) * channels)
         self.dtype = dtype
+        self.shard = (0, 1)  # (rank, world size): this loader serves slice `rank` of each batch
+
+    def sharded(self, rank, world_size):
+        """A copy that serves slice ``rank`` of ``world_size`` of each batch (``batch_size`` is the global batch).
+
+        Process r of R then sees exactly its part of the batches one process sees
+        with the global batch size, so R processes train as one would.
+        """
+        if not 0 <= int(rank) < int(world_size):
+            raise ValueError(f"rank must be in 0..{int(world_size) - 1}, got {rank}")
+        if len(self.dataset) < int(world_size):
+            raise DataError(f"{len(self.dataset)} samples cannot be shared by {world_size} processes")
+        copy = Loader.__new__(Loader)
+        copy.__dict__.update(self.__dict__, shard=(int(rank), int(world_size)))
+        return copy
 
     def __len__(self):
         n = len(self.dataset)
@@ -72,6 +87,8 @@ class Loader:
         order = self.order(epoch)
         for b in range(int(start), len(self)):
             idx = order[b * self.batch_size:(b + 1) * self.batch_size]
+            if self.shard[1] > 1:  # this process's slice of the global batch
+                idx = numpy.array_split(idx, self.shard[1])[self.shard[0]]
             samples = [self.sample(i, epoch) for i in idx]
             shapes = {s[0].shape for s in samples}
             if len(shapes) > 1:

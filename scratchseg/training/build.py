@@ -14,13 +14,36 @@ import os
 import numpy
 
 from .. import backend
+from .. import distributed
 from ..checkpoint import CheckpointError, load_weights, match_weights
 from ..data import Loader, make_task
 from ..data import transforms as T
 from .config import TrainConfig, parse_resize
 
-__all__ = ["build_task", "build_model", "init_weights", "freeze", "build_loader", "build_optimizer",
-           "build_scheduler", "class_weights", "loss_weight"]
+__all__ = ["setup_process", "build_task", "build_model", "init_weights", "freeze", "build_loader", "build_optimizer",
+           "build_scheduler", "class_weights", "loss_weight", "output_channels", "build_loss"]
+
+
+def setup_process(cfg: TrainConfig, saved=None):
+    """What the whole process runs with: the dtype (``--dtype``) and, under ``--distributed``, the MPI job.
+
+    A run resumes only with the number of processes that saved it (the
+    optimizer state would fit any number, but the global batch, and so the
+    rest of the run, would not be the one that was started).
+    """
+    backend.set_default_dtype(cfg.dtype)
+    if not cfg.distributed:
+        return
+    R = distributed.init()
+    if saved is not None:
+        before = int(saved["meta"].get("world_size", 1))
+        if before != R:
+            raise distributed.DistributedError(
+                f"{saved['path']} was saved by a run on {before} process(es) with batch {cfg.batch_size} per process "
+                f"(global batch {before * cfg.batch_size}); resume it with the same number: "
+                f"mpirun -n {before} scratchseg train --distributed --resume {os.path.dirname(saved['path'])}")
+    if not distributed.is_main():
+        cfg.progress = False  # one progress bar, rank 0's (this copy of cfg is never saved)
 
 
 def build_task(cfg: TrainConfig):
@@ -28,8 +51,12 @@ def build_task(cfg: TrainConfig):
                      num_classes=cfg.num_classes, val_split=cfg.val_split)
 
 
-def build_model(name, options, num_classes, in_channels):
-    """``models.create(...)`` on the active backend (moved to the GPU under CuPy)."""
+def build_model(name, options, num_classes, in_channels, sync_bn=False):
+    """``models.create(...)`` on the active backend (moved to the GPU under CuPy).
+
+    Under ``--distributed``: batch norms made ``SyncBatchNorm`` with ``sync_bn``, and rank 0's weights on
+    every process.
+    """
     from .. import models
 
     if name not in models.available():
@@ -37,7 +64,22 @@ def build_model(name, options, num_classes, in_channels):
     model = models.create(name, num_classes=num_classes, in_channels=in_channels, **(options or {}))
     if backend.current() == "cupy":
         model.to("cuda")
+    if sync_bn:
+        model = distributed.convert_sync_batchnorm(model)
+    if distributed.world_size() > 1:
+        distributed.broadcast_parameters(model)
     return model
+
+
+def output_channels(cfg: TrainConfig, task):
+    """The model's output channels: one score per class, or one sigmoid logit for ``binary`` (a two-class task)."""
+    if not cfg.binary:
+        return task.num_classes
+    if task.num_classes != 2:
+        raise ValueError(f"--binary trains one sigmoid channel for a two-class task (background, foreground), but "
+                         f"{task.name} has {task.num_classes} classes ({', '.join(task.class_names)}); drop --binary "
+                         "or map the masks to two classes with --label-map")
+    return 1
 
 
 def init_weights(model, path, log):
@@ -98,9 +140,11 @@ def build_loader(cfg: TrainConfig, task):
     if cfg.hflip:
         steps.append(T.RandomHorizontalFlip())
     train_set = task.split("train")
-    return Loader(train_set, batch_size=cfg.batch_size, shuffle=True, seed=cfg.seed,
-                  transform=T.Compose(steps) if steps else None, drop_last=len(train_set) > cfg.batch_size,
-                  mean=task.mean, std=task.std)
+    batch = cfg.batch_size * distributed.world_size()  # under mpirun the global batch: R x the per-process one
+    loader = Loader(train_set, batch_size=batch, shuffle=True, seed=cfg.seed,
+                    transform=T.Compose(steps) if steps else None, drop_last=len(train_set) > batch,
+                    mean=task.mean, std=task.std)
+    return distributed.shard(loader)  # this process's slice of each global batch (alone: every batch whole)
 
 
 def build_optimizer(cfg: TrainConfig, model):
@@ -112,9 +156,12 @@ def build_optimizer(cfg: TrainConfig, model):
         raise ValueError("every parameter is frozen: nothing to train")
     lr = cfg.default_lr()
     if cfg.optimizer == "sgd":
-        return optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    adam = optim.Adam if cfg.optimizer == "adam" else optim.AdamW  # the name was checked by cfg.validate()
-    return adam(params, lr=lr, weight_decay=cfg.weight_decay)
+        optimizer = optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    else:
+        adam = optim.Adam if cfg.optimizer == "adam" else optim.AdamW  # the name was checked by cfg.validate()
+        optimizer = adam(params, lr=lr, weight_decay=cfg.weight_decay)
+    # under --distributed its step() first averages the gradients over the processes
+    return distributed.distributed_optimizer(optimizer) if cfg.distributed else optimizer
 
 
 def build_scheduler(cfg: TrainConfig, optimizer, iters_per_epoch):
@@ -167,3 +214,12 @@ def loss_weight(weights):
     if weights is None:
         return None
     return backend.xp().asarray(numpy.asarray(weights, dtype=backend.get_default_dtype()))
+
+
+def build_loss(cfg: TrainConfig, task, weights=None):
+    """The criterion ``loss = criterion(logits, masks)``: ``cfg.loss`` ('ce', 'dice', 'ce+0.5*dice', ...;
+    see ``scratchseg.losses``) with the task's ignore index; the class ``weights`` go to 'ce' and 'bce'."""
+    from ..losses import make_criterion
+
+    return make_criterion(cfg.loss_spec(), binary=cfg.binary, ignore_index=task.loss_ignore_index,
+                          class_weights=weights)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import List, Optional
 
 from ..data import transforms as T
+from ..losses import check_loss
 
 __all__ = ["TrainConfig", "parse_resize", "OPTIMIZERS", "SCHEDULES"]
 
@@ -40,6 +41,8 @@ class TrainConfig:
     gamma: float = 0.1
     warmup_iters: int = 0
     class_weights: Optional[object] = None  # None | 'balanced' | list of K numbers
+    loss: Optional[str] = None  # 'ce', 'dice', ... or a sum 'ce+0.5*dice' (scratchseg.losses); None: ce, bce if binary
+    binary: bool = False  # a two-class task as one sigmoid channel (threshold 0.5) instead of a 2-way softmax
     label_map: Optional[str] = None
     ignore_index: Optional[int] = None
     num_classes: Optional[int] = None
@@ -57,11 +60,20 @@ class TrainConfig:
     checkpoint_every: int = 50  # iterations between mid-epoch checkpoints (0: epoch ends only)
     num_predictions: int = 4
     progress: bool = True
+    dtype: str = "float32"  # float32 | float64: the parameters, the data, the whole run
+    distributed: bool = False  # under mpirun: data parallel, batch_size per process (scratchseg.distributed)
+    sync_bn: bool = False  # with distributed: batch norm with the statistics of the global batch
 
     def default_lr(self):
         if self.lr is not None:
             return float(self.lr)
         return 0.01
+
+    def loss_spec(self):
+        """The loss of the run: ``loss``, or ``'ce'`` (``'bce'`` for a binary model) when none is given."""
+        if self.loss is not None:
+            return self.loss
+        return "bce" if self.binary else "ce"
 
     def validate(self):
         """Raise ValueError naming the option when a choice is not one scratchseg knows."""
@@ -69,6 +81,12 @@ class TrainConfig:
             raise ValueError(f"unknown optimizer {self.optimizer!r}; expected 'sgd', 'adam' or 'adamw'")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"unknown schedule {self.schedule!r}; expected 'poly', 'step' or 'constant'")
+        check_loss(self.loss_spec(), self.binary)  # an unknown name, or ce with --binary: a ValueError naming it
+        if self.dtype not in ("float32", "float64"):
+            raise ValueError(f"unknown dtype {self.dtype!r}; expected 'float32' or 'float64'")
+        if self.sync_bn and not self.distributed:
+            raise ValueError("--sync-bn synchronises batch norm across the processes of a --distributed run; "
+                             "add --distributed (under mpirun)")
         return self
 
 

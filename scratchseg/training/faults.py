@@ -14,6 +14,7 @@ import signal
 import sys
 
 from .. import backend
+from .. import distributed
 
 __all__ = ["NonFiniteLossError", "TrainingInterrupted", "check_loss", "check_weights", "CtrlC"]
 
@@ -27,10 +28,18 @@ class TrainingInterrupted(KeyboardInterrupt):
 
 
 def check_loss(value, state, last):
-    """``value`` when finite; otherwise stop before the step, saying where and what to try."""
+    """``value`` when finite; otherwise stop before the step, saying where and what to try.
+
+    Under ``--distributed`` every process's loss is gathered (one small exchange): the value is their mean,
+    the loss of the global batch, and a NaN on any process stops all of them at the same step.
+    """
+    values = distributed.all_gather_scalar(value)
+    value = sum(values) / len(values)
     if not math.isfinite(value):
+        where = "" if len(values) == 1 else " on rank " + ", ".join(
+            str(r) for r, v in enumerate(values) if not math.isfinite(v))
         raise NonFiniteLossError(
-            f"the loss became {value} at epoch {state.epoch + 1}, batch {state.position + 1} (iteration "
+            f"the loss became {value}{where} at epoch {state.epoch + 1}, batch {state.position + 1} (iteration "
             f"{state.iteration + 1}); the run stopped before this step. "
             + (f"{last} keeps the last good state; " if os.path.exists(last) else "")
             + "try a lower --lr (or --warmup-iters)")
@@ -50,8 +59,13 @@ class CtrlC:
 
     def __init__(self, announce=True):
         self.announce = announce  # say on stderr that the run will stop (not when the caller gave a stream)
-        self.pressed = False
+        self._pressed = False
         self.previous = None
+
+    @property
+    def pressed(self):
+        """Ctrl-C was pressed; under --distributed: on any process, as agreed at the last gradient exchange."""
+        return distributed.stop_agreed() if distributed.world_size() > 1 else self._pressed
 
     def __enter__(self):
         try:
@@ -69,9 +83,10 @@ class CtrlC:
         return False
 
     def _on_sigint(self, signum, frame):
-        self.pressed = True
+        self._pressed = True
+        distributed.request_stop()
         signal.signal(signal.SIGINT, signal.default_int_handler)
-        if self.announce:
+        if self.announce and distributed.is_main():
             sys.stderr.write("\ninterrupt: saving after this step (Ctrl-C again to stop at once)\n")
 
     def stop_if_pressed(self, state, iters_per_epoch, run_dir, last):
@@ -80,5 +95,6 @@ class CtrlC:
             return
         where = (f"at epoch {state.epoch + 1}, batch {state.position}/{iters_per_epoch}" if state.position
                  else f"after epoch {state.epoch}")
-        raise TrainingInterrupted(f"interrupted {where}: saved {last}; "
-                                  f"continue with `scratchseg train --resume {run_dir}`")
+        R = distributed.world_size()
+        launch = f"mpirun -n {R} scratchseg train --distributed" if R > 1 else "scratchseg train"
+        raise TrainingInterrupted(f"interrupted {where}: saved {last}; continue with `{launch} --resume {run_dir}`")

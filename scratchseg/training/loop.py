@@ -14,13 +14,12 @@ from __future__ import annotations
 import time
 from typing import Optional
 
-from .. import functional as F
 from .. import random as _random
 from ..autograd import Tensor
 from ..data import task_from_spec
 from ..data import transforms as T
-from .build import (build_loader, build_model, build_optimizer, build_scheduler, build_task, class_weights, freeze,
-                    init_weights, loss_weight)
+from .build import (build_loader, build_loss, build_model, build_optimizer, build_scheduler, build_task, class_weights,
+                    freeze, init_weights, output_channels, setup_process)
 from .config import TrainConfig, parse_resize
 from .evaluate import evaluate
 from .faults import CtrlC, check_loss
@@ -41,11 +40,12 @@ def train(config: Optional[TrainConfig] = None, resume: Optional[str] = None, lo
     saved = read_resume(resume) if resume is not None else None
     cfg = TrainConfig(**saved["meta"]["config"]) if saved else (config or TrainConfig())
     cfg.validate()
+    setup_process(cfg, saved)  # the dtype; under --distributed, join the MPI job
     _random.manual_seed(int(cfg.seed))  # the initial weights are drawn from it
     task = task_from_spec(saved["meta"]["task_spec"]) if saved else build_task(cfg)
     for note in task.notes:
         log(f"note: {note}")
-    model = build_model(cfg.model, cfg.model_options, task.num_classes, task.in_channels)
+    model = build_model(cfg.model, cfg.model_options, output_channels(cfg, task), task.in_channels, cfg.sync_bn)
     init_report = init_weights(model, cfg.init, log) if cfg.init and not saved else None
     frozen = freeze(model, cfg.freeze)
     optimizer = build_optimizer(cfg, model)
@@ -62,7 +62,7 @@ def train(config: Optional[TrainConfig] = None, resume: Optional[str] = None, lo
         log(f"run folder: {run.path}")
     run.header = run_header(cfg, task, weights, init_report, frozen)
     describe_setup(log, cfg, task, model, frozen, len(loader))
-    weight = loss_weight(weights)
+    criterion = build_loss(cfg, task, weights)  # cfg.loss: 'ce', 'dice', 'ce+0.5*dice', ... (scratchseg.losses)
     eval_resize = parse_resize(cfg.resize)
     bar = Progress(len(loader), cfg.epochs, enabled=cfg.progress, stream=stream)
 
@@ -78,7 +78,7 @@ def train(config: Optional[TrainConfig] = None, resume: Optional[str] = None, lo
                 if not bool((masks != task.loss_ignore_index).any()):
                     state.skip_batch()  # nothing to learn from this batch (all ignored)
                     continue
-                loss = F.cross_entropy(logits, masks, weight=weight, ignore_index=task.loss_ignore_index)  # loss
+                loss = criterion(logits, masks)  # loss
                 loss_value = check_loss(float(loss.item()), state, run.last)  # NaN: stop before the step
                 optimizer.zero_grad()
                 loss.backward()  # backward: the gradient of every trainable parameter

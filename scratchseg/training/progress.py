@@ -6,6 +6,7 @@ import sys
 import time
 
 from .. import backend
+from .. import distributed
 
 __all__ = ["Progress", "describe_setup", "epoch_line"]
 
@@ -60,8 +61,12 @@ class Progress:
 def describe_setup(log, cfg, task, model, frozen, iters_per_epoch):
     log(f"task {task.describe()}")
     log(f"model {cfg.model} {cfg.model_options or ''}: {model.num_parameters():,} parameters"
-        + (f" ({len(frozen)} frozen tensors)" if frozen else ""))
-    log(f"{cfg.epochs} epochs x {iters_per_epoch} iterations, batch {cfg.batch_size}, {cfg.optimizer} "
+        + (f" ({len(frozen)} frozen tensors)" if frozen else "")
+        + (", one sigmoid channel (--binary)" if getattr(cfg, "binary", False) else ""))
+    log(f"loss {cfg.loss_spec()}")
+    R = distributed.world_size()
+    batch = f"batch {cfg.batch_size}" + (f" per process x {R} processes" if R > 1 else "")
+    log(f"{cfg.epochs} epochs x {iters_per_epoch} iterations, {batch}, {cfg.optimizer} "
         f"lr {cfg.default_lr():g}, {cfg.schedule} schedule, backend {backend.current()}, kernels {backend.kernels()}")
 
 

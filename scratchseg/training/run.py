@@ -23,6 +23,7 @@ import json
 import os
 
 from .. import backend
+from .. import distributed
 from .. import random as _random
 from ..checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from ..viz import colorize, overlay, panel, plot_curves, save_png
@@ -42,14 +43,20 @@ def run_header(cfg, task, class_weights, init_report, frozen):
         "colors": [list(c) for c in task.colors], "ignore_index": task.ignore_index, "mean": list(task.mean),
         "std": list(task.std), "task_spec": task.spec, "resize": cfg.resize, "class_weights": class_weights,
         "init": init_report, "frozen": frozen,
+        # a --distributed run resumes only on as many processes as it ran on
+        **({"world_size": distributed.world_size()} if cfg.distributed else {}),
     }
 
 
 class RunFolder:
-    """One run's folder: ``save`` a checkpoint (atomically), ``write_metrics``, ``write_predictions``."""
+    """One run's folder: ``save`` a checkpoint (atomically), ``write_metrics``, ``write_predictions``.
+
+    Under ``--distributed`` every process holds one, and rank 0's alone writes (``writes``).
+    """
 
     def __init__(self, path, header=None):
         self.path = path
+        self.writes = distributed.is_main()
         self.header = header or {}
         self.last = os.path.join(path, "last.npz")
         self.best = os.path.join(path, "best.npz")
@@ -57,6 +64,8 @@ class RunFolder:
     @classmethod
     def create(cls, cfg, task):
         """A new folder ``out/<name or time-model-data>`` (``-2``, ``-3``... if taken); ``out/latest`` links to it."""
+        if not distributed.is_main():
+            return cls(distributed.broadcast_object(None))  # rank 0 makes the folder and says which
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
         data_name = task.name.replace("folder:", "").replace(":", "_").replace("/", "_")
         base = os.path.join(cfg.out, cfg.name or f"{stamp}-{cfg.model}-{data_name}")
@@ -73,19 +82,23 @@ class RunFolder:
                 os.symlink(os.path.basename(path), latest)
         except OSError:
             pass
-        return cls(path)
+        return cls(distributed.broadcast_object(path))
 
     def save(self, kind, state: TrainState, model, optimizer, scheduler):
         """Write ``<kind>.npz`` ('last' or 'best'): the states, the header and ``state`` whole."""
         path = self.last if kind == "last" else self.best
         check_weights(model, state, self.last)
         state.rng_state = _random.get_state()
+        if not self.writes:
+            return
         meta = dict(self.header, kind=kind, **state.to_meta(), backend=backend.current(), kernels=backend.kernels(),
                     time=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
         save_checkpoint(path, model.state_dict(), optimizer.state_dict(), scheduler.state_dict(), meta)
 
     def write_metrics(self, history):
         """``metrics.json`` (atomically, as the checkpoints) and ``curves.png``."""
+        if not self.writes:
+            return
         path = os.path.join(self.path, "metrics.json")
         tmp = f"{path}.tmp{os.getpid()}"
         with open(tmp, "w", encoding="utf-8") as fh:
@@ -97,7 +110,7 @@ class RunFolder:
 
     def write_predictions(self, model, task, count, resize):
         """image | truth | prediction | overlay pictures of the first ``count`` validation images; their names."""
-        if count <= 0 or "val" not in task.splits:
+        if count <= 0 or "val" not in task.splits or not self.writes:
             return []
         folder = os.path.join(self.path, "predictions")
         dataset = task.split("val")
@@ -165,7 +178,9 @@ def load_model(path, prefer="best"):
     for key in ("model_name", "num_classes", "in_channels"):
         if key not in meta:
             raise CheckpointError(f"{path} does not say which model it holds (no {key!r} in its header)")
-    model = build_model(meta["model_name"], meta.get("model_options"), meta["num_classes"], meta["in_channels"])
+    binary = bool((meta.get("config") or {}).get("binary"))  # one sigmoid channel for the task's two classes
+    model = build_model(meta["model_name"], meta.get("model_options"), 1 if binary else meta["num_classes"],
+                        meta["in_channels"])
     _load_model_state(model, ckpt["model"], path)
     model.eval()
     return model, meta
