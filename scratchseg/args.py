@@ -20,7 +20,17 @@ from __future__ import annotations
 
 from numbers import Integral
 
-__all__ = ["ArgumentError", "is_int", "is_array", "pair", "positive_int", "check_image_batch"]
+__all__ = [
+    "ArgumentError",
+    "is_int",
+    "is_array",
+    "pair",
+    "triple",
+    "ntuple",
+    "positive_int",
+    "check_image_batch",
+    "check_volume_batch",
+]
 
 
 class ArgumentError(TypeError, ValueError):
@@ -68,6 +78,45 @@ def pair(value, name, fn=None, *, minimum=None, single=True):
     return result
 
 
+def ntuple(value, n, name, fn=None, *, minimum=None, single=True):
+    """``value`` as a tuple of ``n`` Python ints: ``pair`` for any number of spatial axes.
+
+    ``3 -> (3,) * n``; a sequence of ``n`` ints stays; ``(3,) -> (3,) * n``
+    unless ``single`` is False. ``fn`` and ``minimum`` as for ``pair``.
+
+        >>> ntuple(2, 3, "stride")
+        (2, 2, 2)
+        >>> ntuple((1, 0, 1), 3, "dilation", fn="conv3d()", minimum=1)
+        Traceback (most recent call last):
+        ...
+        ValueError: conv3d(): dilation must be >= 1, got (1, 0, 1)
+    """
+    if is_int(value):
+        result = (value,) * n
+    elif isinstance(value, (tuple, list)) and len(value) == 1 and single:
+        result = (value[0],) * n
+    else:
+        result = value
+    if not (isinstance(result, (tuple, list)) and len(result) == n and all(is_int(v) for v in result)):
+        what = {1: "an int", 2: "a pair of ints", 3: "a triple of ints"}.get(n, f"a tuple of {n} ints")
+        raise ArgumentError(f"{_prefix(fn)}{name} must be an int or {what}, got {value!r}")
+    result = tuple(int(v) for v in result)
+    if minimum is not None and min(result) < minimum:
+        raise ValueError(f"{_prefix(fn)}{name} must be >= {minimum}, got {value!r}")
+    return result
+
+
+def triple(value, name, fn=None, *, minimum=None, single=True):
+    """``value`` as a tuple of three Python ints, as torch reads a 3-D size argument (see ``ntuple``).
+
+        >>> triple(3, "kernel_size")
+        (3, 3, 3)
+        >>> triple((1, 2, 2), "stride")
+        (1, 2, 2)
+    """
+    return ntuple(value, 3, name, fn, minimum=minimum, single=single)
+
+
 def positive_int(value, name, fn=None):
     """``value`` as a Python int > 0, or a clear error."""
     if not is_int(value) or value <= 0:
@@ -91,4 +140,21 @@ def check_image_batch(input, channels, name):
     shape = tuple(input.shape)
     if len(shape) != 4 or shape[1] != channels:
         raise ValueError(f"{name} expects a 4-D input of shape (N, {channels}, H, W), got {shape}")
+    return shape
+
+
+def check_volume_batch(input, channels, name):
+    """``input``'s shape ``(N, C, D, H, W)`` after checking that it is 5-D with ``C == channels``.
+
+        >>> import numpy as np
+        >>> check_volume_batch(np.zeros((2, 1, 4, 8, 8)), 1, "Conv3d")
+        (2, 1, 4, 8, 8)
+        >>> check_volume_batch(np.zeros((2, 1, 8, 8)), 1, "Conv3d")
+        Traceback (most recent call last):
+        ...
+        ValueError: Conv3d expects a 5-D input of shape (N, 1, D, H, W), got (2, 1, 8, 8)
+    """
+    shape = tuple(input.shape)
+    if len(shape) != 5 or shape[1] != channels:
+        raise ValueError(f"{name} expects a 5-D input of shape (N, {channels}, D, H, W), got {shape}")
     return shape

@@ -381,6 +381,7 @@ def _builtin_cases(xp):
         ("batch_norm", "eval (running stats)", lambda x, w, b: F.batch_norm(
             x, xp.asarray(bn_mean), xp.asarray(bn_var), w, b, training=False),
          (t(2, 3, 2, 2), t(3), t(3))),
+        *_norm_cases(xp),
         ("dropout", "p=0.4 fixed generator", seeded(lambda x: F.dropout(x, 0.4, True)), (t(3, 4, 3),)),
         ("dropout2d", "p=0.5 fixed generator", seeded(lambda x: F.dropout2d(x, 0.5, True)), (t(2, 4, 3, 3),)),
         ("max_pool2d", "2x2 stride 2", lambda x: F.max_pool2d(x, 2), (distinct(2, 2, 4, 4),)),
@@ -414,7 +415,28 @@ def _builtin_cases(xp):
          (t(2, 2, 2, 2),)),
     ]
     cases += _loss_cases(xp, t, target)
+    cases += _volume_cases(xp)
     return cases
+
+
+def _norm_cases(xp):
+    """group_norm, layer_norm, instance_norm (any rank), with weight and bias."""
+    from . import functional as F
+
+    rng = numpy.random.default_rng(2468)  # its own generator: the cases around draw what they always drew
+
+    def t(*shape):
+        return Tensor(xp.asarray(rng.standard_normal(shape)), requires_grad=True)
+
+    running = rng.standard_normal(3), rng.uniform(0.5, 2.0, 3)
+    return [
+        ("group_norm", "G=2, (N, C, L)", lambda x, w, b: F.group_norm(x, 2, w, b), (t(2, 4, 3), t(4), t(4))),
+        ("group_norm", "G=3, 5-D", lambda x, w, b: F.group_norm(x, 3, w, b), (t(2, 6, 2, 2, 2), t(6), t(6))),
+        ("layer_norm", "normalized_shape (3, 4)", lambda x, w, b: F.layer_norm(x, (3, 4), w, b),
+         (t(2, 3, 4), t(3, 4), t(3, 4))),
+        ("instance_norm", "affine + running stats", lambda x, w, b: F.instance_norm(
+            x, xp.asarray(running[0].copy()), xp.asarray(running[1].copy()), w, b), (t(2, 3, 2, 3), t(3), t(3))),
+    ]
 
 
 def _loss_cases(xp, t, target):
@@ -447,6 +469,64 @@ def _loss_cases(xp, t, target):
          lambda x: L.lovasz_softmax(x, labels, ignore_index=-1), (t(2, 4, 3, 3),)),
         ("lovasz_hinge", "per image, ignore_index=-1", lambda x: L.lovasz_hinge(x, binary, ignore_index=-1),
          (t(2, 1, 3, 3),)),
+    ]
+
+
+def _volume_cases(xp):
+    """The 3-D ops on 5-D (N, C, D, H, W) input, small enough for the full Jacobian (or a few directions)."""
+    from . import functional as F
+
+    rng = numpy.random.default_rng(3333)  # its own generator: the cases above draw what they always drew
+
+    def t(*shape):
+        return Tensor(xp.asarray(rng.standard_normal(shape)), requires_grad=True)
+
+    def distinct(*shape):
+        # well separated values: no ties in max-pool, far from finite-difference steps
+        n = int(numpy.prod(shape))
+        values = (rng.permutation(n) + rng.uniform(0.2, 0.8, n)) / n * 4 - 2
+        return Tensor(xp.asarray(values.reshape(shape)), requires_grad=True)
+
+    def seeded(f):
+        def run(*a):
+            _random.manual_seed(7)
+            return f(*a)
+
+        return run
+
+    target = rng.integers(0, 3, size=(2, 2, 2, 3))
+    target[0, 1, 0, 2] = -1  # an ignored voxel
+    ce_weight = xp.asarray(rng.uniform(0.5, 2.0, 3))
+    bn_mean, bn_var = rng.standard_normal(2), rng.uniform(0.5, 2.0, 2)
+    return [
+        ("conv3d", "3x3x3 padding=1", lambda x, w, b: F.conv3d(x, w, b, padding=1),
+         (t(1, 2, 3, 4, 3), t(3, 2, 3, 3, 3), t(3))),
+        ("conv3d", "stride (1,2,2) dilation (2,1,1) g=2",
+         lambda x, w: F.conv3d(x, w, None, stride=(1, 2, 2), padding=(1, 0, 1), dilation=(2, 1, 1), groups=2),
+         (t(1, 4, 4, 5, 4), t(2, 2, 2, 2, 2))),
+        ("conv3d", "padding='same' 2x2x2", lambda x, w: F.conv3d(x, w, padding="same"),
+         (t(1, 2, 3, 3, 3), t(2, 2, 2, 2, 2))),
+        ("conv_transpose3d", "2x2x2 stride 2", lambda x, w, b: F.conv_transpose3d(x, w, b, stride=2),
+         (t(1, 3, 2, 2, 2), t(3, 2, 2, 2, 2), t(2))),
+        ("conv_transpose3d", "s=2 p=1 output_padding=(1,0,1) g=2",
+         lambda x, w: F.conv_transpose3d(x, w, None, stride=2, padding=1, output_padding=(1, 0, 1), groups=2),
+         (t(1, 2, 2, 3, 2), t(2, 1, 3, 3, 3))),
+        ("max_pool3d", "2x2x2 stride 2", lambda x: F.max_pool3d(x, 2), (distinct(1, 2, 4, 4, 4),)),
+        ("max_pool3d", "3 stride 2 padding 1 ceil_mode", lambda x: F.max_pool3d(x, 3, 2, 1, ceil_mode=True),
+         (distinct(1, 1, 4, 5, 6),)),
+        ("avg_pool3d", "3 s=2 p=1 count_include_pad=False",
+         lambda x: F.avg_pool3d(x, 3, 2, 1, count_include_pad=False), (t(1, 2, 3, 5, 4),)),
+        ("adaptive_avg_pool3d", "3x5x4 -> 2x3x1", lambda x: F.adaptive_avg_pool3d(x, (2, 3, 1)), (t(1, 2, 3, 5, 4),)),
+        ("dropout3d", "p=0.5 fixed generator", seeded(lambda x: F.dropout3d(x, 0.5, True)), (t(2, 3, 2, 2, 2),)),
+        ("batch_norm", "5-D training", lambda x, w, b: F.batch_norm(
+            x, xp.asarray(bn_mean.copy()), xp.asarray(bn_var.copy()), w, b, training=True),
+         (t(3, 2, 2, 2, 3), t(2), t(2))),
+        ("interpolate", "nearest 5-D (3, 5, 2)", lambda x: F.interpolate(x, size=(3, 5, 2), mode="nearest"),
+         (t(1, 2, 2, 3, 3),)),
+        ("interpolate", "trilinear align_corners=True",
+         lambda x: F.interpolate(x, size=(3, 4, 5), mode="trilinear", align_corners=True), (t(1, 1, 2, 3, 3),)),
+        ("cross_entropy", "5-D weight + ignore_index=-1",
+         lambda x: F.cross_entropy(x, xp.asarray(target), weight=ce_weight, ignore_index=-1), (t(2, 3, 2, 2, 3),)),
     ]
 
 

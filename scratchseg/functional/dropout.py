@@ -1,4 +1,4 @@
-"""Dropout: zero random elements (or whole channels) while training.
+"""Dropout: zero random elements (or whole channels: feature maps, volumes) while training.
 
 Inverted dropout: a kept value is scaled by ``1 / (1 - p)`` at training time
 so the expected output equals the input and evaluation is the identity.
@@ -21,14 +21,14 @@ from .. import random as _random
 from ..autograd import Function, Tensor
 from ..backend import device_of, get_array_module, to_device
 
-__all__ = ["dropout", "dropout2d"]
+__all__ = ["dropout", "dropout2d", "dropout3d"]
 
 
 class Dropout(Function):
     """out = x * mask * scale with a given boolean ``mask`` broadcast against x.
 
     Shape: x (N, C, *), mask broadcastable to x (the same shape for dropout,
-    (N, C, 1, 1) for dropout2d) -> out like x. Saves only the boolean mask.
+    (N, C, 1, 1) for dropout2d, (N, C, 1, 1, 1) for dropout3d) -> out like x. Saves only the boolean mask.
     """
 
     @staticmethod
@@ -139,3 +139,29 @@ def dropout2d(input, p=0.5, training=True, inplace=False, *, generator=None):
     mask_shape = tuple(input.shape[:2]) + (1,) * (ndim - 2)  # (N, C, 1, 1): one draw per channel
     mask = _keep_mask(mask_shape, p, generator, input.data if isinstance(input, Tensor) else input)
     return _apply(input, mask, p, inplace, "dropout2d")
+
+
+def dropout3d(input, p=0.5, training=True, inplace=False, *, generator=None):
+    """Zero whole volumes (channels) with probability ``p`` (scale the rest by ``1/(1-p)``), as
+    ``torch.nn.functional.dropout3d``; the identity when not ``training``.
+
+    One Bernoulli draw per ``(n, c)`` channel of a 5-D input. Unlike torch, a
+    4-D input is refused rather than read as one unbatched volume (it may as
+    well be a batch of images): pass ``input[None]`` for one volume.
+
+    Shape:
+        input (N, C, D, H, W) -> output (N, C, D, H, W); mask (N, C, 1, 1, 1).
+
+        >>> import numpy as np
+        >>> dropout3d(np.ones((2, 3, 4, 4, 4)), generator=np.random.default_rng(0)).shape
+        (2, 3, 4, 4, 4)
+    """
+    _check("dropout3d", input, p, generator)
+    if input.ndim != 5:
+        hint = "; for one unbatched volume (C, D, H, W) pass input[None]" if input.ndim == 4 else ""
+        raise ValueError(f"dropout3d(): expected a 5-D input (N, C, D, H, W), got shape {tuple(input.shape)}{hint}")
+    if not training:
+        return _identity(input)
+    mask_shape = tuple(input.shape[:2]) + (1, 1, 1)  # (N, C, 1, 1, 1): one draw per channel
+    mask = _keep_mask(mask_shape, p, generator, input.data if isinstance(input, Tensor) else input)
+    return _apply(input, mask, p, inplace, "dropout3d")

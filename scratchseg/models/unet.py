@@ -54,7 +54,8 @@ from scratchseg.args import check_image_batch, positive_int
 
 from .upsampling import MODES, SubPixel, make_upsample
 
-__all__ = ["UNetConfig", "DoubleConv", "Up", "UNet", "valid_output_size", "mirror_pad", "unet", "unet_original"]
+__all__ = ["UNetConfig", "DoubleConv", "Up", "UNet", "valid_output_size", "mirror_pad", "pad_to_multiple", "unet",
+           "unet_original"]
 
 
 @dataclass
@@ -67,6 +68,8 @@ class UNetConfig:
     batchnorm: bool = True
     up_mode: str = "transposed"  # 'transposed' (2x2 up-conv), 'resize_conv', 'sub_pixel' or 'bilinear'
     tiling: str = "auto"  # valid networks only: 'auto', 'valid' or 'same'
+    # 'batch', 'group', 'instance', 'layer' or None (nn.norm_layer); batchnorm=False switches it off
+    norm: str | None = "batch"
 
 
 def valid_output_size(size, depth):
@@ -100,6 +103,34 @@ def _smallest_valid_tile(size, depth):
     while valid_output_size(t, depth) is None:  # valid sizes recur every 2**depth, so this ends soon
         t += 1
     return t
+
+
+def pad_to_multiple(x, multiple, dims=2):
+    """Zero-pad the last ``dims`` dimensions of ``x`` up to multiples of ``multiple``; the window to crop back.
+
+    A padded U-Net pools ``depth`` times, so every spatial size must be a
+    multiple of ``2**depth`` for each pooling to halve an even size and each
+    skip to match its up-sampled map. The padding is split evenly (the odd
+    voxel at the end), and ``out[window]`` is the part of the output that
+    belongs to the input (``window`` is ``None`` when nothing was padded).
+    The same for images (``dims=2``) and volumes (``dims=3``).
+
+    Shape:
+        (N, C, *S) -> (N, C, *[s + (-s mod multiple) for s in S])
+
+    >>> x, window = pad_to_multiple(scratchseg.randn(1, 2, 5, 8, 9), 4, dims=3)
+    >>> x.shape, x[window].shape
+    ((1, 2, 8, 8, 12), (1, 2, 5, 8, 9))
+    """
+    sizes = tuple(x.shape[-dims:])
+    extra = [-s % multiple for s in sizes]
+    if not any(extra):
+        return x, None
+    amounts = []
+    for e in reversed(extra):  # F.pad's order: last dimension first
+        amounts += [e // 2, e - e // 2]
+    window = (slice(None),) * (x.ndim - dims) + tuple(slice(e // 2, e // 2 + s) for e, s in zip(extra, sizes))
+    return F.pad(x, amounts), window
 
 
 def mirror_pad(x, top, bottom, left, right):
@@ -136,21 +167,27 @@ def mirror_pad(x, top, bottom, left, right):
 
 
 class DoubleConv(nn.Module):
-    """(3x3 conv -> [batchnorm] -> ReLU) twice: one U-Net level.
+    """(3x3 conv -> [norm] -> ReLU) twice: one U-Net level.
+
+    ``norm``: 'batch', 'group', 'instance', 'layer' (``nn.norm_layer``) or
+    None; ``batchnorm=False`` (the older switch) means None. The layers keep
+    the names ``bn1``, ``bn2`` whatever the norm (as torchvision's ResNet
+    does), so batch-norm checkpoints load as before.
 
     Shape:
         (N, in_ch, H, W) -> (N, out_ch, H - 4 + 4*padding, W - 4 + 4*padding)
     """
 
-    def __init__(self, in_ch, out_ch, padding=True, batchnorm=True):
+    def __init__(self, in_ch, out_ch, padding=True, batchnorm=True, norm="batch"):
         super().__init__()
         p = 1 if padding else 0
-        # a conv bias right before batchnorm is redundant (BN subtracts the mean), so drop it
-        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=p, bias=not batchnorm)
-        self.bn1 = nn.BatchNorm2d(out_ch) if batchnorm else nn.Identity()
+        norm = norm if batchnorm else None
+        # a conv bias right before a norm is redundant (the norm subtracts a mean and adds its own shift)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=p, bias=norm is None)
+        self.bn1 = nn.Identity() if norm is None else nn.norm_layer(norm, out_ch)
         self.relu1 = nn.ReLU()
-        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=p, bias=not batchnorm)
-        self.bn2 = nn.BatchNorm2d(out_ch) if batchnorm else nn.Identity()
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=p, bias=norm is None)
+        self.bn2 = nn.Identity() if norm is None else nn.norm_layer(norm, out_ch)
         self.relu2 = nn.ReLU()
 
     def forward(self, x):
@@ -165,12 +202,12 @@ class Up(nn.Module):
         x (N, in_ch, h, w), skip (N, in_ch/2, >= 2h, >= 2w) -> (N, in_ch/2, 2h - 4 + 4p, 2w - 4 + 4p)
     """
 
-    def __init__(self, in_ch, out_ch, up_mode="transposed", padding=True, batchnorm=True):
+    def __init__(self, in_ch, out_ch, up_mode="transposed", padding=True, batchnorm=True, norm="batch"):
         super().__init__()
         # the paper's "2x2 up-convolution that halves the number of feature channels"
         options = {"kernel_size": 2} if up_mode == "transposed" else {}
         self.upsample = make_upsample(up_mode, in_ch, out_ch, 2, **options)
-        self.conv = DoubleConv(2 * out_ch, out_ch, padding=padding, batchnorm=batchnorm)
+        self.conv = DoubleConv(2 * out_ch, out_ch, padding=padding, batchnorm=batchnorm, norm=norm)
 
     def forward(self, x, skip):
         x = self.upsample(x)  # (N, out_ch, 2h, 2w)
@@ -197,11 +234,13 @@ class UNet(nn.Module):
             )
         if config.tiling not in ("auto", "valid", "same"):
             raise ValueError(f"U-Net tiling must be 'auto', 'valid' or 'same', got {config.tiling!r}")
+        if config.norm is not None and config.norm not in nn.NORMS:
+            raise ValueError(f"U-Net norm must be one of {nn.NORMS} or None, got {config.norm!r}")
         positive_int(config.depth, "depth", "U-Net")
         positive_int(config.base, "base", "U-Net")
         self.config = config
         widths = [config.base * 2**i for i in range(config.depth + 1)]  # e.g. 64, 128, 256, 512, 1024
-        kw = dict(padding=config.padding, batchnorm=config.batchnorm)
+        kw = dict(padding=config.padding, batchnorm=config.batchnorm, norm=config.norm)
         self.down = nn.ModuleList()
         c = config.in_channels
         for width in widths:
@@ -235,12 +274,9 @@ class UNet(nn.Module):
         _, _, H, W = check_image_batch(x, cfg.in_channels, "U-Net")
         if cfg.padding:
             # pad to a multiple of 2**depth so every pool halves an even size, then crop back
-            m = 2**cfg.depth
-            ph, pw = -H % m, -W % m
-            if ph or pw:
-                x = F.pad(x, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2))
+            x, window = pad_to_multiple(x, 2**cfg.depth, dims=2)
             out = self._forward(x)
-            return out[:, :, ph // 2 : ph // 2 + H, pw // 2 : pw // 2 + W] if (ph or pw) else out
+            return out[window] if window else out
 
         valid = valid_output_size(H, cfg.depth) is not None and valid_output_size(W, cfg.depth) is not None
         if cfg.tiling == "valid" or (cfg.tiling == "auto" and valid):
@@ -268,15 +304,18 @@ class UNet(nn.Module):
 
 def unet(num_classes, in_channels=3, **options):
     """The padded U-Net (output size = input size); options: base, depth, batchnorm,
+    norm ('batch', 'group', 'instance', 'layer' or None; group norm takes
+    ``nn.group_count(C)`` groups: at most 32, at least 2 channels each),
     up_mode ('transposed', 'resize_conv', 'sub_pixel' or 'bilinear')."""
     return UNet(UNetConfig(num_classes=num_classes, in_channels=in_channels, **options))
 
 
 def unet_original(num_classes, in_channels=3, **options):
-    """The paper's U-Net: valid convolutions, no batchnorm, biases everywhere, ``base=64`` unless given."""
+    """The paper's U-Net: valid convolutions, no normalisation, biases everywhere, ``base=64`` unless given
+    (a ``norm`` option adds that normalisation)."""
     options.setdefault("base", 64)
     options.setdefault("padding", False)
-    options.setdefault("batchnorm", False)
+    options.setdefault("batchnorm", "norm" in options)
     return UNet(UNetConfig(num_classes=num_classes, in_channels=in_channels, **options))
 
 

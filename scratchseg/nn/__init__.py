@@ -19,15 +19,18 @@ from . import init
 from .blocks import ConvBlock
 from .containers import Identity, ModuleDict, ModuleList, Sequential
 from .activation import LeakyReLU, LogSoftmax, ReLU, Sigmoid, Softmax, Tanh
-from .conv import Conv2d, ConvTranspose2d
-from .dropout import Dropout, Dropout2d
+from .conv import Conv2d, Conv3d, ConvTranspose2d, ConvTranspose3d
+from .dropout import Dropout, Dropout2d, Dropout3d
 from .linear import Linear
 from .loss import BCEWithLogitsLoss, CrossEntropyLoss
 from .module import IncompatibleKeys, Module, StateDictError
-from .normalization import BatchNorm1d, BatchNorm2d, BatchNorm3d
+from .normalization import (
+    NORMS, BatchNorm1d, BatchNorm2d, BatchNorm3d, GroupNorm, InstanceNorm1d, InstanceNorm2d, InstanceNorm3d,
+    LayerNorm, group_count, norm_layer,
+)
 from .parameter import Parameter
 from .padding import ConstantPad2d, ReflectionPad2d, ReplicationPad2d, ZeroPad2d
-from .pooling import AdaptiveAvgPool2d, AvgPool2d, MaxPool2d, MaxUnpool2d
+from .pooling import AdaptiveAvgPool2d, AdaptiveAvgPool3d, AvgPool2d, AvgPool3d, MaxPool2d, MaxPool3d, MaxUnpool2d
 from .shape import Flatten, PixelShuffle, PixelUnshuffle
 from .upsampling import Upsample
 
@@ -45,15 +48,29 @@ __all__ = [
     "ConvBlock",
     "Conv2d",
     "ConvTranspose2d",
+    "Conv3d",
+    "ConvTranspose3d",
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
+    "GroupNorm",
+    "LayerNorm",
+    "InstanceNorm1d",
+    "InstanceNorm2d",
+    "InstanceNorm3d",
+    "NORMS",
+    "norm_layer",
+    "group_count",
     "Dropout",
     "Dropout2d",
+    "Dropout3d",
     "MaxPool2d",
     "AvgPool2d",
     "AdaptiveAvgPool2d",
     "MaxUnpool2d",
+    "MaxPool3d",
+    "AvgPool3d",
+    "AdaptiveAvgPool3d",
     "Linear",
     "ReflectionPad2d",
     "ReplicationPad2d",

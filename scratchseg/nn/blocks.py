@@ -1,4 +1,4 @@
-"""``ConvBlock``: convolution, batch norm, activation, dropout and pooling in
+"""``ConvBlock``: convolution, normalisation, activation, dropout and pooling in
 an order given as a string.
 
     "conv-bn-act"                  the usual post-activation block (default)
@@ -6,7 +6,10 @@ an order given as a string.
     "bn-act-conv"                  pre-activation (ResNet v2 style)
 
 Children are named ``conv``, ``bn``, ``act``, ``dropout`` and ``pool``, so a
-state dict reads ``down1.conv.weight``, ``down1.bn.running_mean``.
+state dict reads ``down1.conv.weight``, ``down1.bn.running_mean``. ``norm``
+chooses what fills the ``bn`` slot: batch (default), group, instance or layer
+norm (``nn.norm_layer``), or none; the slot keeps its name whatever the norm,
+as torchvision's ResNet keeps ``bn1`` when given another ``norm_layer``.
 
     >>> from scratchseg import nn
     >>> block = nn.ConvBlock(3, 8)
@@ -15,6 +18,8 @@ state dict reads ``down1.conv.weight``, ``down1.bn.running_mean``.
     >>> pre = nn.ConvBlock(3, 8, order="bn-act-conv")
     >>> pre.bn.num_features, pre.conv.bias is not None
     (3, True)
+    >>> nn.ConvBlock(3, 48, norm="group").bn, nn.ConvBlock(3, 8, norm=None).conv.bias is not None
+    (GroupNorm(24, 48, eps=1e-05, affine=True, bias=True), True)
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from .containers import Sequential
 from .conv import Conv2d
 from .dropout import Dropout
 from .module import Module
-from .normalization import BatchNorm2d
+from .normalization import NORMS, norm_layer
 from .pooling import AvgPool2d, MaxPool2d
 
 __all__ = ["ConvBlock"]
@@ -61,9 +66,14 @@ class ConvBlock(Sequential):
     """A Sequential of conv / bn / act / dropout / pool in the order ``order`` says.
 
     ``order``: the parts joined by ``-``; each of conv, bn, act, dropout, pool
-    at most once, conv required. The conv has no bias when bn follows it
-    directly (bn's shift makes it redundant). bn normalises whatever flows in
-    at its place: ``in_channels`` before the conv, ``out_channels`` after.
+    at most once, conv required. ``norm`` fills the bn part: 'batch'
+    (default), 'group' (GroupNorm with ``nn.group_count(C)`` groups: at most
+    32, at least 2 channels each), 'instance' (InstanceNorm2d with affine),
+    'layer' (GroupNorm(1, C)), a callable ``C -> Module``, or None (no bn
+    part). The conv has no bias when a norm follows it directly (the norm's
+    shift takes its place, as in torchvision and Detectron2). The norm
+    normalises whatever flows in at its place: ``in_channels`` before the
+    conv, ``out_channels`` after.
     ``activation``: 'relu', 'leaky_relu', 'tanh', 'sigmoid', a Module, or
     None (no act). ``dropout``: element-wise drop probability; 0 leaves it
     out. ``pool``: None, 'max' or 'avg' (2x2, stride 2) or a Module. A
@@ -88,6 +98,7 @@ class ConvBlock(Sequential):
         dropout=0.0,
         pool=None,
         stride=1,
+        norm="batch",
     ):
         if not isinstance(order, str):
             raise TypeError(f"order must be a string like 'conv-bn-act', got {type(order).__name__}")
@@ -99,6 +110,8 @@ class ConvBlock(Sequential):
             raise ValueError(f"order {order!r} names a part twice")
         if "conv" not in parts:
             raise ValueError(f"order {order!r} has no 'conv'")
+        if isinstance(norm, str) and norm not in NORMS:
+            raise ValueError(f"unknown norm {norm!r}; expected one of {NORMS}, None, or a callable C -> Module")
         if not 0 <= dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
         if dropout > 0 and "dropout" not in parts:
@@ -110,14 +123,14 @@ class ConvBlock(Sequential):
         channels = in_channels
         for i, part in enumerate(parts):
             if part == "conv":
-                bn_next = i + 1 < len(parts) and parts[i + 1] == "bn"
+                bn_next = norm is not None and i + 1 < len(parts) and parts[i + 1] == "bn"
                 modules["conv"] = Conv2d(
                     in_channels, out_channels, kernel_size, stride=stride, padding=padding,
                     dilation=dilation, bias=not bn_next,
                 )
                 channels = out_channels
-            elif part == "bn":
-                modules["bn"] = BatchNorm2d(channels)
+            elif part == "bn" and norm is not None:
+                modules["bn"] = norm_layer(norm, channels)
             elif part == "act" and activation is not None:
                 modules["act"] = _activation(activation)
             elif part == "dropout" and dropout > 0:

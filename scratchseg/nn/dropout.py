@@ -1,5 +1,5 @@
-"""Dropout layers, as ``torch.nn.Dropout`` and ``torch.nn.Dropout2d``: they call
-``scratchseg.functional.dropout`` / ``dropout2d`` while training and pass the
+"""Dropout layers, as ``torch.nn.Dropout``, ``Dropout2d`` and ``Dropout3d``: they call
+``scratchseg.functional.dropout`` / ``dropout2d`` / ``dropout3d`` while training and pass the
 input through unchanged in evaluation mode.
 """
 
@@ -10,7 +10,7 @@ import numbers
 from .. import functional as F
 from .module import Module
 
-__all__ = ["Dropout", "Dropout2d"]
+__all__ = ["Dropout", "Dropout2d", "Dropout3d"]
 
 
 class _DropoutNd(Module):
@@ -46,3 +46,15 @@ class Dropout2d(_DropoutNd):
         if self.inplace:
             return F.dropout2d(input, self.p, self.training, inplace=True)
         return F.dropout2d(input, self.p, self.training)
+
+
+class Dropout3d(_DropoutNd):
+    """Zero whole channels (volumes) with probability p while training, scale the rest by 1/(1-p).
+
+    Shape: (N, C, D, H, W) -> the same.
+    """
+
+    def forward(self, input):
+        if self.inplace:
+            return F.dropout3d(input, self.p, self.training, inplace=True)
+        return F.dropout3d(input, self.p, self.training)

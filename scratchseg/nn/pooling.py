@@ -1,26 +1,63 @@
-"""Pooling layers, as ``torch.nn.MaxPool2d``, ``AvgPool2d``,
-``AdaptiveAvgPool2d`` and ``MaxUnpool2d``: they keep their window arguments as given (as torch
-does) and call ``scratchseg.functional``'s pooling ops.
+"""Pooling layers, as ``torch.nn.MaxPool2d``, ``AvgPool2d``, ``AdaptiveAvgPool2d``,
+``MaxUnpool2d`` and their volume twins ``MaxPool3d``, ``AvgPool3d`` and
+``AdaptiveAvgPool3d``: they keep their window arguments as given (as torch
+does) and call ``scratchseg.functional``'s pooling ops. The 2-D and 3-D classes
+share a base that takes the number of spatial dimensions and the op.
 """
 
 from __future__ import annotations
 
 from .. import functional as F
-from ..args import pair
+from ..args import ntuple, pair
 from .module import Module
 
-__all__ = ["MaxPool2d", "AvgPool2d", "AdaptiveAvgPool2d", "MaxUnpool2d"]
+__all__ = [
+    "MaxPool2d",
+    "AvgPool2d",
+    "AdaptiveAvgPool2d",
+    "MaxUnpool2d",
+    "MaxPool3d",
+    "AvgPool3d",
+    "AdaptiveAvgPool3d",
+]
 
 
-def _check_window(module, kernel_size, stride, padding):
+def _check_window(module, kernel_size, stride, padding, nd=2):
     """A clear error at construction rather than at the first forward."""
     fn = type(module).__name__
-    pair(kernel_size, "kernel_size", fn, minimum=1)
-    pair(stride, "stride", fn, minimum=1)
-    pair(padding, "padding", fn, minimum=0)
+    ntuple(kernel_size, nd, "kernel_size", fn, minimum=1)
+    ntuple(stride, nd, "stride", fn, minimum=1)
+    ntuple(padding, nd, "padding", fn, minimum=0)
 
 
-class MaxPool2d(Module):
+class _MaxPoolNd(Module):
+    """What ``MaxPool2d`` and ``MaxPool3d`` share; ``_pool`` is the functional op, ``_nd`` its dimensions."""
+
+    def __init__(self, kernel_size, stride=None, padding=0, dilation=1, return_indices=False, ceil_mode=False):
+        super().__init__()
+        self.kernel_size, self.stride = kernel_size, stride if stride is not None else kernel_size
+        self.padding, self.dilation = padding, dilation
+        self.return_indices, self.ceil_mode = bool(return_indices), bool(ceil_mode)
+        _check_window(self, kernel_size, self.stride, padding, self._nd)
+
+    def forward(self, input):
+        extra = {}
+        if self.dilation != 1:
+            extra["dilation"] = self.dilation
+        if self.ceil_mode:
+            extra["ceil_mode"] = True
+        if self.return_indices:
+            extra["return_indices"] = True
+        return self._pool(input, self.kernel_size, self.stride, self.padding, **extra)
+
+    def extra_repr(self):
+        return (
+            f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}, "
+            f"dilation={self.dilation}, ceil_mode={self.ceil_mode}"
+        )
+
+
+class MaxPool2d(_MaxPoolNd):
     """Max over ``kernel_size`` windows (stride defaults to kernel_size).
 
     Shape:
@@ -33,37 +70,27 @@ class MaxPool2d(Module):
         (1, 2, 5, 5)
     """
 
-    def __init__(self, kernel_size, stride=None, padding=0, dilation=1, return_indices=False, ceil_mode=False):
-        super().__init__()
-        self.kernel_size, self.stride = kernel_size, stride if stride is not None else kernel_size
-        self.padding, self.dilation = padding, dilation
-        self.return_indices, self.ceil_mode = bool(return_indices), bool(ceil_mode)
-        _check_window(self, kernel_size, self.stride, padding)
-
-    def forward(self, input):
-        extra = {}
-        if self.dilation != 1:
-            extra["dilation"] = self.dilation
-        if self.ceil_mode:
-            extra["ceil_mode"] = True
-        if self.return_indices:
-            extra["return_indices"] = True
-        return F.max_pool2d(input, self.kernel_size, self.stride, self.padding, **extra)
-
-    def extra_repr(self):
-        return (
-            f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}, "
-            f"dilation={self.dilation}, ceil_mode={self.ceil_mode}"
-        )
+    _nd, _pool = 2, staticmethod(F.max_pool2d)
 
 
-class AvgPool2d(Module):
-    """Mean over ``kernel_size`` windows (stride defaults to kernel_size).
+class MaxPool3d(_MaxPoolNd):
+    """Max over ``kernel_size`` windows of a volume (stride defaults to kernel_size): 3-D U-Net's 2x2x2 pooling.
 
     Shape:
-        (N, C, H, W) -> (N, C, H_out, W_out) with
-        H_out = floor((H + 2*padding[0] - kernel_size[0]) / stride[0] + 1), the same for W.
+        (N, C, D, H, W) -> (N, C, D_out, H_out, W_out) with
+        D_out = floor((D + 2*padding[0] - dilation[0]*(kernel_size[0]-1) - 1) / stride[0] + 1)
+        (ceil instead of floor with ``ceil_mode=True``), and the same for H and W.
+
+        >>> import scratchseg
+        >>> MaxPool3d(2)(scratchseg.zeros(1, 2, 8, 9, 10)).shape
+        (1, 2, 4, 4, 5)
     """
+
+    _nd, _pool = 3, staticmethod(F.max_pool3d)
+
+
+class _AvgPoolNd(Module):
+    """What ``AvgPool2d`` and ``AvgPool3d`` share; ``_pool`` is the functional op, ``_nd`` its dimensions."""
 
     def __init__(
         self, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True, divisor_override=None
@@ -72,7 +99,7 @@ class AvgPool2d(Module):
         self.kernel_size, self.stride = kernel_size, stride if stride is not None else kernel_size
         self.padding, self.ceil_mode = padding, bool(ceil_mode)
         self.count_include_pad, self.divisor_override = bool(count_include_pad), divisor_override
-        _check_window(self, kernel_size, self.stride, padding)
+        _check_window(self, kernel_size, self.stride, padding, self._nd)
 
     def forward(self, input):
         extra = {}
@@ -82,28 +109,72 @@ class AvgPool2d(Module):
             extra["count_include_pad"] = False
         if self.divisor_override is not None:
             extra["divisor_override"] = self.divisor_override
-        return F.avg_pool2d(input, self.kernel_size, self.stride, self.padding, **extra)
+        return self._pool(input, self.kernel_size, self.stride, self.padding, **extra)
 
     def extra_repr(self):
         return f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}"
 
 
-class AdaptiveAvgPool2d(Module):
+class AvgPool2d(_AvgPoolNd):
+    """Mean over ``kernel_size`` windows (stride defaults to kernel_size).
+
+    Shape:
+        (N, C, H, W) -> (N, C, H_out, W_out) with
+        H_out = floor((H + 2*padding[0] - kernel_size[0]) / stride[0] + 1), the same for W.
+    """
+
+    _nd, _pool = 2, staticmethod(F.avg_pool2d)
+
+
+class AvgPool3d(_AvgPoolNd):
+    """Mean over ``kernel_size`` windows of a volume (stride defaults to kernel_size).
+
+    Shape:
+        (N, C, D, H, W) -> (N, C, D_out, H_out, W_out) with
+        D_out = floor((D + 2*padding[0] - kernel_size[0]) / stride[0] + 1), the same for H and W.
+
+        >>> import scratchseg
+        >>> AvgPool3d((1, 2, 2))(scratchseg.zeros(1, 2, 3, 8, 9)).shape
+        (1, 2, 3, 4, 4)
+    """
+
+    _nd, _pool = 3, staticmethod(F.avg_pool3d)
+
+
+class _AdaptiveAvgPoolNd(Module):
+    def __init__(self, output_size):
+        super().__init__()
+        self.output_size = output_size
+
+    def forward(self, input):
+        return self._pool(input, self.output_size)
+
+    def extra_repr(self):
+        return f"output_size={self.output_size}"
+
+
+class AdaptiveAvgPool2d(_AdaptiveAvgPoolNd):
     """Mean over windows chosen so the output is ``output_size`` (an int, a pair, ``None`` keeps a side).
 
     Shape: (N, C, H, W) -> (N, C, *output_size). Window i covers
     [floor(i*H/H_out), ceil((i+1)*H/H_out)).
     """
 
-    def __init__(self, output_size):
-        super().__init__()
-        self.output_size = output_size
+    _pool = staticmethod(F.adaptive_avg_pool2d)
 
-    def forward(self, input):
-        return F.adaptive_avg_pool2d(input, self.output_size)
 
-    def extra_repr(self):
-        return f"output_size={self.output_size}"
+class AdaptiveAvgPool3d(_AdaptiveAvgPoolNd):
+    """Mean over windows chosen so the output is ``output_size`` (an int, a triple, ``None`` keeps a side).
+
+    Shape: (N, C, D, H, W) -> (N, C, *output_size). Window i covers
+    [floor(i*D/D_out), ceil((i+1)*D/D_out)), and likewise along H and W.
+
+        >>> import scratchseg
+        >>> AdaptiveAvgPool3d((1, None, 2))(scratchseg.zeros(1, 2, 3, 5, 9)).shape
+        (1, 2, 1, 5, 2)
+    """
+
+    _pool = staticmethod(F.adaptive_avg_pool3d)
 
 
 class MaxUnpool2d(Module):
