@@ -5,6 +5,8 @@
     scratchseg train --resume runs/latest # continue a stopped run exactly
     scratchseg eval runs/latest --split test
     scratchseg predict runs/latest photo.png more/ --out predictions/
+    scratchseg train --data shapes3d --model unet3d   # volumes: a 3-D U-Net on synthetic volumes
+    scratchseg predict runs/latest scan.nii.gz        # -> scan_pred.nii.gz and scan_slices.png
     scratchseg models | datasets | gradcheck [--backend cupy]
 
 Every subcommand takes ``--backend numpy|cupy``, ``--kernels numba|numpy``
@@ -76,8 +78,10 @@ def build_parser():
 
     t = sub.add_parser("train", help="train a model (no arguments: small U-Net on shapes)")
     _common(t)
-    t.add_argument("--data", default="shapes", help="shapes[:key=value,...] | folder:PATH | voc:PATH")
-    t.add_argument("--model", default=None, help="model name (see `scratchseg models`); default unet")
+    t.add_argument("--data", default="shapes", help="shapes[:key=value,...] | folder:PATH | voc:PATH | "
+                   "shapes3d[:key=value,...] | volumes:PATH")
+    t.add_argument("--model", default=None, help="model name (see `scratchseg models`); default unet "
+                   "(unet3d for volumes)")
     t.add_argument("--model-option", action="append", metavar="KEY=VALUE", help="model option, repeatable")
     t.add_argument("--epochs", type=int)
     t.add_argument("--batch-size", type=int)
@@ -100,10 +104,10 @@ def build_parser():
     t.add_argument("--num-classes", type=int, help="number of classes when the folder has no classes.txt")
     t.add_argument("--val-split", help="hold out training samples: stems/ranges '24-29' or a fraction '0.2'")
     t.add_argument("--resize", help="resize every image: HxW, N, or a factor such as 0.5")
-    t.add_argument("--crop", help="random training crop: N or HxW")
+    t.add_argument("--crop", help="random training crop: N or HxW (volumes: N or DxHxW)")
     t.add_argument("--scale", help="random scale range for training, e.g. 0.5,2.0")
     t.add_argument("--hflip", action=argparse.BooleanOptionalAction, default=None,
-                   help="random horizontal flips (on by default)")
+                   help="random horizontal flips, volumes flipped along all three axes (on by default)")
     t.add_argument("--out", help="folder for runs (default runs/)")
     t.add_argument("--name", help="run folder name (default: time-model-data)")
     t.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last.npz")
@@ -129,7 +133,8 @@ def build_parser():
     e.add_argument("--batch-size", type=int, default=4)
     e.add_argument("--json", metavar="FILE", help="also write the scores as JSON")
 
-    pr = sub.add_parser("predict", help="colour masks and overlays for image files or folders")
+    pr = sub.add_parser("predict", help="colour masks and overlays for image files or folders (volumes: "
+                        "predicted volumes in the input's format and pictures of three slices)")
     _common(pr)
     pr.add_argument("paths", nargs="+", metavar="[CHECKPOINT] INPUT",
                     help="run folder or checkpoint file (unless --checkpoint is given), then image files and/or folders")
@@ -181,6 +186,7 @@ def _setup(args):
 
 def _train_config(args):
     from .training import TrainConfig
+    from .training.config import VOLUME_DEFAULTS
 
     cfg = TrainConfig()
     if args.data:
@@ -188,6 +194,11 @@ def _train_config(args):
     if args.model:
         cfg.model = args.model
         cfg.model_options = {}  # the default options belong to the default model
+    elif cfg.data.split(":")[0].strip().lower() in ("shapes3d", "volumes"):
+        cfg.model, cfg.model_options = "unet3d", {}  # volumes: the 3-D U-Net at its defaults
+    if cfg.data.split(":")[0].strip().lower() in ("shapes3d", "volumes"):
+        for key, value in VOLUME_DEFAULTS.items():  # smaller batches, more epochs; options given override them
+            setattr(cfg, key, value)
     if args.model_option:
         cfg.model_options = dict(cfg.model_options, **_parse_options(args.model_option))
     simple = ["epochs", "batch_size", "optimizer", "lr", "momentum", "weight_decay", "schedule", "power",
@@ -257,7 +268,7 @@ def _cmd_eval(args):
     model, meta = load_model(path)
     if args.data:
         task = make_task(args.data, label_map=args.label_map, ignore_index=args.ignore_index,
-                         num_classes=meta["num_classes"] if args.data.startswith("folder:") else None,
+                         num_classes=meta["num_classes"] if args.data.startswith(("folder:", "volumes:")) else None,
                          val_split=args.val_split)
         if task.num_classes != meta["num_classes"] or task.in_channels != meta["in_channels"]:
             raise ValueError(f"{args.data} has {task.num_classes} classes and {task.in_channels} channels, but the "
@@ -291,6 +302,8 @@ def _cmd_predict(args):
                          "e.g. `scratchseg predict runs/latest photo.png`")
     path = resolve_checkpoint(checkpoint)
     model, meta = load_model(path)
+    if (meta.get("task_spec") or {}).get("kind") in ("shapes3d", "volumes"):  # trained on volumes
+        return _predict_volumes(model, meta, paths, args.out)
     files = _image_files(paths)
     colors = [tuple(c) for c in meta["colors"]]
     os.makedirs(args.out, exist_ok=True)
@@ -308,17 +321,39 @@ def _cmd_predict(args):
     return 0
 
 
-def _image_files(paths):
-    from .data.folder import IMAGE_EXTENSIONS
+def _predict_volumes(model, meta, paths, out):
+    """Predict volume files: ``<stem>_pred.<the input's format>`` and ``<stem>_slices.png`` for each."""
+    from .data.folder import split_extension
+    from .data.volumes import VOLUME_EXTENSIONS, read_volume, write_volume
+    from .training import parse_resize, predict_array
+    from .viz import save_png, volume_panel
+
+    files = _image_files(paths, VOLUME_EXTENSIONS, "volumes")
+    colors = [tuple(c) for c in meta["colors"]]
+    for f in files:
+        volume = read_volume(f, meta["in_channels"])
+        pred = predict_array(model, volume, meta["mean"], meta["std"], parse_resize(meta.get("resize")))
+        stem, ext = split_extension(os.path.basename(f), VOLUME_EXTENSIONS)
+        write_volume(os.path.join(out, f"{stem}_pred{ext}"), pred, like=f)
+        save_png(os.path.join(out, f"{stem}_slices.png"), volume_panel(volume, pred, colors))
+        counts = {meta["class_names"][k]: int((pred == k).sum()) for k in range(len(colors)) if (pred == k).any()}
+        print(f"{f}: " + ", ".join(f"{n} {100 * c / pred.size:.1f}%" for n, c in counts.items()))
+    print(f"wrote {len(files)} x (_pred volume in the input's format, _slices.png) to {out}")
+    return 0
+
+
+def _image_files(paths, extensions=None, what="images"):
+    from .data.folder import IMAGE_EXTENSIONS, split_extension
     from .data.task import DataError, natural_key
 
+    extensions = extensions or IMAGE_EXTENSIONS
     files = []
     for item in paths:
         if os.path.isdir(item):
             found = [os.path.join(item, f) for f in sorted(os.listdir(item), key=natural_key)
-                     if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS]
+                     if split_extension(f, extensions)[1]]
             if not found:
-                raise DataError(f"folder {item} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+                raise DataError(f"folder {item} holds no {what} ({', '.join(extensions)})")
             files.extend(found)
         elif os.path.isfile(item):
             files.append(item)
@@ -376,7 +411,7 @@ def _cmd_models(args):
     from . import models
 
     print(f"{'model':<16} {'parameters':>12}   (num_classes={args.num_classes}, in_channels={args.in_channels}, "
-          "default options)")
+          "default options; unet3d takes volumes)")
     for name in models.available():
         try:
             model = models.create(name, num_classes=args.num_classes, in_channels=args.in_channels)
@@ -401,6 +436,10 @@ def _cmd_datasets(args):
     for name, ds in task.splits.items():
         if len(ds):
             image = ds[0][0]
+            if image.ndim == 4:  # a volume (D, H, W, C)
+                print(f"  {name}: {len(ds)} volumes, first {ds.names[0]} is {'x'.join(map(str, image.shape[:3]))} "
+                      f"(DxHxW) with {image.shape[3]} channel(s)")
+                continue
             print(f"  {name}: {len(ds)} images, first {ds.names[0]} is {image.shape[1]}x{image.shape[0]} "
                   f"with {image.shape[2]} channel(s)")
     return 0

@@ -1,4 +1,4 @@
-"""Pictures with Pillow only: colour masks, overlays, and training curves.
+"""Pictures with Pillow only: colour masks, overlays, three orthogonal slices of a volume, and training curves.
 
     >>> import numpy as np
     >>> colorize(np.array([[0, 1], [2, 255]]), [(0, 0, 0), (255, 0, 0), (0, 255, 0)], ignore_index=255)[..., 0]
@@ -15,7 +15,8 @@ import numpy
 
 from .backend import asnumpy
 
-__all__ = ["colorize", "overlay", "save_png", "plot_curves", "IGNORE_COLOR"]
+__all__ = ["colorize", "overlay", "save_png", "plot_curves", "IGNORE_COLOR", "display_uint8", "orthogonal_slices",
+           "volume_panel"]
 
 IGNORE_COLOR = (255, 255, 255)
 
@@ -59,6 +60,53 @@ def panel(pictures, min_height=128, gap=4):
     for p in big[1:]:
         row += [white, p]
     return numpy.concatenate(row, axis=1)  # (H*f, sum of widths + gaps, 3)
+
+
+def display_uint8(image):
+    """An image or volume as uint8 for display: uint8 as it is; any other type stretched from its
+    0.5th to its 99.5th percentile to 0..255 (CT numbers, MRI intensities, float predictions)."""
+    image = asnumpy(image)
+    if image.dtype == numpy.uint8:
+        return image
+    lo, hi = numpy.percentile(image, [0.5, 99.5])
+    scaled = (image.astype(numpy.float64) - lo) / max(hi - lo, 1e-12)
+    return (numpy.clip(scaled, 0, 1) * 255 + 0.5).astype(numpy.uint8)
+
+
+def orthogonal_slices(volume, centre):
+    """The three slices of ``volume`` (D, H, W, ...) through voxel ``centre`` = (d, h, w):
+    axial (H, W), coronal (D, W) and sagittal (D, H), each keeping any trailing channel axis."""
+    d, h, w = (int(c) for c in centre)
+    return [volume[d], volume[:, h], volume[:, :, w]]
+
+
+def _centre(labels):
+    """The voxel the slices go through: the middle of the labelled (non-background) voxels, else the centre."""
+    found = numpy.argwhere(labels > 0) if labels is not None else numpy.zeros((0, 3))
+    if len(found):
+        return tuple(int(v) for v in numpy.median(found, axis=0))
+    return tuple(n // 2 for n in labels.shape)
+
+
+def volume_panel(volume, pred, colors, truth=None, ignore_index=None, min_height=128):
+    """One picture of a volume's prediction: a row per orthogonal slice (axial, coronal, sagittal)
+    through the middle of the objects, each ``image | truth | prediction | overlay`` (no truth: three).
+
+    ``volume`` (D, H, W, C) (C = 1 or 3; any dtype, see ``display_uint8``), ``pred`` and ``truth`` (D, H, W).
+    """
+    volume = display_uint8(volume)
+    pred = asnumpy(pred)
+    centre = _centre(truth if truth is not None else pred)
+    rows = []
+    for k, (img, p) in enumerate(zip(orthogonal_slices(volume, centre), orthogonal_slices(pred, centre))):
+        colour = colorize(p, colors)
+        pictures = [img, colour, overlay(img, colour)]
+        if truth is not None:
+            pictures.insert(1, colorize(orthogonal_slices(asnumpy(truth), centre)[k], colors, ignore_index))
+        rows.append(panel(pictures, min_height=min_height))
+    width = max(r.shape[1] for r in rows)
+    rows = [numpy.pad(r, ((0, 4), (0, width - r.shape[1]), (0, 0)), constant_values=255) for r in rows]
+    return numpy.concatenate(rows, axis=0)  # (rows stacked, width, 3)
 
 
 def save_png(path, array):

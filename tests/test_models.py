@@ -61,7 +61,7 @@ def images(shape, seed=1, dtype=np.float64):
 
 # ------------------------------------------------------------------ registry
 def test_available_lists_every_name():
-    assert models.available() == sorted(NAMES)
+    assert models.available() == sorted(NAMES + ["unet3d"])  # unet3d takes volumes: tests/test_unet3d.py
 
 
 def test_create_rejects_unknown_names_and_options():

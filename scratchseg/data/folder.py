@@ -21,6 +21,9 @@ without ``val_split`` the last 10 % of ``train`` are held out, and a note says s
 
 Every image and mask is decoded once and kept in memory (the data sets this
 is meant for are small). Bad data raise ``DataError`` naming the file.
+
+The same layout holds volumes (``volumes:PATH``, ``scratchseg.data.volumes``):
+``make_task`` takes the file ``kind`` it reads, images or volumes.
 """
 
 from __future__ import annotations
@@ -31,8 +34,8 @@ import numpy
 
 from .task import ArrayDataset, DataError, Task, natural_key, pixel_stats
 
-__all__ = ["IMAGE_EXTENSIONS", "parse_label_map", "parse_val_split", "read_image", "read_mask",
-           "read_classes", "make_task"]
+__all__ = ["IMAGE_EXTENSIONS", "FileKind", "IMAGES", "parse_label_map", "parse_val_split", "read_image", "read_mask",
+           "read_classes", "split_extension", "make_task"]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".ppm", ".pgm")
 SPLITS = ("train", "val", "test")
@@ -178,12 +181,24 @@ def read_classes(path):
     return names, (colors if all(c is not None for c in colors) else None)
 
 
-def _list_stems(folder):
+def split_extension(name, extensions):
+    """``(stem, extension)`` with the longest of ``extensions`` that ends ``name`` (``.nii.gz`` before ``.gz``).
+
+    >>> split_extension("case_01.nii.gz", (".nii", ".nii.gz")), split_extension("a.txt", (".png",))
+    (('case_01', '.nii.gz'), ('a.txt', ''))
+    """
+    for ext in sorted(extensions, key=len, reverse=True):
+        if name.lower().endswith(ext):
+            return name[: -len(ext)], ext
+    return name, ""
+
+
+def _list_stems(folder, extensions=IMAGE_EXTENSIONS):
     """{stem: file path} of the image files in ``folder``."""
     out = {}
     for entry in sorted(os.listdir(folder)):
-        stem, ext = os.path.splitext(entry)
-        if ext.lower() in IMAGE_EXTENSIONS and not entry.startswith("."):
+        stem, ext = split_extension(entry, extensions)
+        if ext and not entry.startswith("."):
             if stem in out:
                 raise DataError(f"two files share the stem {stem!r} in {folder}: "
                                 f"{os.path.basename(out[stem])} and {entry}")
@@ -191,25 +206,26 @@ def _list_stems(folder):
     return out
 
 
-def _scan(root):
+def _scan(root, kind):
     """{split: (image paths by stem, mask paths by stem or None)} with pairing checks."""
+    layout, extensions = kind.layout, kind.extensions
     if not os.path.isdir(root):
-        raise DataError(f"dataset folder {root} does not exist; expected the layout {_LAYOUT}")
+        raise DataError(f"dataset folder {root} does not exist; expected the layout {layout}")
     found = {}
     for split in SPLITS:
         img_dir = os.path.join(root, split, "images")
         mask_dir = os.path.join(root, split, "masks")
         if not os.path.isdir(img_dir):
             if os.path.isdir(mask_dir):
-                raise DataError(f"{mask_dir} exists but {img_dir} does not; expected the layout {_LAYOUT}")
+                raise DataError(f"{mask_dir} exists but {img_dir} does not; expected the layout {layout}")
             continue
-        images = _list_stems(img_dir)
+        images = _list_stems(img_dir, extensions)
         if not images:
-            raise DataError(f"{img_dir} holds no image files ({', '.join(IMAGE_EXTENSIONS)}); "
-                            f"expected the layout {_LAYOUT}")
+            raise DataError(f"{img_dir} holds no image files ({', '.join(extensions)}); "
+                            f"expected the layout {layout}")
         masks = None
         if os.path.isdir(mask_dir):
-            masks = _list_stems(mask_dir)
+            masks = _list_stems(mask_dir, extensions)
             lonely = sorted(set(images) - set(masks), key=natural_key)
             extra = sorted(set(masks) - set(images), key=natural_key)
             if lonely:
@@ -220,10 +236,10 @@ def _scan(root):
                                 f"{img_dir}: {', '.join(extra[:5])}" + (" ..." if len(extra) > 5 else ""))
         found[split] = (images, masks)
     if "train" not in found:
-        raise DataError(f"no training images found under {root}; expected the layout {_LAYOUT}")
+        raise DataError(f"no training images found under {root}; expected the layout {layout}")
     if found["train"][1] is None:
         raise DataError(f"{os.path.join(root, 'train', 'masks')} is missing: training needs masks; "
-                        f"expected the layout {_LAYOUT}")
+                        f"expected the layout {layout}")
     return found
 
 
@@ -239,14 +255,25 @@ def _apply_label_map(raw, label_map, ignore_index, path):
     return lut_vals[numpy.searchsorted(lut_keys, raw)]
 
 
+class FileKind:
+    """What a folder dataset holds: the file extensions, the two readers, the layout its messages quote."""
+
+    def __init__(self, name, extensions, read_image, read_mask, layout):
+        self.name, self.extensions, self.layout = name, tuple(extensions), layout
+        self.read_image, self.read_mask = read_image, read_mask
+
+
+IMAGES = FileKind("folder", IMAGE_EXTENSIONS, read_image, read_mask, _LAYOUT)
+
+
 def make_task(path, label_map=None, ignore_index=None, num_classes=None, val_split=None, channels=None,
-              name=None):
+              name=None, kind=IMAGES):
     """The Task for ``folder:PATH`` (see the module docstring for the layout and options)."""
     root = os.path.abspath(os.path.expanduser(str(path)))
     label_map = parse_label_map(label_map)
     if label_map and any(v == "ignore" for v in label_map.values()) and ignore_index is None:
         ignore_index = 255
-    found = _scan(root)
+    found = _scan(root, kind)
     notes = []
 
     # -- class names
@@ -264,14 +291,17 @@ def make_task(path, label_map=None, ignore_index=None, num_classes=None, val_spl
         stems = sorted(images, key=natural_key)
         imgs, msks = [], []
         for stem in stems:
-            img = read_image(images[stem], channels)
-            channels = img.shape[2]  # the first image fixes the channel count for all
+            img = kind.read_image(images[stem], channels)
+            channels = img.shape[-1]  # the first image fixes the channel count for all
             imgs.append(img)
             if masks is not None:
-                raw = read_mask(masks[stem])
-                if raw.shape != img.shape[:2]:
+                raw = kind.read_mask(masks[stem])
+                if raw.shape != img.shape[:-1] and img.ndim == 3:
                     raise DataError(f"image {images[stem]} is {img.shape[1]}x{img.shape[0]} (WxH) but its mask "
                                     f"{masks[stem]} is {raw.shape[1]}x{raw.shape[0]}")
+                if raw.shape != img.shape[:-1]:
+                    raise DataError(f"volume {images[stem]} has shape {img.shape[:-1]} but its mask "
+                                    f"{masks[stem]} has shape {raw.shape}")
                 if label_map:
                     raw = _apply_label_map(raw, label_map, ignore_index, masks[stem])
                 msks.append(raw)
@@ -342,10 +372,10 @@ def make_task(path, label_map=None, ignore_index=None, num_classes=None, val_spl
         notes.append(f"no val/ folder with masks in {root}: holding out the last training samples "
                      f"{', '.join(splits['val'].names)} (choose with --val-split)")
     mean, std = pixel_stats(splits["train"])
-    return Task(name=name or f"folder:{os.path.basename(root)}", splits=splits, class_names=class_names,
+    return Task(name=name or f"{kind.name}:{os.path.basename(root)}", splits=splits, class_names=class_names,
                 colors=colors, ignore_index=ignore_index, in_channels=int(channels), mean=mean, std=std,
                 notes=notes,
-                spec={"kind": "folder", "path": root,
+                spec={"kind": kind.name, "path": root,
                       "label_map": {str(k): v for k, v in label_map.items()} if label_map else None,
                       "ignore_index": ignore_index, "num_classes": K, "val_split": val_split,
                       "channels": int(channels)})

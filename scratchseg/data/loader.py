@@ -26,7 +26,8 @@ __all__ = ["Loader"]
 
 
 class Loader:
-    """Iterate ``dataset`` in batches: ``(images (N, C, H, W) float, masks (N, H, W) int64 or None, indices)``."""
+    """Iterate ``dataset`` in batches: ``(images (N, C, H, W) float, masks (N, H, W) int64 or None, indices)``
+    (volumes: ``(N, C, D, H, W)`` and ``(N, D, H, W)``)."""
 
     def __init__(self, dataset, batch_size=8, shuffle=False, seed=0, transform=None, drop_last=False,
                  mean=None, std=None, dtype=None):
@@ -72,13 +73,14 @@ class Loader:
         return numpy.random.default_rng([self.seed, int(epoch)]).permutation(n)
 
     def sample(self, index, epoch=0):
-        """Sample ``index`` as it is served in ``epoch``: (C, H, W) float32 and (H, W) int64 or None."""
+        """Sample ``index`` as it is served in ``epoch``: (C, H, W) float32 and (H, W) int64 or None
+        (a volume: (C, D, H, W) and (D, H, W))."""
         image, mask = self.dataset[int(index)]
         if self.transform is not None:
             rng = numpy.random.default_rng([self.seed, int(epoch), int(index)])
             image, mask = self.transform(image, mask, rng)
         image, mask = self.normalize(image, mask)
-        return numpy.ascontiguousarray(image.transpose(2, 0, 1)), mask  # (H, W, C) -> (C, H, W)
+        return numpy.ascontiguousarray(numpy.moveaxis(image, -1, 0)), mask  # (H, W, C) -> (C, H, W), or 3-D
 
     def batches(self, epoch=0, start=0):
         """Yield the batches of ``epoch`` beginning with batch number ``start``."""
@@ -95,7 +97,7 @@ class Loader:
                 names = [getattr(self.dataset, "names", [str(i) for i in range(len(self.dataset))])[i] for i in idx]
                 raise DataError(f"images of one batch differ in size ({', '.join(names[:4])}: "
                                 f"{sorted(s[1:] for s in shapes)}); use --crop or --resize, or --batch-size 1")
-            images = numpy.stack([s[0] for s in samples]).astype(dtype, copy=False)  # (N, C, H, W)
+            images = numpy.stack([s[0] for s in samples]).astype(dtype, copy=False)  # (N, C, H, W) or (N, C, D, H, W)
             masks = None
             if all(s[1] is not None for s in samples):
                 masks = numpy.stack([s[1] for s in samples]).astype(numpy.int64, copy=False)  # (N, H, W)

@@ -3,8 +3,10 @@
 Datasets here are plain sequences of samples ``(image, mask)`` kept on the
 host as NumPy arrays: ``image`` is ``(H, W, C)`` uint8 (what image files hold),
 ``mask`` is ``(H, W)`` int64 class indices, or ``None`` for a split without
-labels (a test set that was never annotated). Transforms, batching and the
-move to the device happen in ``scratchseg.data.loader``.
+labels (a test set that was never annotated). Volumes have one axis more:
+``(D, H, W, C)`` (uint8, or float32 as their files store them) and
+``(D, H, W)``. Transforms, batching and the move to the device happen in
+``scratchseg.data.loader``.
 """
 
 from __future__ import annotations
@@ -115,6 +117,14 @@ class Task:
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+    @property
+    def spatial_dims(self) -> int:
+        """2 for images ``(H, W, C)``, 3 for volumes ``(D, H, W, C)`` (read from the first sample)."""
+        for dataset in self.splits.values():
+            if dataset is not None and len(dataset):
+                return numpy.ndim(dataset[0][0]) - 1
+        return 2
 
     @property
     def loss_ignore_index(self) -> int:

@@ -1,7 +1,8 @@
 """Transforms applied to one sample ``(image, mask)`` on the host.
 
 ``image`` is (H, W, C) uint8 (float32 after ``Normalize``), ``mask`` is
-(H, W) int64 or ``None``. Every random transform takes the generator it draws
+(H, W) int64 or ``None``; a volume has one axis more, (D, H, W, C) and
+(D, H, W), and the crops, flips and mask helpers take both. Every random transform takes the generator it draws
 from, so the loader can give each sample of each epoch its own seeded
 generator: the same seed gives the same augmented batches, also after a resume.
 
@@ -22,29 +23,39 @@ import numpy
 
 from ..backend import get_array_module
 
-__all__ = ["Compose", "Resize", "ResizeImage", "RandomScale", "RandomCrop", "RandomHorizontalFlip", "Normalize",
-           "resize_image", "resize_mask", "center_crop_mask", "parse_size"]
+__all__ = ["Compose", "Resize", "ResizeImage", "RandomScale", "RandomCrop", "RandomHorizontalFlip", "RandomFlip3d",
+           "Normalize", "resize_image", "resize_mask", "center_crop_mask", "parse_size"]
 
 
-def parse_size(value):
-    """``64`` / ``"64"`` -> (64, 64); ``"96x128"`` -> (96, 128) as (H, W); ``None`` stays ``None``."""
+def parse_size(value, dims=2):
+    """``64`` / ``"64"`` -> (64, 64); ``"96x128"`` -> (96, 128) as (H, W); ``None`` stays ``None``.
+
+    With ``dims=3`` a single number is a cube; ``"16x32x32"`` is (D, H, W) whatever ``dims`` says.
+
+    >>> parse_size("96x128"), parse_size(24, dims=3), parse_size("16x32x32")
+    ((96, 128), (24, 24, 24), (16, 32, 32))
+    """
     if value is None:
         return None
-    if isinstance(value, (tuple, list)):
-        h, w = (int(v) for v in value)
-    else:
-        text = str(value).lower().strip()
-        h, _, w = text.partition("x")
-        h, w = int(h), int(w or h)
-    if h < 1 or w < 1:
-        raise ValueError(f"a size must be positive, got {value!r}")
-    return h, w
+    parts = list(value) if isinstance(value, (tuple, list)) else str(value).lower().strip().split("x")
+    try:
+        size = tuple(int(v) for v in parts)
+    except ValueError:
+        raise ValueError(f"a size must be N, HxW or DxHxW, got {value!r}") from None
+    if len(size) == 1:
+        size = size * dims
+    if len(size) not in (2, 3) or min(size) < 1:
+        raise ValueError(f"a size must be positive, N, HxW or DxHxW, got {value!r}")
+    return size
 
 
 def resize_image(image, size):
     """Bilinear (antialiased when shrinking) resize of (H, W, C) uint8 to ``size`` = (H', W')."""
     from PIL import Image
 
+    if image.ndim != 3:
+        raise ValueError(f"resizing takes images (H, W, C), got an array of shape {image.shape} (volumes are "
+                         "not resized: crop them with --crop)")
     h, w = size
     if image.shape[:2] == (h, w):
         return image
@@ -57,27 +68,33 @@ def resize_mask(mask, size):
     """Nearest-neighbour resize of label maps (..., H, W) to ``size`` = (H', W'), on their backend.
 
     One (H, W) mask or a batch (N, H, W) of masks or predicted labels, NumPy or
-    CuPy. Output pixel ``i`` takes source pixel ``floor((i + 0.5) * H / H')``.
+    CuPy; with ``size`` = (D', H', W') the last three axes of volumes. Output
+    pixel ``i`` takes source pixel ``floor((i + 0.5) * H / H')``.
+
+    >>> resize_mask(numpy.arange(8).reshape(2, 2, 2), (4, 2, 1))[:, :, 0].tolist()
+    [[1, 3], [1, 3], [5, 7], [5, 7]]
     """
-    h, w = size
-    if mask is None or mask.shape[-2:] == (h, w):
+    size = tuple(int(s) for s in size)
+    k = len(size)
+    if mask is None or tuple(mask.shape[-k:]) == size:
         return mask
-    rows = ((numpy.arange(h) + 0.5) * mask.shape[-2] / h).astype(numpy.int64)  # source row of each output row
-    cols = ((numpy.arange(w) + 0.5) * mask.shape[-1] / w).astype(numpy.int64)
-    if not isinstance(mask, numpy.ndarray):  # a CuPy array takes indices on its own device
-        xp = get_array_module(mask)
-        rows, cols = xp.asarray(rows), xp.asarray(cols)
-    return mask[..., rows[:, None], cols[None, :]]  # (..., H', W')
+    xp = get_array_module(mask)  # a CuPy array takes indices on its own device
+    index = []
+    for axis, n in enumerate(size):  # source index of each output index, shaped to broadcast along its axis
+        source = ((numpy.arange(n) + 0.5) * mask.shape[mask.ndim - k + axis] / n).astype(numpy.int64)
+        index.append(xp.asarray(source.reshape((-1,) + (1,) * (k - 1 - axis))))
+    return mask[(Ellipsis, *index)]  # (..., *size)
 
 
 def center_crop_mask(masks, size):
-    """The central ``size`` = (h, w) window of label maps (..., H, W): the map a valid-convolution model predicts."""
-    H, W = masks.shape[-2:]
-    h, w = size
-    if (H, W) == (h, w):
+    """The central ``size`` = (h, w) window of label maps (..., H, W): the map a valid-convolution model predicts
+    (``size`` = (d, h, w): the last three axes)."""
+    size = tuple(int(s) for s in size)
+    have = tuple(masks.shape[-len(size):])
+    if have == size:
         return masks
-    top, left = (H - h) // 2, (W - w) // 2
-    return masks[..., top:top + h, left:left + w]  # (..., h, w)
+    window = tuple(slice((n - s) // 2, (n - s) // 2 + s) for n, s in zip(have, size))
+    return masks[(Ellipsis, *window)]  # (..., *size)
 
 
 class Compose:
@@ -141,26 +158,30 @@ class RandomScale:
 
 
 class RandomCrop:
-    """A random (H, W) window; smaller inputs are padded (image with 0, mask with ``ignore_index``)."""
+    """A random (H, W) window of an image, or (D, H, W) window of a volume; smaller inputs are padded at the
+    end of each axis (image with 0, mask with ``ignore_index``). A single number is a square or a cube."""
 
     def __init__(self, size, ignore_index=-100):
+        self.spec = size
         self.size = parse_size(size)
         self.ignore_index = ignore_index
 
     def __call__(self, image, mask, rng):
-        h, w = self.size
-        H, W = image.shape[:2]
-        if H < h or W < w:  # pad bottom/right so a full window exists
-            ph, pw = max(h - H, 0), max(w - W, 0)
-            image = numpy.pad(image, ((0, ph), (0, pw), (0, 0)))
+        dims = image.ndim - 1  # spatial axes: 2 for (H, W, C), 3 for (D, H, W, C)
+        size = parse_size(self.spec, dims)
+        if len(size) != dims:
+            raise ValueError(f"crop size {'x'.join(map(str, size))} does not fit an input with {dims} spatial axes "
+                             f"(shape {image.shape})")
+        have = image.shape[:-1]
+        short = [max(s - n, 0) for s, n in zip(size, have)]
+        if any(short):  # pad at the end so a full window exists
+            image = numpy.pad(image, [(0, p) for p in short] + [(0, 0)])
             if mask is not None:
-                mask = numpy.pad(mask, ((0, ph), (0, pw)), constant_values=self.ignore_index)
-            H, W = image.shape[:2]
-        top = int(rng.integers(0, H - h + 1))
-        left = int(rng.integers(0, W - w + 1))
-        image = image[top:top + h, left:left + w]
-        mask = mask[top:top + h, left:left + w] if mask is not None else None
-        return image, mask
+                mask = numpy.pad(mask, [(0, p) for p in short], constant_values=self.ignore_index)
+            have = image.shape[:-1]
+        starts = [int(rng.integers(0, n - s + 1)) for n, s in zip(have, size)]
+        window = tuple(slice(a, a + s) for a, s in zip(starts, size))
+        return image[window], (mask[window] if mask is not None else None)
 
     def __repr__(self):
         return f"RandomCrop({self.size})"
@@ -172,12 +193,29 @@ class RandomHorizontalFlip:
 
     def __call__(self, image, mask, rng):
         if rng.uniform() < self.p:
-            image = image[:, ::-1]
-            mask = mask[:, ::-1] if mask is not None else None
+            image = image[..., ::-1, :]  # the W axis of (H, W, C) or (D, H, W, C)
+            mask = mask[..., ::-1] if mask is not None else None
         return image, mask
 
     def __repr__(self):
         return f"RandomHorizontalFlip({self.p})"
+
+
+class RandomFlip3d:
+    """Flip a volume (D, H, W, C) along each of D, H and W, each with probability ``p`` (8 mirror images)."""
+
+    def __init__(self, p=0.5):
+        self.p = float(p)
+
+    def __call__(self, image, mask, rng):
+        for axis in range(3):
+            if rng.uniform() < self.p:
+                image = numpy.flip(image, axis)
+                mask = numpy.flip(mask, axis) if mask is not None else None
+        return image, mask
+
+    def __repr__(self):
+        return f"RandomFlip3d({self.p})"
 
 
 class Normalize:

@@ -3,7 +3,8 @@
 ``create(name, num_classes=..., in_channels=3, **options)`` builds one;
 ``available()`` lists the names. Every network maps ``(N, in_channels, H, W)``
 to class scores ``(N, num_classes, H, W)`` for any ``H, W`` (the original
-U-Net on a valid tile gives the paper's smaller map: 572 -> 388).
+U-Net on a valid tile gives the paper's smaller map: 572 -> 388); ``unet3d``
+maps volumes ``(N, in_channels, D, H, W)`` to ``(N, num_classes, D, H, W)``.
 
 =================  ==========================================  =====================================
 name               model (file)                                full size of the paper
@@ -13,6 +14,7 @@ name               model (file)                                full size of the 
 ``fcn8s``          FCN-8s, pool4 + pool3 skips                 ``width=1.0`` (134,489,759 params, 21 classes)
 ``unet``           U-Net, padded, batchnorm (``unet.py``)      ``base=64``
 ``unet_original``  U-Net, Ronneberger et al. 2015, valid convs ``base=64`` (31,030,658 params, 1 in, 2 classes)
+``unet3d``         3-D U-Net, Çiçek et al. (``unet3d.py``)    ``base=32`` (19,069,955 params, 3 in, 3 classes)
 ``deeplabv1``      DeepLab-LargeFOV on VGG16 (``deeplab.py``)  ``width=1.0``
 ``deeplabv2``      DeepLab v2, ASPP summed, output stride 8    ``backbone='resnet101', width=1.0``
 ``deeplabv3``      DeepLab v3, ASPP + image pooling            ``backbone='resnet101', width=1.0``
@@ -54,7 +56,7 @@ from __future__ import annotations
 import dataclasses
 
 from ..args import positive_int
-from . import backbones, deeplab, fcn, hypercolumn, unet, upsampling
+from . import backbones, deeplab, fcn, hypercolumn, unet, unet3d, upsampling
 from .upsampling import bilinear_kernel, make_upsample
 
 __all__ = ["create", "available", "count_parameters", "bilinear_kernel", "make_upsample"]
@@ -65,6 +67,7 @@ _REGISTRY = {
     "fcn8s": fcn.fcn8s,
     "unet": unet.unet,
     "unet_original": unet.unet_original,
+    "unet3d": unet3d.unet3d,
     "deeplabv1": deeplab.deeplabv1,
     "deeplabv2": deeplab.deeplabv2,
     "deeplabv3": deeplab.deeplabv3,

@@ -76,10 +76,14 @@ class _SoftmaxBase(Module):
 class Softmax(_SoftmaxBase):
     """out_i = exp(x_i) / sum_j exp(x_j) along ``dim``. Shape: any -> the same."""
 
-    _function = staticmethod(F.softmax)
+    @staticmethod
+    def _function(*args, **kwargs):
+        return F.softmax(*args, **kwargs)
 
 
 class LogSoftmax(_SoftmaxBase):
     """out_i = x_i - log sum_j exp(x_j) along ``dim``. Shape: any -> the same."""
 
-    _function = staticmethod(F.log_softmax)
+    @staticmethod
+    def _function(*args, **kwargs):
+        return F.log_softmax(*args, **kwargs)

@@ -70,7 +70,11 @@ class MaxPool2d(_MaxPoolNd):
         (1, 2, 5, 5)
     """
 
-    _nd, _pool = 2, staticmethod(F.max_pool2d)
+    _nd = 2
+
+    @staticmethod
+    def _pool(*args, **kwargs):  # looked up at call time: F.max_pool2d may be wrapped (onnx export)
+        return F.max_pool2d(*args, **kwargs)
 
 
 class MaxPool3d(_MaxPoolNd):
@@ -86,7 +90,11 @@ class MaxPool3d(_MaxPoolNd):
         (1, 2, 4, 4, 5)
     """
 
-    _nd, _pool = 3, staticmethod(F.max_pool3d)
+    _nd = 3
+
+    @staticmethod
+    def _pool(*args, **kwargs):  # looked up at call time: F.max_pool3d may be wrapped (onnx export)
+        return F.max_pool3d(*args, **kwargs)
 
 
 class _AvgPoolNd(Module):
@@ -123,7 +131,11 @@ class AvgPool2d(_AvgPoolNd):
         H_out = floor((H + 2*padding[0] - kernel_size[0]) / stride[0] + 1), the same for W.
     """
 
-    _nd, _pool = 2, staticmethod(F.avg_pool2d)
+    _nd = 2
+
+    @staticmethod
+    def _pool(*args, **kwargs):  # looked up at call time: F.avg_pool2d may be wrapped (onnx export)
+        return F.avg_pool2d(*args, **kwargs)
 
 
 class AvgPool3d(_AvgPoolNd):
@@ -138,7 +150,11 @@ class AvgPool3d(_AvgPoolNd):
         (1, 2, 3, 4, 4)
     """
 
-    _nd, _pool = 3, staticmethod(F.avg_pool3d)
+    _nd = 3
+
+    @staticmethod
+    def _pool(*args, **kwargs):  # looked up at call time: F.avg_pool3d may be wrapped (onnx export)
+        return F.avg_pool3d(*args, **kwargs)
 
 
 class _AdaptiveAvgPoolNd(Module):
@@ -160,7 +176,9 @@ class AdaptiveAvgPool2d(_AdaptiveAvgPoolNd):
     [floor(i*H/H_out), ceil((i+1)*H/H_out)).
     """
 
-    _pool = staticmethod(F.adaptive_avg_pool2d)
+    @staticmethod
+    def _pool(*args, **kwargs):  # looked up at call time: F.adaptive_avg_pool2d may be wrapped (onnx export)
+        return F.adaptive_avg_pool2d(*args, **kwargs)
 
 
 class AdaptiveAvgPool3d(_AdaptiveAvgPoolNd):
@@ -174,7 +192,9 @@ class AdaptiveAvgPool3d(_AdaptiveAvgPoolNd):
         (1, 2, 1, 5, 2)
     """
 
-    _pool = staticmethod(F.adaptive_avg_pool3d)
+    @staticmethod
+    def _pool(*args, **kwargs):  # looked up at call time: F.adaptive_avg_pool3d may be wrapped (onnx export)
+        return F.adaptive_avg_pool3d(*args, **kwargs)
 
 
 class MaxUnpool2d(Module):

@@ -129,7 +129,12 @@ def freeze(model, prefixes):
 
 
 def build_loader(cfg: TrainConfig, task):
-    """Shuffled, augmented training batches; the order depends only on (seed, epoch), so a resume replays it."""
+    """Shuffled, augmented training batches; the order depends only on (seed, epoch), so a resume replays it.
+
+    Volumes are cropped (``--crop 32`` is a cube) and flipped along all three axes; they are not resized."""
+    volumes = task.spatial_dims == 3
+    if volumes and (cfg.resize is not None or cfg.scale):
+        raise ValueError(f"--resize and --scale resize 2-D images; {task.name} holds volumes: crop them with --crop")
     steps = []
     if cfg.resize is not None:
         steps.append(T.Resize(parse_resize(cfg.resize)))
@@ -138,7 +143,7 @@ def build_loader(cfg: TrainConfig, task):
     if cfg.crop is not None:
         steps.append(T.RandomCrop(cfg.crop, ignore_index=task.loss_ignore_index))
     if cfg.hflip:
-        steps.append(T.RandomHorizontalFlip())
+        steps.append(T.RandomFlip3d() if volumes else T.RandomHorizontalFlip())
     train_set = task.split("train")
     batch = cfg.batch_size * distributed.world_size()  # under mpirun the global batch: R x the per-process one
     loader = Loader(train_set, batch_size=batch, shuffle=True, seed=cfg.seed,

@@ -60,14 +60,14 @@ def evaluate(model, task, split="val", batch_size=8, resize=None, max_batches=No
             for b, (images, masks, _idx) in enumerate(loader.batches() if loader else []):
                 if max_batches is not None and b >= max_batches:
                     break
-                logits = model(Tensor(images))  # (N, K, h, w)
-                small = T.resize_mask(masks, logits.shape[-2:])  # the masks at the prediction's size, for the loss
+                logits = model(Tensor(images))  # (N, K, h, w) or (N, K, d, h, w)
+                small = T.resize_mask(masks, logits.shape[2:])  # the masks at the prediction's size, for the loss
                 valid = int((small != task.loss_ignore_index).sum())
                 if valid:
                     loss_sum += pixel_loss_sum(logits, small, task.loss_ignore_index)
                     loss_pixels += valid
-                pred = predicted_labels(logits.data)  # (N, h, w)
-                cm.update(T.resize_mask(pred, masks.shape[-2:]), masks)
+                pred = predicted_labels(logits.data)  # (N, h, w) or (N, d, h, w)
+                cm.update(T.resize_mask(pred, masks.shape[1:]), masks)
     finally:
         model.train(was_training)
     if distributed.world_size() > 1:  # the sums of every process's block
@@ -80,10 +80,11 @@ def evaluate(model, task, split="val", batch_size=8, resize=None, max_batches=No
 
 
 def predict_array(model, image, mean, std, resize=None):
-    """Class map (H, W) int64 for one (H, W, C) uint8 image, at the image's own size."""
+    """Class map (H, W) int64 for one (H, W, C) uint8 image, at the image's own size
+    (a volume (D, H, W, C): (D, H, W))."""
     small = T.ResizeImage(resize)(image, None)[0] if resize is not None else image
     x, _ = T.Normalize(mean, std)(small, None)
-    x = numpy.ascontiguousarray(x.transpose(2, 0, 1))[None]  # (1, C, h, w)
+    x = numpy.ascontiguousarray(numpy.moveaxis(x, -1, 0))[None]  # (1, C, h, w) or (1, C, d, h, w)
     was_training = model.training
     model.eval()
     try:
@@ -91,5 +92,5 @@ def predict_array(model, image, mean, std, resize=None):
             logits = model(Tensor(backend.xp().asarray(x.astype(backend.get_default_dtype()))))
     finally:
         model.train(was_training)
-    pred = predicted_labels(logits.data)  # (1, h, w)
-    return backend.asnumpy(T.resize_mask(pred, image.shape[:2])[0])
+    pred = predicted_labels(logits.data)  # (1, h, w) or (1, d, h, w)
+    return backend.asnumpy(T.resize_mask(pred, image.shape[:-1])[0])

@@ -73,8 +73,8 @@ def train(config: Optional[TrainConfig] = None, resume: Optional[str] = None, lo
             model.train()
             bar.start_epoch(state.epoch, state.position, scheduler.get_last_lr()[0])
             for images, masks, _ in loader.batches(state.epoch, start=state.position):
-                logits = model(Tensor(images))  # forward: (N, K, h, w)
-                masks = T.center_crop_mask(masks, logits.shape[-2:])  # a valid-convolution model predicts less
+                logits = model(Tensor(images))  # forward: (N, K, h, w), or (N, K, d, h, w) for volumes
+                masks = T.center_crop_mask(masks, logits.shape[2:])  # a valid-convolution model predicts less
                 if not bool((masks != task.loss_ignore_index).any()):
                     state.skip_batch()  # nothing to learn from this batch (all ignored)
                     continue

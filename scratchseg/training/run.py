@@ -26,7 +26,7 @@ from .. import backend
 from .. import distributed
 from .. import random as _random
 from ..checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from ..viz import colorize, overlay, panel, plot_curves, save_png
+from ..viz import colorize, overlay, panel, plot_curves, save_png, volume_panel
 from .build import build_model
 from .evaluate import predict_array
 from .faults import check_weights
@@ -119,6 +119,10 @@ class RunFolder:
             image, mask = dataset[i]
             pred = predict_array(model, image, task.mean, task.std, resize)
             name = dataset.names[i]
+            if image.ndim == 4:  # a volume: three orthogonal slices, image | truth | prediction | overlay each
+                save_png(os.path.join(folder, f"{name}_slices.png"), volume_panel(image, pred, task.colors, mask))
+                written.append(name)
+                continue
             colour = colorize(pred, task.colors)
             save_png(os.path.join(folder, f"{name}_image.png"), image)
             save_png(os.path.join(folder, f"{name}_pred.png"), colour)
