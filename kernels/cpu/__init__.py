@@ -9,6 +9,9 @@ where it does not apply, and the reference runs. One module per family:
 * ``im2col.py``        -- ``im2col``, ``col2im`` and the block kernels the convolution reuses;
 * ``conv.py``          -- ``conv2d_forward``, ``conv2d_input_grad``, ``conv2d_weight_grad``,
   computed block by block so the full column matrix never exists;
+* ``im2col3d.py``      -- ``im2col3d``, ``col2im3d`` and their block kernels (rows of depth planes);
+* ``conv3d.py``        -- ``conv3d_forward``, ``conv3d_input_grad``, ``conv3d_weight_grad``,
+  blocked like ``conv.py``, with a ring of unfolded (or Winograd-transformed) depth planes;
 * ``winograd.py``      -- Winograd's F(2x2, 3x3), which ``conv.py`` takes for 3x3
   unit-stride convolutions with enough channels;
 * ``normalization.py`` -- ``batch_norm_train_forward``, ``batch_norm_backward``;
@@ -26,7 +29,7 @@ prepares the process (``kernels/process.py``).
 
 from __future__ import annotations
 
-from . import activation, conv, im2col, normalization, pooling
+from . import activation, conv, conv3d, im2col, im2col3d, normalization, pooling
 
 #: reference function name (in ``scratchseg.functional``) -> the kernel that replaces it
 KERNELS = {
@@ -35,6 +38,11 @@ KERNELS = {
     "conv2d_forward": conv.conv2d_forward,
     "conv2d_input_grad": conv.conv2d_input_grad,
     "conv2d_weight_grad": conv.conv2d_weight_grad,
+    "im2col3d": im2col3d.im2col3d,
+    "col2im3d": im2col3d.col2im3d,
+    "conv3d_forward": conv3d.conv3d_forward,
+    "conv3d_input_grad": conv3d.conv3d_input_grad,
+    "conv3d_weight_grad": conv3d.conv3d_weight_grad,
     "batch_norm_train_forward": normalization.batch_norm_train_forward,
     "batch_norm_backward": normalization.batch_norm_backward,
     "max_pool2d_forward": pooling.max_pool2d_forward,
