@@ -153,6 +153,33 @@ CASES = {
         {"x": normal(2, 3, 5, 6)},
         lambda t: F.pad(F.pad(t["x"], (2, 1, 1, 3), mode="reflect"), (1, 0, 2, 1), mode="replicate"),
     ),
+    "conv3d": (
+        {"x": normal(2, 4, 5, 6, 5), "w": normal(6, 2, 3, 3, 2), "b": normal(6)},
+        lambda t: F.conv3d(t["x"], t["w"], t["b"], stride=(1, 2, 1), padding=1, dilation=(2, 1, 1), groups=2),
+    ),
+    "conv_transpose3d": (
+        {"x": normal(2, 4, 3, 4, 3), "w": normal(4, 3, 2, 3, 2), "b": normal(3)},
+        lambda t: F.conv_transpose3d(t["x"], t["w"], t["b"], stride=2, padding=(0, 1, 0), output_padding=(1, 0, 1)),
+    ),
+    "max_pool3d": ({"x": distinct(2, 3, 6, 5, 6)}, lambda t: F.max_pool3d(t["x"], 2, ceil_mode=True)),
+    "avg_pool3d": ({"x": normal(2, 3, 6, 5, 6)}, lambda t: F.avg_pool3d(t["x"], 3, stride=2, padding=1)),
+    "adaptive_avg_pool3d": ({"x": normal(2, 3, 5, 6, 7)}, lambda t: F.adaptive_avg_pool3d(t["x"], (2, 3, 4))),
+    "dropout3d": (
+        {"x": normal(4, 6, 3, 4, 5)},
+        lambda t: F.dropout3d(t["x"], 0.5, generator=np.random.default_rng(9)),
+    ),
+    "group_norm": (
+        {"x": normal(2, 6, 4, 5), "g": positive(6), "b": normal(6)},
+        lambda t: F.group_norm(t["x"], 3, t["g"], t["b"]),
+    ),
+    "layer_norm": (
+        {"x": normal(2, 3, 4, 5), "g": positive(4, 5), "b": normal(4, 5)},
+        lambda t: F.layer_norm(t["x"], (4, 5), t["g"], t["b"]),
+    ),
+    "instance_norm": (
+        {"x": normal(2, 3, 4, 5, 3), "g": positive(3), "b": normal(3)},
+        lambda t: F.instance_norm(t["x"], weight=t["g"], bias=t["b"]),
+    ),
     "tensor_ops": (
         {"a": positive(3, 4), "b": normal(4, 5), "c": normal(5)},
         lambda t: (((t["a"] @ t["b"]) * t["c"] + t["c"]) / (t["a"].sum(1, keepdim=True) + 1)).exp().log().reshape(5, 3).permute(1, 0)[1:, ::2]
@@ -211,8 +238,8 @@ def test_case_table_covers_every_functional_op():
     """A new op in scratchseg.functional must get a CuPy-vs-NumPy case (runs without a GPU too)."""
     import importlib
 
-    families = ("activation", "conv", "dropout", "linear", "loss", "normalization", "pooling", "shape", "unpooling",
-                "upsampling")
+    families = ("activation", "conv", "conv3d", "dropout", "linear", "loss", "normalization", "pooling", "pooling3d",
+                "shape", "unpooling", "upsampling")
     modules = [importlib.import_module(f"scratchseg.functional.{family}") for family in families]
     # thin aliases of ops that have a case, and helpers that are no ops
     covered_elsewhere = {"upsample", "upsample_nearest", "upsample_bilinear", "relu6", "crop",
