@@ -25,12 +25,14 @@ OPTIONS = {
     "fcn8s": dict(width=0.0625), "fcn16s": dict(width=0.0625), "fcn32s": dict(width=0.0625),
     "deeplabv1": dict(width=0.0625), "deeplabv2": dict(width=0.125), "deeplabv3": dict(width=0.125),
     "deeplabv3plus": dict(width=0.125), "hypercolumn": dict(width=0.0625),
+    "unet3d": dict(base=4, depth=2),
 }
 # sizes that take every cropping/padding path: odd, not a multiple of 4 (U-Net pads and crops back),
 # FCN's Caffe crops at any size
 SIZE, SECOND = (1, 3, 21, 30), (2, 3, 35, 18)
 STATIC = {"unet_original"}  # 'auto' tiling: valid tiles run unpadded, others mirror-pad with a size-built table
-VOLUMES = {"unet3d"}  # the 3-D ops have no ONNX mapping yet: the exporter must say so, naming the op
+VOLUMES = {"unet3d"}  # (N, C, D, H, W): 12x16x20 needs no pad (the exporter finds the general graph), 10x12x9 does
+VOLUME, VOLUME_SECOND = (1, 3, 12, 16, 20), (2, 3, 10, 12, 9)
 
 
 def rand(shape, seed=0):
@@ -57,17 +59,27 @@ def check(model, x, path, second=None, **kw):
     return json.loads({p.key: p.value for p in proto.metadata_props}["scratchseg"])
 
 
+def randomize_norms(model):
+    """Non-trivial running statistics and affine parameters, so the norms' inference forms are checked."""
+    for m in model.modules():
+        if isinstance(m, (nn.BatchNorm2d, nn.BatchNorm3d)):
+            m.running_mean[...] = np.random.default_rng(1).uniform(-0.5, 0.5, m.running_mean.shape)
+            m.running_var[...] = np.random.default_rng(2).uniform(0.5, 2, m.running_var.shape)
+        if isinstance(m, (nn.BatchNorm2d, nn.BatchNorm3d, nn.GroupNorm)):
+            for key, low, high, seed in (("weight", 0.5, 1.5, 3), ("bias", -0.5, 0.5, 4)):
+                p = getattr(m, key, None)
+                if p is not None:
+                    p.data[...] = np.random.default_rng(seed).uniform(low, high, p.data.shape)
+
+
 @pytest.mark.parametrize("name", models.available())
 def test_every_model_exports_and_matches(name, tmp_path):
     scratchseg.manual_seed(0)
     model = models.create(name, num_classes=3, in_channels=3, **OPTIONS.get(name, {}))
-    for m in model.modules():  # non-trivial running statistics, so BN's inference form is checked
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean[...] = np.random.default_rng(1).uniform(-0.5, 0.5, m.running_mean.shape)
-            m.running_var[...] = np.random.default_rng(2).uniform(0.5, 2, m.running_var.shape)
+    randomize_norms(model)
     if name in VOLUMES:
-        with pytest.raises(ExportError, match="op 'conv3d', used in module 'down.0.conv1', has no ONNX mapping"):
-            export(model, rand((1, 3, 5, 6, 7)), tmp_path / "m.onnx")
+        meta = check(model, rand(VOLUME), tmp_path / "m.onnx", second=rand(VOLUME_SECOND, 1))
+        assert meta["dynamic_size"] and meta["dynamic_batch"]
         return
     x = rand(SIZE)
     if name in STATIC:
@@ -101,6 +113,16 @@ def test_unet_original_valid_tile(tmp_path):
     scratchseg.manual_seed(0)
     model = models.create("unet_original", num_classes=2, in_channels=1, base=4, depth=2, tiling="valid")
     check(model, rand((1, 1, 44, 44)), tmp_path / "v.onnx", second=rand((2, 1, 60, 76), 1))
+
+
+@pytest.mark.parametrize("norm", ["batch", "group"])
+@pytest.mark.parametrize("up_mode", ["transposed", "trilinear"])
+def test_unet3d_up_modes_and_norms(up_mode, norm, tmp_path):
+    scratchseg.manual_seed(0)
+    model = models.create("unet3d", num_classes=2, in_channels=1, base=4, depth=2, up_mode=up_mode, norm=norm)
+    randomize_norms(model)
+    meta = check(model, rand((1, 1, 12, 16, 20)), tmp_path / "u3.onnx", second=rand((2, 1, 10, 12, 9), 1))
+    assert meta["dynamic_size"] and meta["example_shape"] == [1, 1, 12, 16, 20]
 
 
 class Lambda(nn.Module):
@@ -192,23 +214,75 @@ def test_op_zoo(opset, tmp_path):
     assert meta["dynamic_size"] and meta["opset"] == opset
 
 
-def test_group_norm_mapping(monkeypatch, tmp_path):
-    # scratchseg.functional has no group_norm yet: a stand-in with torch's signature checks the mapping
-    import scratchseg.functional.normalization as norm
+@pytest.mark.parametrize("shapes", [((2, 6, 5, 7), (1, 6, 9, 4)), ((2, 6, 3, 5, 4), (1, 6, 4, 2, 7))])
+def test_group_norm_and_batch_norm_on_images_and_volumes(shapes, tmp_path):
+    # the mappings are rank-agnostic: Reshape (N, G, -1) + InstanceNormalization; BatchNormalization
+    w, bias = scratchseg.Tensor(rand((6,), 3)), scratchseg.Tensor(rand((6,), 4))
+    mean, var = rand((6,), 5), np.abs(rand((6,), 6)) + 0.5
+    model = Lambda(lambda x: F.batch_norm(F.group_norm(x, 3, w, bias), mean, var, bias, w, eps=1e-3))
+    check(model, rand(shapes[0]), tmp_path / "g.onnx", second=rand(shapes[1], 1))
 
-    def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5):
-        x = input.data
-        g = x.reshape(x.shape[0], num_groups, -1)
-        y = ((g - g.mean(-1, keepdims=True)) / np.sqrt(g.var(-1, keepdims=True) + eps)).reshape(x.shape)
-        shape = (1, -1) + (1,) * (x.ndim - 2)
-        return scratchseg.Tensor((y * weight.data.reshape(shape) + bias.data.reshape(shape)).astype(x.dtype))
 
-    monkeypatch.setattr(norm, "group_norm", group_norm, raising=False)
-    monkeypatch.setattr(norm, "__all__", list(norm.__all__) + ["group_norm"])
-    w = scratchseg.Tensor(rand((6,), 3))
-    bias = scratchseg.Tensor(rand((6,), 4))
-    model = Lambda(lambda x: norm.group_norm(x, 3, w, bias))
-    check(model, rand((2, 6, 5, 7)), tmp_path / "g.onnx", second=rand((1, 6, 9, 4), 1))
+# weights for the 3-D geometry cases (and one 2-D one the generalised transposed convolution shares)
+W3, W3_EVEN, WT3, WT2, B6 = rand((6, 2, 3, 2, 3), 5), rand((6, 4, 2, 4, 3), 6), rand((4, 3, 3, 2, 3), 7), \
+    rand((4, 3, 3, 2), 8), rand((6,), 9)
+GEOMETRY = {
+    "conv3d-stride-pad-dilation-groups":
+        lambda x: F.conv3d(x, W3, B6, stride=(2, 1, 3), padding=(1, 2, 0), dilation=(2, 1, 1), groups=2),
+    "conv3d-same-even-kernel-dilated": lambda x: F.conv3d(x, W3_EVEN, None, padding="same", dilation=(1, 2, 3)),
+    "conv3d-valid": lambda x: F.conv3d(x, W3_EVEN, B6, stride=(1, 2, 2), padding="valid"),
+    "conv_transpose3d-output_padding-groups":  # output_padding < stride: ONNX's own output_padding
+        lambda x: F.conv_transpose3d(x, WT3, B6, stride=(2, 3, 2), padding=(1, 0, 1), output_padding=(1, 2, 0),
+                                     groups=2),
+    "conv_transpose3d-output_padding-below-dilation":  # >= stride (torch allows < max(stride, dilation)):
+        lambda x: F.conv_transpose3d(x, WT3, B6, stride=(1, 2, 1), padding=(0, 1, 1), output_padding=(1, 1, 1),
+                                     groups=2, dilation=(2, 1, 3)),  # taken off the end pads, zeros + bias past
+    "conv_transpose3d-output_padding-in-pads-no-bias":
+        lambda x: F.conv_transpose3d(x, WT3, None, stride=1, padding=(1, 0, 2), output_padding=(1, 0, 2), groups=2,
+                                     dilation=(2, 1, 3)),
+    "max_pool3d-ceil-pad-dilation":
+        lambda x: F.max_pool3d(x, (3, 2, 3), stride=(2, 1, 2), padding=(1, 0, 1), dilation=(1, 2, 2), ceil_mode=True),
+    "max_pool3d-2": lambda x: F.max_pool3d(F.dropout3d(x, training=False), 2),
+    "avg_pool3d-ceil-count-pad": lambda x: F.avg_pool3d(x, 3, stride=2, padding=1, ceil_mode=True),
+    "avg_pool3d-ceil-no-count-pad":
+        lambda x: F.avg_pool3d(x, (3, 2, 3), stride=(1, 2, 2), padding=(1, 1, 0), ceil_mode=True,
+                               count_include_pad=False),
+    "adaptive_avg_pool3d-1": lambda x: F.adaptive_avg_pool3d(x, 1) * x,
+}
+
+
+@pytest.mark.parametrize("case", GEOMETRY)
+def test_3d_op_geometries_match(case, tmp_path):
+    # scratchseg's own ops against ONNX Runtime, at two sizes through one dynamic graph
+    fn = GEOMETRY[case]
+    x = rand((1, 4, 7, 8, 9)) if "transpose" not in case else rand((1, 4, 3, 4, 5))
+    second = rand((2, 4, 9, 5, 11), 1) if "transpose" not in case else rand((2, 4, 5, 2, 3), 1)
+    meta = check(Lambda(fn), x, tmp_path / "g.onnx", second=second)
+    assert meta["dynamic_size"]
+
+
+def test_conv_transpose2d_output_padding_below_dilation(tmp_path):
+    fn = lambda x: F.conv_transpose2d(x, WT2, B6, stride=(1, 2), padding=(0, 1), output_padding=(1, 1), groups=2,
+                                      dilation=(2, 1))
+    check(Lambda(fn), rand((1, 4, 5, 6)), tmp_path / "t.onnx", second=rand((2, 4, 3, 8), 1))
+
+
+def test_adaptive_avg_pool3d_divisible_bins(tmp_path):
+    # a kernel from the size: exact at the traced size only
+    check(Lambda(lambda x: F.adaptive_avg_pool3d(x, (None, 2, 3))), rand((1, 2, 5, 8, 9)), tmp_path / "a.onnx",
+          dynamic_size=False)
+
+
+def test_3d_ops_without_an_exact_form_are_refused(tmp_path):
+    x = rand((1, 2, 7, 8, 9))
+    cases = [(lambda x: F.max_pool3d(x, 2, stride=2, padding=1, ceil_mode=True), "max_pool3d: ceil_mode gives 4"),
+             (lambda x: F.avg_pool3d(x, 2, padding=1, ceil_mode=True), "avg_pool3d: ceil_mode gives 4"),
+             (lambda x: F.max_pool3d(x, 2, return_indices=True)[0], "max_pool3d: return_indices=True"),
+             (lambda x: F.avg_pool3d(x, 2, divisor_override=3), "avg_pool3d: divisor_override=3"),
+             (lambda x: F.adaptive_avg_pool3d(x, (3, 3, 3)), r"adaptive_avg_pool3d: output_size=\(3, 3, 3\) does not")]
+    for fn, message in cases:
+        with pytest.raises(ExportError, match=message):
+            export(Lambda(fn), x, tmp_path / "x.onnx", dynamic_size=False)
 
 
 class Double(scratchseg.Function):

@@ -163,14 +163,15 @@ def export(model, example_input, path, opset=17, dynamic_size=True, metadata=Non
            input_name="input", output_name="logits"):
     """Write ``model`` as an ONNX file at ``path``; returns the ``onnx.ModelProto``.
 
-    ``example_input``: a float batch (N, C, H, W) the model accepts; the model
+    ``example_input``: a float batch (N, C, H, W), or (N, C, D, H, W) for a volume model, that the model
+    accepts; the model
     runs once on it (in evaluation mode, restored afterwards) and every op it
     calls becomes ONNX nodes. The batch dimension is always dynamic. With
     ``dynamic_size`` the height and width are too, *when the model allows it*:
     the model is traced a second time at a larger, odd size (or, if the model
     refuses that size, one larger by multiples of 16), and only if both
     traces give the same graph (no size-dependent branch or index table) are H
-    and W left free; otherwise a warning says so and they are fixed to the
+    and W (and D) left free; otherwise a warning says so and they are fixed to the
     example's. ``metadata`` (JSON-able dict: mean, std, class_names, colours, ...)
     is stored in the file under the key ``"scratchseg"`` with what was exported.
     """

@@ -39,40 +39,66 @@ def _ints(v, n=2):
 
 
 # ------------------------------------------------------------------ convolution
+# one mapping per op family for any number of spatial dims (conv2d/conv3d, max_pool2d/max_pool3d, ...):
+# ONNX's Conv, ConvTranspose and the pools take N-D kernels, and their pads run [begin of each axis] +
+# [end of each axis] (``[d0, h0, w0, d1, h1, w1]`` for a volume)
+def _array(t):
+    return t.data if isinstance(t, Tensor) else t
+
+
 def _conv_pads(op, padding, kernel, dilation):
+    n = len(kernel)
     if isinstance(padding, str):
         if padding == "valid":
-            return [0, 0, 0, 0]
+            return [0] * (2 * n)
         if padding == "same":  # torch puts the odd pixel at the end
             total = [d * (k - 1) for k, d in zip(kernel, dilation)]
             return [t // 2 for t in total] + [t - t // 2 for t in total]
-        unsupported(op, f"padding={padding!r}, expected an int, a pair, 'same' or 'valid'")
-    p = _ints(padding)
+        unsupported(op, f"padding={padding!r}, expected an int, a tuple of {n}, 'same' or 'valid'")
+    p = _ints(padding, n)
     return p + p
 
 
-def conv2d(b, a, out):
-    w = a["weight"]
-    kernel = list(w.shape[2:]) if not isinstance(w, Tensor) else list(w.data.shape[2:])
-    dil = _ints(a["dilation"])
-    inputs = [b.value(a["input"]), b.value(w)] + ([b.value(a["bias"])] if a["bias"] is not None else [])
-    return b.node(
-        "Conv", inputs, "conv", kernel_shape=kernel, strides=_ints(a["stride"]), dilations=dil,
-        pads=_conv_pads("conv2d", a["padding"], kernel, dil), group=int(a["groups"]),
-    )
+def _conv(op):
+    def mapping(b, a, out):
+        w = a["weight"]
+        kernel = list(_array(w).shape[2:])
+        n = len(kernel)
+        dil = _ints(a["dilation"], n)
+        inputs = [b.value(a["input"]), b.value(w)] + ([b.value(a["bias"])] if a["bias"] is not None else [])
+        return b.node(
+            "Conv", inputs, "conv", kernel_shape=kernel, strides=_ints(a["stride"], n), dilations=dil,
+            pads=_conv_pads(op, a["padding"], kernel, dil), group=int(a["groups"]),
+        )
+    return mapping
 
 
-def conv_transpose2d(b, a, out):
-    w = a["weight"]
-    kernel = list((w.data if isinstance(w, Tensor) else w).shape[2:])
-    p = _ints(a["padding"])
-    inputs = [b.value(a["input"]), b.value(w)] + ([b.value(a["bias"])] if a["bias"] is not None else [])
-    # explicit pads and output_padding (never auto_pad): out = s (in - 1) + op + d (k - 1) + 1 - 2 p
-    return b.node(
-        "ConvTranspose", inputs, "deconv", kernel_shape=kernel, strides=_ints(a["stride"]),
-        dilations=_ints(a["dilation"]), pads=p + p, output_padding=_ints(a["output_padding"]),
-        group=int(a["groups"]),
-    )
+def _conv_transpose(op):
+    def mapping(b, a, out):
+        w = a["weight"]
+        kernel = list(_array(w).shape[2:])
+        n = len(kernel)
+        p, stride, extra = _ints(a["padding"], n), _ints(a["stride"], n), _ints(a["output_padding"], n)
+        bias = a["bias"]
+        inputs = [b.value(a["input"]), b.value(w)] + ([b.value(bias)] if bias is not None else [])
+        attrs = dict(kernel_shape=kernel, strides=stride, dilations=_ints(a["dilation"], n), group=int(a["groups"]))
+        # explicit pads and output_padding (never auto_pad): out = s (in - 1) + op + d (k - 1) + 1 - 2 p
+        if all(e < s for e, s in zip(extra, stride)):
+            return b.node("ConvTranspose", inputs, "deconv", pads=p + p, output_padding=extra, **attrs)
+        # torch allows output_padding < max(stride, dilation), ONNX Runtime only < stride: the extra planes
+        # come off the end padding instead, and where that runs out they are zeros (+ bias) padded after
+        folded = [e if e >= s else 0 for e, s in zip(extra, stride)]
+        attrs["output_padding"] = [e - f for e, f in zip(extra, folded)]
+        end = [q - f for q, f in zip(p, folded)]
+        after = [max(-e, 0) for e in end]
+        if not any(after):
+            return b.node("ConvTranspose", inputs, "deconv", pads=p + end, **attrs)
+        y = b.node("ConvTranspose", inputs[:2], "deconv", pads=p + [max(e, 0) for e in end], **attrs)
+        y = b.node("Pad", [y, b.ints([0] * (n + 2) + [0, 0] + after, "pads")], "deconv", mode="constant")
+        if bias is None:
+            return y
+        return b.node("Add", [y, b.node("Reshape", [b.value(bias), b.ints([1, -1] + [1] * n)], "bias")], "deconv")
+    return mapping
 
 
 def linear(b, a, out):
@@ -164,38 +190,49 @@ def _pool_check(op, a, out, kernel, stride, pads, dil, ceil):
                         f"window that starts in the padding) but {size} in ONNX; use ceil_mode=False or less padding")
 
 
-def max_pool2d(b, a, out):
-    if a["return_indices"]:
-        unsupported("max_pool2d", "return_indices=True (the indices feed max_unpool2d, which ONNX cannot replay)")
-    kernel = _ints(a["kernel_size"])
-    stride = _ints(a["stride"]) if a["stride"] not in (None, ()) else kernel
-    p, d = _ints(a["padding"]), _ints(a["dilation"])
-    _pool_check("max_pool2d", a, out, kernel, stride, p, d, a["ceil_mode"])
-    return b.node("MaxPool", [b.value(a["input"])], "maxpool", kernel_shape=kernel, strides=stride, pads=p + p,
-                  dilations=d, ceil_mode=int(bool(a["ceil_mode"])))
+def _pool_args(a, n):
+    kernel = _ints(a["kernel_size"], n)
+    stride = _ints(a["stride"], n) if a["stride"] not in (None, ()) else kernel
+    return kernel, stride, _ints(a["padding"], n)
 
 
-def avg_pool2d(b, a, out):
-    if a.get("divisor_override") is not None:
-        unsupported("avg_pool2d", f"divisor_override={a['divisor_override']} has no ONNX form")
-    kernel = _ints(a["kernel_size"])
-    stride = _ints(a["stride"]) if a["stride"] not in (None, ()) else kernel
-    p = _ints(a["padding"])
-    _pool_check("avg_pool2d", a, out, kernel, stride, p, [1, 1], a["ceil_mode"])
-    return b.node("AveragePool", [b.value(a["input"])], "avgpool", kernel_shape=kernel, strides=stride, pads=p + p,
-                  ceil_mode=int(bool(a["ceil_mode"])), count_include_pad=int(bool(a["count_include_pad"])))
+def _max_pool(op):
+    def mapping(b, a, out):
+        if a["return_indices"]:
+            unsupported(op, "return_indices=True (the indices feed max_unpool, which ONNX cannot replay)")
+        n = a["input"].data.ndim - 2
+        kernel, stride, p = _pool_args(a, n)
+        d = _ints(a["dilation"], n)
+        _pool_check(op, a, out, kernel, stride, p, d, a["ceil_mode"])
+        return b.node("MaxPool", [b.value(a["input"])], "maxpool", kernel_shape=kernel, strides=stride,
+                      pads=p + p, dilations=d, ceil_mode=int(bool(a["ceil_mode"])))
+    return mapping
+
+
+def _avg_pool(op):
+    def mapping(b, a, out):
+        if a.get("divisor_override") is not None:
+            unsupported(op, f"divisor_override={a['divisor_override']} has no ONNX form")
+        n = a["input"].data.ndim - 2
+        kernel, stride, p = _pool_args(a, n)
+        _pool_check(op, a, out, kernel, stride, p, [1] * n, a["ceil_mode"])
+        return b.node("AveragePool", [b.value(a["input"])], "avgpool", kernel_shape=kernel, strides=stride,
+                      pads=p + p, ceil_mode=int(bool(a["ceil_mode"])),
+                      count_include_pad=int(bool(a["count_include_pad"])))
+    return mapping
 
 
 def _adaptive(op, global_op, local_op):
     def mapping(b, a, out):
         x = a["input"]
-        size = [int(s) if s is not None else n for s, n in zip(_pair(a["output_size"]), x.data.shape[2:])]
-        if size == [1, 1]:
+        spatial = x.data.shape[2:]
+        size = [int(s) if s is not None else n for s, n in zip(_pair(a["output_size"], len(spatial)), spatial)]
+        if all(s == 1 for s in size):
             return b.node(global_op, [b.value(x)], global_op.lower())
-        if any(n % s for n, s in zip(x.data.shape[2:], size)):
-            unsupported(op, f"output_size={tuple(size)} does not divide the input size {tuple(x.data.shape[2:])}: "
+        if any(n % s for n, s in zip(spatial, size)):
+            unsupported(op, f"output_size={tuple(size)} does not divide the input size {tuple(spatial)}: "
                             "the bins overlap and ONNX has no adaptive pooling")
-        k = [n // s for n, s in zip(x.data.shape[2:], size)]
+        k = [n // s for n, s in zip(spatial, size)]
         return b.node(local_op, [b.value(x)], local_op.lower(), kernel_shape=k, strides=k)
     return mapping
 
@@ -263,14 +300,17 @@ def pixel_unshuffle(b, a, out):
 
 
 FUNCTIONAL = {
-    "conv2d": conv2d, "conv_transpose2d": conv_transpose2d, "linear": linear,
+    "conv2d": _conv("conv2d"), "conv3d": _conv("conv3d"), "linear": linear,
+    "conv_transpose2d": _conv_transpose("conv_transpose2d"), "conv_transpose3d": _conv_transpose("conv_transpose3d"),
     "batch_norm": batch_norm, "group_norm": group_norm,
     "relu": _unary("Relu"), "tanh": _unary("Tanh"), "sigmoid": _unary("Sigmoid"), "leaky_relu": leaky_relu,
     "hardtanh": hardtanh, "relu6": relu6, "elu": elu,
     "softmax": _softmax("Softmax"), "log_softmax": _softmax("LogSoftmax"),
-    "dropout": dropout, "dropout2d": dropout,
-    "max_pool2d": max_pool2d, "avg_pool2d": avg_pool2d,
+    "dropout": dropout, "dropout2d": dropout, "dropout3d": dropout,
+    "max_pool2d": _max_pool("max_pool2d"), "max_pool3d": _max_pool("max_pool3d"),
+    "avg_pool2d": _avg_pool("avg_pool2d"), "avg_pool3d": _avg_pool("avg_pool3d"),
     "adaptive_avg_pool2d": _adaptive("adaptive_avg_pool2d", "GlobalAveragePool", "AveragePool"),
+    "adaptive_avg_pool3d": _adaptive("adaptive_avg_pool3d", "GlobalAveragePool", "AveragePool"),
     "adaptive_max_pool2d": _adaptive("adaptive_max_pool2d", "GlobalMaxPool", "MaxPool"),
     "cat": cat, "pad": pad, "crop": crop, "center_crop": center_crop,
     "pixel_shuffle": pixel_shuffle, "pixel_unshuffle": pixel_unshuffle,
