@@ -32,7 +32,7 @@ The code below is the reference, and the tests hold the twins to it.
 from __future__ import annotations
 
 from .. import backend
-from ..args import is_int, pair
+from ..args import is_int, pair, triple
 from ..autograd import Function, Tensor
 from ..backend import get_array_module, replaceable
 from .im2col import col2im, conv_output_size, im2col
@@ -227,6 +227,55 @@ def _check_weights(fn, input, weight, bias, K, groups):
     return int(groups)
 
 
+def _transposed_geometry(fn, nd, input, weight, bias, stride, padding, output_padding, groups, dilation,
+                         input_layout, weight_layout):
+    """Check the arguments of a transposed convolution over ``nd`` (2 or 3) spatial dimensions.
+
+    Returns ``(out_shape, stride, padding, output_padding, dilation, groups)`` with
+    ``out = (n - 1)*stride - 2*padding + dilation*(k - 1) + output_padding + 1`` per axis.
+    """
+    ntuple = pair if nd == 2 else triple
+    _check_array(fn, "input", input, nd + 2, input_layout)
+    _check_array(fn, "weight", weight, nd + 2, weight_layout)
+    N, C, spatial = input.shape[0], input.shape[1], tuple(input.shape[2:])
+    CW, KG, kernel = weight.shape[0], weight.shape[1], tuple(weight.shape[2:])
+    if not is_int(groups) or groups < 1:
+        raise ValueError(f"{fn}: groups must be a positive int, got {groups!r}")
+    K = KG * groups
+    groups = _check_weights(fn, input, weight, bias, K, groups)
+    if C % groups:
+        raise ValueError(f"{fn}: input channels C={C} are not divisible by groups={groups}")
+    if CW != C:
+        raise ValueError(
+            f"{fn}: weight of shape {tuple(weight.shape)} expects input with {CW} channels "
+            f"(weight.shape[0]), got input of shape {tuple(input.shape)} ({C} channels)"
+        )
+    what = "a pair" if nd == 2 else "a triple"
+    stride = ntuple(stride, "stride", fn, minimum=1)
+    dilation = ntuple(dilation, "dilation", fn, minimum=1)
+    if isinstance(padding, str):
+        raise ValueError(f"{fn}: padding must be an int or {what} of ints, got {padding!r}")
+    padding = ntuple(padding, "padding", fn, minimum=0)
+    output_padding = ntuple(output_padding, "output_padding", fn, minimum=0)
+    for axis in range(nd):
+        if not (output_padding[axis] < stride[axis] or output_padding[axis] < dilation[axis]):
+            raise ValueError(
+                f"{fn}: output_padding {output_padding} must be smaller than stride {stride} "
+                f"or dilation {dilation} in each dimension"
+            )
+    out = tuple(
+        (n - 1) * s - 2 * p + d * (k - 1) + op + 1
+        for n, s, p, d, k, op in zip(spatial, stride, padding, dilation, kernel, output_padding)
+    )
+    if min(out) < 1:
+        size = "x".join(str(n) for n in spatial)
+        raise ValueError(
+            f"{fn}: output size {out} is too small for input {size} with kernel {kernel}, "
+            f"stride {stride}, padding {padding}, dilation {dilation}, output_padding {output_padding}"
+        )
+    return (N, K) + out, stride, padding, output_padding, dilation, groups
+
+
 # ------------------------------------------------------------------ user API
 def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     """2-D convolution (cross-correlation) over a batch of images, as ``torch.nn.functional.conv2d``.
@@ -349,45 +398,14 @@ def conv_transpose2d(input, weight, bias=None, stride=1, padding=0, output_paddi
     dW = x @ im2col(dout)^T, db = dout summed over N, Hout, Wout.
     """
     fn = "conv_transpose2d"
-    _check_array(fn, "input", input, 4, "(N, C, H, W)")
-    _check_array(fn, "weight", weight, 4, "(C, K/groups, kh, kw)")
-    N, C, H, W = input.shape
-    CW, KG, kh, kw = weight.shape
-    if not is_int(groups) or groups < 1:
-        raise ValueError(f"{fn}: groups must be a positive int, got {groups!r}")
-    K = KG * groups
-    groups = _check_weights(fn, input, weight, bias, K, groups)
-    if C % groups:
-        raise ValueError(f"{fn}: input channels C={C} are not divisible by groups={groups}")
-    if CW != C:
-        raise ValueError(
-            f"{fn}: weight of shape {tuple(weight.shape)} expects input with {CW} channels "
-            f"(weight.shape[0]), got input of shape {tuple(input.shape)} ({C} channels)"
-        )
-    stride = pair(stride, "stride", fn, minimum=1)
-    dilation = pair(dilation, "dilation", fn, minimum=1)
-    if isinstance(padding, str):
-        raise ValueError(f"{fn}: padding must be an int or a pair of ints, got {padding!r}")
-    padding = pair(padding, "padding", fn, minimum=0)
-    output_padding = pair(output_padding, "output_padding", fn, minimum=0)
-    for axis in range(2):
-        if not (output_padding[axis] < stride[axis] or output_padding[axis] < dilation[axis]):
-            raise ValueError(
-                f"{fn}: output_padding {output_padding} must be smaller than stride {stride} "
-                f"or dilation {dilation} in each dimension"
-            )
-    Hout = (H - 1) * stride[0] - 2 * padding[0] + dilation[0] * (kh - 1) + output_padding[0] + 1
-    Wout = (W - 1) * stride[1] - 2 * padding[1] + dilation[1] * (kw - 1) + output_padding[1] + 1
-    if Hout < 1 or Wout < 1:
-        raise ValueError(
-            f"{fn}: output size ({Hout}, {Wout}) is too small for input {H}x{W} with kernel ({kh}, {kw}), "
-            f"stride {stride}, padding {padding}, dilation {dilation}, output_padding {output_padding}"
-        )
+    out_shape, stride, padding, output_padding, dilation, groups = _transposed_geometry(
+        fn, 2, input, weight, bias, stride, padding, output_padding, groups, dilation, "(N, C, H, W)",
+        "(C, K/groups, kh, kw)")
     return ConvTranspose2d.apply(
         input,
         weight,
         bias,
-        out_shape=(N, K, Hout, Wout),
+        out_shape=out_shape,
         stride=stride,
         padding=padding,
         dilation=dilation,

@@ -26,10 +26,10 @@ kept: a 3x3x3 kernel makes them 27 times the input.
 
 from __future__ import annotations
 
-from ..args import is_int, triple
+from ..args import triple
 from ..autograd import Function
 from ..backend import get_array_module, replaceable
-from .conv import _check_array, _check_weights
+from .conv import _check_array, _check_weights, _transposed_geometry
 from .im2col3d import col2im3d, conv_output_size3d, im2col3d
 from .shape import pad as _pad
 
@@ -315,47 +315,14 @@ def conv_transpose3d(input, weight, bias=None, stride=1, padding=0, output_paddi
     dW = x @ im2col3d(dout)^T, db = dout summed over N, Dout, Hout, Wout.
     """
     fn = "conv_transpose3d"
-    _check_array(fn, "input", input, 5, "(N, C, D, H, W)")
-    _check_array(fn, "weight", weight, 5, "(C, K/groups, kd, kh, kw)")
-    N, C, D, H, W = input.shape
-    CW, KG, kd, kh, kw = weight.shape
-    if not is_int(groups) or groups < 1:
-        raise ValueError(f"{fn}: groups must be a positive int, got {groups!r}")
-    K = KG * groups
-    groups = _check_weights(fn, input, weight, bias, K, groups)
-    if C % groups:
-        raise ValueError(f"{fn}: input channels C={C} are not divisible by groups={groups}")
-    if CW != C:
-        raise ValueError(
-            f"{fn}: weight of shape {tuple(weight.shape)} expects input with {CW} channels "
-            f"(weight.shape[0]), got input of shape {tuple(input.shape)} ({C} channels)"
-        )
-    stride = triple(stride, "stride", fn, minimum=1)
-    dilation = triple(dilation, "dilation", fn, minimum=1)
-    if isinstance(padding, str):
-        raise ValueError(f"{fn}: padding must be an int or a triple of ints, got {padding!r}")
-    padding = triple(padding, "padding", fn, minimum=0)
-    output_padding = triple(output_padding, "output_padding", fn, minimum=0)
-    for axis in range(3):
-        if not (output_padding[axis] < stride[axis] or output_padding[axis] < dilation[axis]):
-            raise ValueError(
-                f"{fn}: output_padding {output_padding} must be smaller than stride {stride} "
-                f"or dilation {dilation} in each dimension"
-            )
-    out = tuple(
-        (n - 1) * s - 2 * p + d * (k - 1) + op + 1
-        for n, s, p, d, k, op in zip((D, H, W), stride, padding, dilation, (kd, kh, kw), output_padding)
-    )
-    if min(out) < 1:
-        raise ValueError(
-            f"{fn}: output size {out} is too small for input {D}x{H}x{W} with kernel {(kd, kh, kw)}, "
-            f"stride {stride}, padding {padding}, dilation {dilation}, output_padding {output_padding}"
-        )
+    out_shape, stride, padding, output_padding, dilation, groups = _transposed_geometry(
+        fn, 3, input, weight, bias, stride, padding, output_padding, groups, dilation, "(N, C, D, H, W)",
+        "(C, K/groups, kd, kh, kw)")
     return ConvTranspose3d.apply(
         input,
         weight,
         bias,
-        out_shape=(N, K) + out,
+        out_shape=out_shape,
         stride=stride,
         padding=padding,
         dilation=dilation,
