@@ -169,12 +169,24 @@ def sgemm_peak(device="cpu", n=2048, repeats=5):
     return {k: flops / v / 1e9 for k, v in best.items()}
 
 
+def cpu_model():
+    """The CPU's model name from /proc/cpuinfo (or the platform's answer elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        import platform
+
+        return platform.processor() or "unknown CPU"
+
+
 def environment_report(device="cpu"):
-    """A few lines saying what ran where: versions, threads, load, kernels, tuning."""
+    """A few lines saying what ran where: CPU, versions, threads, load, kernels, tuning."""
     import kernels
     import torch
 
     lines = [
+        f"CPU: {cpu_model()}",
         f"python {sys.version.split()[0]}, numpy {numpy.__version__}, torch {torch.__version__}, "
         f"scratchseg {scratchseg.__version__}",
         f"backend {scratchseg.backend.current()}, kernels {scratchseg.backend.kernels()}, "
@@ -196,6 +208,49 @@ def environment_report(device="cpu"):
         lines.append(f"GPU {props['name'].decode() if isinstance(props['name'], bytes) else props['name']}, "
                      f"cupy {cupy.__version__}, torch cuda {torch.version.cuda}")
     return lines
+
+
+# ------------------------------------------- one training step against torch's
+def compare_steps(ours, theirs, rounds, warmup, device="cpu", what="networks"):
+    """Check that the two steps start from the same loss, then time them interleaved: the time row.
+
+    ``ours.step()`` / ``theirs.step()`` each run one training step and return its loss.
+    """
+    loss_ours = float(scratchseg.backend.asnumpy(ours.step().data))
+    loss_theirs = float(theirs.step().item())
+    print(f"first-step loss: scratchseg {loss_ours:.6f}, torch {loss_theirs:.6f}")
+    if not abs(loss_ours - loss_theirs) <= 1e-3 * abs(loss_theirs):
+        raise AssertionError(f"the two {what} disagree on the first loss: not the same computation")
+    print(f"rounds {rounds} after {warmup} warm-up, interleaved; times in ms\n")
+    times = interleaved({"scratchseg": ours.step, "torch": theirs.step}, rounds, warmup, device)
+    s, t = stats(times["scratchseg"]), stats(times["torch"])
+    return [{"measure": "train step time (ms)", "scratchseg med": 1e3 * s["median"], "scratchseg min": 1e3 * s["min"],
+             "torch med": 1e3 * t["median"], "torch min": 1e3 * t["min"], "ratio": s["median"] / t["median"]}]
+
+
+def memory_rows(script, extra_args, device="cpu", check=None):
+    """Peak memory of one step of each library, each measured by ``script`` in a fresh child process.
+
+    ``check(report)`` may refuse a child's report (say, one that measured another batch).
+    """
+    m_ours = child_peak_memory(script, "scratchseg", extra_args)
+    m_theirs = child_peak_memory(script, "torch", extra_args)
+    if check is not None:
+        check(m_ours), check(m_theirs)
+    mib = 2.0**20
+    rows = [{"measure": "peak memory of a step (MiB)", "scratchseg med": m_ours["peak"] / mib,
+             "torch med": m_theirs["peak"] / mib, "ratio": m_ours["peak"] / max(m_theirs["peak"], 1)}]
+    if device == "cpu":
+        rows.append({"measure": "process max RSS (MiB)", "scratchseg med": m_ours["maxrss"] / mib,
+                     "torch med": m_theirs["maxrss"] / mib, "ratio": m_ours["maxrss"] / m_theirs["maxrss"]})
+    return rows
+
+
+def print_step_table(rows):
+    """The comparison table, then the load average (other work on the machine moves the figures)."""
+    print_table(rows, ["measure", "scratchseg med", "scratchseg min", "torch med", "torch min", "ratio"])
+    if hasattr(os, "getloadavg"):
+        print("load average (1, 5, 15 min) at end: %.2f %.2f %.2f" % os.getloadavg())
 
 
 # ------------------------------------------------------------- peak memory

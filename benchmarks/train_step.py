@@ -204,38 +204,20 @@ def main(argv=None):
           f"{CLASSES} classes, SGD momentum 0.9")
 
     # same weights, same data: the first losses agree before anything is timed
-    loss_ours = float(scratchseg.backend.asnumpy(ours.step().data))
-    loss_theirs = float(theirs.step().item())
-    print(f"first-step loss: scratchseg {loss_ours:.6f}, torch {loss_theirs:.6f}")
-    if not abs(loss_ours - loss_theirs) <= 1e-3 * abs(loss_theirs):
-        raise AssertionError("the two U-Nets disagree on the first loss: not the same computation")
-
-    print(f"rounds {args.rounds} after {args.warmup} warm-up, interleaved; times in ms\n")
-    times = _common.interleaved({"scratchseg": ours.step, "torch": theirs.step}, args.rounds, args.warmup, device)
-    s, t = _common.stats(times["scratchseg"]), _common.stats(times["torch"])
-    rows = [{"measure": "train step time (ms)", "scratchseg med": 1e3 * s["median"], "scratchseg min": 1e3 * s["min"],
-             "torch med": 1e3 * t["median"], "torch min": 1e3 * t["min"], "ratio": s["median"] / t["median"]}]
+    rows = _common.compare_steps(ours, theirs, args.rounds, args.warmup, device, what="U-Nets")
     if not args.no_memory:
         del ours, theirs  # the children measure in fresh processes
-        script = os.path.abspath(__file__)
         extra = ["--backend", args.backend, "--batch", str(args.batch), "--size", str(args.size)]
         extra += ["--threads", str(args.threads)] if args.threads else []
         extra += ["--no-tf32"] if args.no_tf32 else ["--tf32"] if args.tf32 else []
-        m_ours = _common.child_peak_memory(script, "scratchseg", extra)
-        m_theirs = _common.child_peak_memory(script, "torch", extra)
-        for m in (m_ours, m_theirs):
+
+        def check(m):
             if (m["batch"], m["size"]) != (args.batch, args.size):
                 raise AssertionError(f"the memory child measured batch {m['batch']} of size {m['size']}, "
                                      f"not the timed {args.batch} of {args.size}")
-        mib = 2.0**20
-        rows.append({"measure": "peak memory of a step (MiB)", "scratchseg med": m_ours["peak"] / mib,
-                     "torch med": m_theirs["peak"] / mib, "ratio": m_ours["peak"] / max(m_theirs["peak"], 1)})
-        if device == "cpu":
-            rows.append({"measure": "process max RSS (MiB)", "scratchseg med": m_ours["maxrss"] / mib,
-                         "torch med": m_theirs["maxrss"] / mib, "ratio": m_ours["maxrss"] / m_theirs["maxrss"]})
-    _common.print_table(rows, ["measure", "scratchseg med", "scratchseg min", "torch med", "torch min", "ratio"])
-    if hasattr(os, "getloadavg"):
-        print("load average (1, 5, 15 min) at end: %.2f %.2f %.2f" % os.getloadavg())
+
+        rows += _common.memory_rows(os.path.abspath(__file__), extra, device, check)
+    _common.print_step_table(rows)
     return rows
 
 

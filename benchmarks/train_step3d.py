@@ -161,16 +161,6 @@ def memory_child(framework, batch, size, base, steps=2):
     print(json.dumps(report))
 
 
-def cpu_model():
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        import platform
-
-        return platform.processor() or "unknown CPU"
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds per framework (default 5)")
@@ -191,7 +181,6 @@ def main(argv=None):
     if args.memory_child:
         return memory_child(args.memory_child, args.batch, args.size, args.base)
 
-    print(f"CPU: {cpu_model()}")
     print("\n".join(_common.environment_report("cpu")))
     ours = OursRunner(args.base)
     theirs = TorchRunner(args.base, ours.state_dict_numpy())
@@ -204,32 +193,13 @@ def main(argv=None):
           f"SGD momentum 0.9, float32")
 
     # same weights, same data: the first losses agree before anything is timed
-    loss_ours = float(scratchseg.backend.asnumpy(ours.step().data))
-    loss_theirs = float(theirs.step().item())
-    print(f"first-step loss: scratchseg {loss_ours:.6f}, torch {loss_theirs:.6f}")
-    if not abs(loss_ours - loss_theirs) <= 1e-3 * abs(loss_theirs):
-        raise AssertionError("the two 3-D U-Nets disagree on the first loss: not the same computation")
-
-    print(f"rounds {args.rounds} after {args.warmup} warm-up, interleaved; times in ms\n")
-    times = _common.interleaved({"scratchseg": ours.step, "torch": theirs.step}, args.rounds, args.warmup)
-    s, t = _common.stats(times["scratchseg"]), _common.stats(times["torch"])
-    rows = [{"measure": "train step time (ms)", "scratchseg med": 1e3 * s["median"], "scratchseg min": 1e3 * s["min"],
-             "torch med": 1e3 * t["median"], "torch min": 1e3 * t["min"], "ratio": s["median"] / t["median"]}]
+    rows = _common.compare_steps(ours, theirs, args.rounds, args.warmup, what="3-D U-Nets")
     if not args.no_memory:
         del ours, theirs  # the children measure in fresh processes
         extra = ["--batch", str(args.batch), "--size", str(args.size), "--base", str(args.base)]
         extra += ["--threads", str(args.threads)] if args.threads else []
-        script = os.path.abspath(__file__)
-        m_ours = _common.child_peak_memory(script, "scratchseg", extra)
-        m_theirs = _common.child_peak_memory(script, "torch", extra)
-        mib = 2.0**20
-        rows.append({"measure": "peak memory of a step (MiB)", "scratchseg med": m_ours["peak"] / mib,
-                     "torch med": m_theirs["peak"] / mib, "ratio": m_ours["peak"] / max(m_theirs["peak"], 1)})
-        rows.append({"measure": "process max RSS (MiB)", "scratchseg med": m_ours["maxrss"] / mib,
-                     "torch med": m_theirs["maxrss"] / mib, "ratio": m_ours["maxrss"] / m_theirs["maxrss"]})
-    _common.print_table(rows, ["measure", "scratchseg med", "scratchseg min", "torch med", "torch min", "ratio"])
-    if hasattr(os, "getloadavg"):
-        print("load average (1, 5, 15 min) at end: %.2f %.2f %.2f" % os.getloadavg())
+        rows += _common.memory_rows(os.path.abspath(__file__), extra)
+    _common.print_step_table(rows)
     return rows
 
 
