@@ -137,7 +137,7 @@ def _winograd3d_applies(C, K, kd, kh, kw, sd, sh, sw, dd, dh, dw, groups, Ho, Wo
 
 def _winograd3d_conv(x, w, bias, pd, ph, pw, dh, dw, y):
     """y = conv3d(x, w, bias), w (K, C, kd, 3, 3), unit stride and depth dilation, one group, y written in full."""
-    N, C, D = x.shape[0], x.shape[1], x.shape[2]
+    N, C = x.shape[0], x.shape[1]
     K, kd = w.shape[0], w.shape[2]
     Do, Ho, Wo = y.shape[2], y.shape[3], y.shape[4]
     dtype = y.dtype
@@ -156,17 +156,7 @@ def _winograd3d_conv(x, w, bias, pd, ph, pw, dh, dw, y):
             ring = workspace(16 * kd * C * t, dtype, 2).reshape(16, kd, C, t)  # transformed planes
             M = workspace(16 * K * t, dtype, 1).reshape(16, K, t)
 
-            def transform(d):  # plane d's tiles into its slot, zero outside the volume
-                slot = ring[:, (d + pd) % kd]
-                if 0 <= d < D:
-                    winograd._winograd_input(x[:, :, d], n, a, bb, dh, dw, ph, pw, r0, r1, TW, slot)
-                else:
-                    slot[...] = 0
-
-            for d in range(-pd, kd - 1 - pd):
-                transform(d)
-            for do in range(Do):
-                transform(do - pd + kd - 1)
+            for do in _winograd_ring(ring, x, n, a, bb, dh, dw, ph, pw, r0, r1, TW, pd, Do):
                 np.matmul(U_ring[do % kd], ring.reshape(16, kd * C, t), out=M)  # 16 GEMMs (K, kd*C) @ (kd*C, t)
                 winograd._winograd_output(M, n, a, bb, dh, dw, r0, r1, TW, b, y[:, :, do])
 
@@ -174,10 +164,30 @@ def _winograd3d_conv(x, w, bias, pd, ph, pw, dh, dw, y):
     return y
 
 
+def _winograd_ring(ring, x, n, a, bb, dh, dw, ph, pw, r0, r1, TW, pd, Do):
+    """Yield each output plane ``do`` once the ring holds the transformed tiles of the ``kd`` input
+    planes it reads: input plane d lives in slot (d + pd) % kd (zeros outside the volume), so each
+    step transforms one new plane and the other kd - 1 are reused."""
+    kd, D = ring.shape[1], x.shape[2]
+
+    def transform(d):
+        slot = ring[:, (d + pd) % kd]
+        if 0 <= d < D:
+            winograd._winograd_input(x[:, :, d], n, a, bb, dh, dw, ph, pw, r0, r1, TW, slot)
+        else:
+            slot[...] = 0
+
+    for d in range(-pd, kd - 1 - pd):
+        transform(d)
+    for do in range(Do):
+        transform(do - pd + kd - 1)
+        yield do
+
+
 def _winograd3d_weight_grad(x, dout, kd, pd, ph, pw, dh, dw):
     """dw (K, C, kd, 3, 3) of conv3d by the same tiles: per output plane, 16 GEMMs (K, t) @ (t, kd*C)
     of its transformed dout against the ring of transformed input planes (winograd.py's weight gradient)."""
-    N, C, D = x.shape[0], x.shape[1], x.shape[2]
+    N, C = x.shape[0], x.shape[1]
     K, Do, Ho, Wo = dout.shape[1], dout.shape[2], dout.shape[3], dout.shape[4]
     dtype = x.dtype
     blocks = list(winograd._winograd_blocks(Ho, Wo, dh, dw, 16 * kd * C * dtype.itemsize,
@@ -192,17 +202,7 @@ def _winograd3d_weight_grad(x, dout, kd, pd, ph, pw, dh, dw):
             Dt = workspace(16 * K * t, dtype, 1).reshape(16, K, t)
             P = workspace(16 * K * kd * C, dtype, 0).reshape(16, K, kd * C)
 
-            def transform(d):
-                slot = ring[:, (d + pd) % kd]
-                if 0 <= d < D:
-                    winograd._winograd_input(x[:, :, d], n, a, bb, dh, dw, ph, pw, r0, r1, TW, slot)
-                else:
-                    slot[...] = 0
-
-            for d in range(-pd, kd - 1 - pd):
-                transform(d)
-            for do in range(Do):
-                transform(do - pd + kd - 1)
+            for do in _winograd_ring(ring, x, n, a, bb, dh, dw, ph, pw, r0, r1, TW, pd, Do):
                 winograd._winograd_output_grad(dout[:, :, do], n, a, bb, dh, dw, r0, r1, TW, Dt)
                 np.matmul(Dt, ring.reshape(16, kd * C, t).transpose(0, 2, 1), out=P)  # (K, t) @ (t, kd*C)
                 S[do % kd] += P
