@@ -100,15 +100,17 @@ def make_sample(rng, size=32, min_shapes=1, max_shapes=3, min_radius=0.16, max_r
     return (numpy.clip(image, 0, 1) * 255 + 0.5).astype(numpy.uint8), mask
 
 
+def generate_split(make, split, n, key, **options):
+    """``n`` samples ``make(rng, **options)`` of ``split`` as an ArrayDataset; sample i draws from
+    ``default_rng([*key, split code, i])``, so each sample is the same whatever ``n`` is."""
+    code = _SPLIT_CODE[split]
+    samples = [make(numpy.random.default_rng([*key, code, i]), **options) for i in range(n)]
+    return ArrayDataset([x for x, _ in samples], [m for _, m in samples], [f"{split}_{i:05d}" for i in range(n)])
+
+
 def make_split(split, n, seed=0, **options):
     """``n`` samples of ``split`` ('train', 'val' or 'test') as an ArrayDataset."""
-    code = _SPLIT_CODE[split]
-    images, masks = [], []
-    for i in range(n):
-        image, mask = make_sample(numpy.random.default_rng([seed, code, i]), **options)
-        images.append(image)
-        masks.append(mask)
-    return ArrayDataset(images, masks, [f"{split}_{i:05d}" for i in range(n)])
+    return generate_split(make_sample, split, n, (seed,), **options)
 
 
 def make_task(**options):

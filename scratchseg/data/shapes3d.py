@@ -31,13 +31,13 @@ import math
 
 import numpy
 
-from .task import ArrayDataset, DataError, Task
+from .shapes import generate_split
+from .task import DataError, Task
 
 __all__ = ["CLASS_NAMES", "COLORS", "DEFAULTS", "make_sample", "make_split", "make_task"]
 
 CLASS_NAMES = ["background", "sphere", "box", "torus"]
 COLORS = [(0, 0, 0), (230, 25, 75), (60, 180, 75), (0, 130, 200)]
-_SPLIT_CODE = {"train": 0, "val": 1, "test": 2}
 
 # What `scratchseg train --data shapes3d --model unet3d` uses; each can be changed with
 # `--data shapes3d:n_train=...,size=...`. Small volumes, so that training takes minutes on two cores.
@@ -120,13 +120,7 @@ def make_sample(rng, size=16, min_objects=1, max_objects=3, min_radius=0.3, max_
 
 def make_split(split, n, seed=0, **options):
     """``n`` samples of ``split`` ('train', 'val' or 'test') as an ArrayDataset."""
-    code = _SPLIT_CODE[split]
-    volumes, masks = [], []
-    for i in range(n):
-        volume, mask = make_sample(numpy.random.default_rng([seed, 3, code, i]), **options)
-        volumes.append(volume)
-        masks.append(mask)
-    return ArrayDataset(volumes, masks, [f"{split}_{i:05d}" for i in range(n)])
+    return generate_split(make_sample, split, n, (seed, 3), **options)  # 3: other draws than 2-D shapes'
 
 
 def make_task(**options):
