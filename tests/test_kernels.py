@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import doctest
 import importlib
-import inspect
 import json
 import os
 import subprocess

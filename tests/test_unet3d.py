@@ -3,7 +3,6 @@ written in torch giving the same loss, gradients and parameters after two SGD st
 
 from __future__ import annotations
 
-from collections import OrderedDict
 
 import numpy as np
 import pytest
