@@ -80,8 +80,8 @@ def valid_output_size(size, depth):
         down: s -> (s - 4) / 2 (two 3x3 valid convs, then 2x2 pool), ``depth`` times;
         bottom: s -> s - 4; up: s -> 2 s - 4, ``depth`` times.
 
-    >>> valid_output_size(572, 4), valid_output_size(573, 4), valid_output_size(100, 4)
-    (388, None, None)
+    >>> valid_output_size(572, 4), valid_output_size(573, 4), valid_output_size(100, 4), valid_output_size(140, 4)
+    (388, None, None, None)
     """
     s = size
     for _ in range(depth):
@@ -94,6 +94,8 @@ def valid_output_size(size, depth):
         return None
     for _ in range(depth):
         s = 2 * s - 4
+        if s <= 0:  # the up-path's valid convolutions eat more than the up-sampling gives
+            return None
     return s
 
 
