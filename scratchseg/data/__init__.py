@@ -4,6 +4,7 @@
 gives it:
 
 * ``"shapes"`` or ``"shapes:n_train=200,size=48"``: the embedded synthetic set;
+* ``"cells"`` or ``"cells:n_train=200,cell_size=10"``: embedded synthetic cell tissue (membranes, nuclei);
 * ``"folder:PATH"``: images/masks by file stem under ``PATH/{train,val,test}``;
 * ``"voc:PATH"``: the PASCAL VOC 2012 layout;
 * ``"shapes3d"`` or ``"shapes3d:n_train=50,size=32"``: the embedded synthetic volumes;
@@ -16,12 +17,18 @@ gives it:
 
 from __future__ import annotations
 
-from . import folder, loader, shapes, shapes3d, task, transforms, voc, volumes
+from . import cells, folder, loader, shapes, shapes3d, task, transforms, voc, volumes
 from .loader import Loader
 from .task import ArrayDataset, DataError, Task, default_colors
+from .weightmap import instances_from_mask, unet_weight_map, weight_map_from_mask
 
 __all__ = ["Task", "ArrayDataset", "DataError", "Loader", "make_task", "parse_spec", "describe_datasets",
-           "default_colors", "folder", "loader", "shapes", "shapes3d", "task", "transforms", "voc", "volumes"]
+           "default_colors", "cells", "folder", "loader", "shapes", "shapes3d", "task", "transforms", "voc", "volumes",
+           "unet_weight_map", "instances_from_mask", "weight_map_from_mask"]
+
+
+# the embedded synthetic sets: spec kind -> module with make_task(**options) and DEFAULTS
+_SYNTHETIC = {"shapes": shapes, "cells": cells, "shapes3d": shapes3d}
 
 
 def _number(text):
@@ -34,7 +41,7 @@ def _number(text):
 
 
 def parse_spec(spec):
-    """Split ``"kind:rest"``; for ``shapes`` and ``shapes3d`` the rest is ``key=value`` options.
+    """Split ``"kind:rest"``; for ``shapes``, ``cells`` and ``shapes3d`` the rest is ``key=value`` options.
 
     >>> parse_spec("shapes:n_train=10,size=24")
     ('shapes', {'n_train': 10, 'size': 24})
@@ -43,7 +50,7 @@ def parse_spec(spec):
     """
     kind, _, rest = str(spec).partition(":")
     kind = kind.strip().lower()
-    if kind in ("shapes", "shapes3d"):
+    if kind in ("shapes", "cells", "shapes3d"):
         options = {}
         for part in (p for p in rest.split(",") if p.strip()):
             key, eq, value = part.partition("=")
@@ -55,18 +62,18 @@ def parse_spec(spec):
         if not rest:
             raise DataError(f"{kind}: needs a path, e.g. {kind}:/data/my_dataset")
         return kind, rest
-    raise DataError(f"unknown dataset {spec!r}; expected 'shapes', 'folder:PATH', 'voc:PATH', 'shapes3d' or "
+    raise DataError(f"unknown dataset {spec!r}; expected 'shapes', 'cells', 'folder:PATH', 'voc:PATH', 'shapes3d' or "
                     "'volumes:PATH' (see `scratchseg datasets`)")
 
 
 def make_task(spec="shapes", label_map=None, ignore_index=None, num_classes=None, val_split=None, **shape_options):
     """Build the Task named by ``spec`` (see the module docstring)."""
     kind, arg = parse_spec(spec)
-    if kind in ("shapes", "shapes3d"):
+    if kind in _SYNTHETIC:
         if label_map or ignore_index is not None or num_classes is not None or val_split:
             raise DataError("--label-map, --ignore-index, --num-classes and --val-split apply to folder: and "
                             f"volumes: datasets, not to {kind}")
-        return (shapes if kind == "shapes" else shapes3d).make_task(**dict(arg, **shape_options))
+        return _SYNTHETIC[kind].make_task(**dict(arg, **shape_options))
     if kind in ("folder", "volumes"):
         return (folder if kind == "folder" else volumes).make_task(
             arg, label_map=label_map, ignore_index=ignore_index, num_classes=num_classes, val_split=val_split)
@@ -79,8 +86,8 @@ def make_task(spec="shapes", label_map=None, ignore_index=None, num_classes=None
 def task_from_spec(spec):
     """Rebuild a Task from the ``Task.spec`` dict saved in a checkpoint."""
     kind = spec.get("kind")
-    if kind in ("shapes", "shapes3d"):
-        return (shapes if kind == "shapes" else shapes3d).make_task(**spec["options"])
+    if kind in _SYNTHETIC:
+        return _SYNTHETIC[kind].make_task(**spec["options"])
     if kind in ("folder", "volumes"):
         return (folder if kind == "folder" else volumes).make_task(
             spec["path"], label_map=spec.get("label_map"), ignore_index=spec.get("ignore_index"),
@@ -94,9 +101,13 @@ def describe_datasets():
     """The text `scratchseg datasets` prints."""
     opts = ", ".join(f"{k}={v}" for k, v in shapes.DEFAULTS.items())
     opts3d = ", ".join(f"{k}={v}" for k, v in shapes3d.DEFAULTS.items())
+    opts_cells = ", ".join(f"{k}={v}" for k, v in cells.DEFAULTS.items())
     return "\n".join([
         "shapes            synthetic circles / squares / triangles on textured noisy backgrounds,",
         "                  4 classes, deterministic; options: shapes:" + opts,
+        "cells             synthetic cell tissue: Voronoi cells, dark membranes, some nuclei; 3 classes",
+        "                  (cytoplasm, membrane, nucleus), imbalanced, deterministic; options:",
+        "                  cells:" + opts_cells,
         "folder:PATH       PATH/{train,val,test}/images/<stem>.* + PATH/{train,val,test}/masks/<stem>.png,",
         "                  optional PATH/classes.txt; --label-map 0:0,255:1, --ignore-index N,",
         "                  --num-classes K, --val-split 24-29 | 0.2",

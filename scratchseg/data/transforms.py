@@ -24,7 +24,7 @@ import numpy
 from ..backend import get_array_module
 
 __all__ = ["Compose", "Resize", "ResizeImage", "RandomScale", "RandomCrop", "RandomHorizontalFlip", "RandomFlip3d",
-           "Normalize", "resize_image", "resize_mask", "center_crop_mask", "parse_size"]
+           "ElasticDeform", "Normalize", "resize_image", "resize_mask", "center_crop_mask", "parse_size"]
 
 
 def parse_size(value, dims=2):
@@ -216,6 +216,70 @@ class RandomFlip3d:
 
     def __repr__(self):
         return f"RandomFlip3d({self.p})"
+
+
+class ElasticDeform:
+    """The U-Net paper's elastic deformation: random displacements on a coarse grid, smoothly interpolated.
+
+    A displacement vector is drawn at each node of a ``grid`` x ``grid`` lattice spread evenly over the
+    image (corners included), each component ~ N(0, sigma^2) pixels; cubic-spline interpolation of the
+    lattice (bicubic, through the drawn values) gives a smooth displacement u(p) at every pixel p, and
+
+        out(p) = in(p + u(p))
+
+    with the image sampled bilinearly (uint8 rounded back: a convex combination of uint8 values stays in
+    0..255) and the mask by nearest neighbour at the same points, so labels stay labels and image and
+    mask stay aligned. Points that fall outside are mirrored back in (``reflect``). sigma = 0 is the
+    identity. Volumes (D, H, W, C) take a lattice in three axes.
+
+        >>> import numpy as np
+        >>> img, mask = np.zeros((20, 30, 1), np.uint8), np.arange(600).reshape(20, 30) % 3
+        >>> out_img, out_mask = ElasticDeform(sigma=4.0)(img, mask, np.random.default_rng(0))
+        >>> out_img.shape, out_mask.shape, set(np.unique(out_mask).tolist()) <= {0, 1, 2}
+        ((20, 30, 1), (20, 30), True)
+    """
+
+    def __init__(self, sigma=10.0, grid=3):
+        if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not (numpy.isfinite(sigma) and sigma >= 0):
+            raise ValueError(f"elastic deformation sigma must be a number >= 0 (pixels), got {sigma!r}")
+        if isinstance(grid, bool) or not isinstance(grid, (int, numpy.integer)) or grid < 2:
+            raise ValueError(f"elastic deformation grid must be an integer >= 2 (nodes per axis), got {grid!r}")
+        self.sigma, self.grid = float(sigma), int(grid)
+
+    def displacement(self, shape, rng):
+        """The displacement field (dims, *shape) float64, drawn from ``rng``, for spatial ``shape``."""
+        from scipy import ndimage
+
+        dims = len(shape)
+        field = rng.normal(0.0, 1.0, size=(dims,) + (self.grid,) * dims) * self.sigma  # (dims, grid, ..., grid)
+        # The cubic spline through the nodes is a tensor product, so it is interpolated one axis at a time:
+        # A (n, grid) holds the 1-D spline weights of each node at pixel i, which lies at lattice
+        # coordinate i (grid - 1) / (n - 1); A[:, k] interpolates the k-th unit vector.
+        for axis, n in enumerate(shape):
+            where = numpy.arange(n) * ((self.grid - 1) / (n - 1) if n > 1 else 0.0)  # (n,)
+            A = numpy.stack([ndimage.map_coordinates(unit, where[None], order=3, mode="nearest")
+                             for unit in numpy.eye(self.grid)], axis=1)  # (n, grid)
+            field = numpy.moveaxis(numpy.tensordot(field, A, axes=([axis + 1], [1])), -1, axis + 1)  # grid -> n
+        return field  # (dims, *shape)
+
+    def __call__(self, image, mask, rng):
+        from scipy import ndimage
+
+        shape = image.shape[:-1]  # spatial axes of (H, W, C) or (D, H, W, C)
+        if mask is not None and tuple(mask.shape) != tuple(shape):
+            raise ValueError(f"elastic deformation: mask shape {tuple(mask.shape)} does not match the image's "
+                             f"{tuple(shape)}")
+        points = numpy.indices(shape, dtype=numpy.float64) + self.displacement(shape, rng)  # (dims, *shape): p + u(p)
+        channels = [ndimage.map_coordinates(image[..., c].astype(numpy.float64), points, order=1, mode="reflect")
+                    for c in range(image.shape[-1])]
+        out = numpy.stack(channels, axis=-1)  # (*shape, C)
+        out = numpy.rint(out).astype(image.dtype) if image.dtype.kind in "iu" else out.astype(image.dtype)
+        if mask is not None:
+            mask = ndimage.map_coordinates(mask, points, order=0, mode="reflect")  # nearest: labels stay labels
+        return out, mask
+
+    def __repr__(self):
+        return f"ElasticDeform(sigma={self.sigma}, grid={self.grid})"
 
 
 class Normalize:
