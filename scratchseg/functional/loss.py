@@ -18,6 +18,15 @@ targets*, sum over non-ignored positions of w_t (the number of non-ignored
 positions when there are no weights). If every target is ignored, ``'mean'``
 is 0/0 = nan, as in torch.
 
+``cross_entropy(..., weight_map=m)`` also multiplies the loss of each
+position by its own weight m (an (N, d1, d2, ...) array such as the U-Net
+paper's border weight map, ``scratchseg.data.unet_weight_map``):
+``loss_i = m_i * w_t * (-log p_t)``. ``'mean'`` still divides by the total
+class weight of the non-ignored positions (their number without class
+weights), not by the sum of m, so a map of ones changes nothing and the map's
+scale is the loss's scale: torch's ``(F.cross_entropy(x, t, reduction='none')
+* m).sum() / (t != ignore_index).sum()``.
+
 ``binary_cross_entropy_with_logits`` is the loss of a one-channel (sigmoid)
 model: element-wise, no class axis, see ``BinaryCrossEntropyWithLogits``. The
 overlap losses (Dice, Jaccard, Tversky, Focal, Lovasz), and a BCE that takes
@@ -207,14 +216,21 @@ class CrossEntropy(Function):
         dx_c = g [((1 - eps) w_t + (eps / C) W) p_c - (1 - eps) w_t [c == t] - (eps / C) w_c]
 
     which for eps = 0 is the familiar  dx = g w_t (p - onehot(t)).
+
+    A per-position weight map m scales each position's loss, loss_i -> m_i loss_i, and so its
+    gradient: g_i -> m_i g_i. It is applied around the replaceable forward and backward (which
+    never see it), so their kernels serve the weighted loss unchanged.
     """
 
     @staticmethod
-    def forward(ctx, x, target, weight, ignore_index, reduction, label_smoothing):
+    def forward(ctx, x, target, weight, ignore_index, reduction, label_smoothing, weight_map=None):
         eps = float(label_smoothing)
         p, loss, w_t = cross_entropy_forward(x, target, weight, ignore_index, eps)
+        m = None if weight_map is None else weight_map.reshape(loss.shape)  # (N, 1, S)
+        if m is not None:
+            loss = loss * m  # m_i loss_i; 'mean' keeps the normaliser sum w_t
         out, total = _reduce(loss, w_t, reduction, target.shape)
-        ctx.p, ctx.w_t, ctx.weight, ctx.target = p, w_t, weight, target
+        ctx.p, ctx.w_t, ctx.weight, ctx.target, ctx.m = p, w_t, weight, target, m
         ctx.reduction, ctx.total, ctx.eps, ctx.N = reduction, total, eps, x.shape[0]
         ctx.ignore_index, ctx.x_shape = ignore_index, x.shape
         return out
@@ -222,13 +238,35 @@ class CrossEntropy(Function):
     @staticmethod
     def backward(ctx, dout):
         if not ctx.needs_input_grad[0]:
-            return (None,) * 6
+            return (None,) * 7
         g = _upstream(ctx, dout)  # (N, 1, S) or a scalar
+        if ctx.m is not None:
+            g = g * ctx.m  # d(m_i loss_i)/d(loss_i) = m_i: (N, 1, S)
         dx = cross_entropy_backward(ctx.p, ctx.target, ctx.weight, ctx.w_t, g, ctx.ignore_index, ctx.eps)
-        return dx.reshape(ctx.x_shape), None, None, None, None, None
+        return dx.reshape(ctx.x_shape), None, None, None, None, None, None
 
 
-def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0):
+def _check_weight_map(weight_map, input, target):
+    """The per-position weight map as an array of ``input``'s device and dtype, shaped like ``target``."""
+    if weight_map is None:
+        return None
+    m = _as_data(weight_map)
+    if not hasattr(m, "dtype"):
+        m = numpy.asarray(m)
+    if tuple(m.shape) != tuple(target.shape):
+        raise ValueError(f"cross_entropy: weight_map has shape {tuple(m.shape)}, expected the target's "
+                         f"{tuple(target.shape)}: one weight per position")
+    if m.dtype.kind not in "fiub":
+        raise TypeError(f"cross_entropy: weight_map must hold numbers, got dtype {m.dtype}")
+    m = backend.to_device(m, backend.device_of(_as_data(input))).astype(input.dtype, copy=False)
+    xp = get_array_module(m)
+    if m.size and not bool(xp.isfinite(m).all()):
+        raise ValueError("cross_entropy: weight_map holds a NaN or infinite value; every weight must be finite")
+    return m
+
+
+def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0,
+                  weight_map=None):
     """Softmax cross-entropy between scores and integer class targets, as ``torch.nn.functional.cross_entropy``.
 
     Args:
@@ -241,6 +279,11 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
             ``'sum'`` or ``'none'``.
         label_smoothing: eps in [0, 1]; the target becomes
             (1 - eps) onehot(t) + eps / C (torch's formula, weights included).
+        weight_map: optional per-position weights m, shaped like ``target``
+            (N, d1, ...) (a constant: no gradient), e.g. the U-Net border
+            weight map: loss_i = m_i w_t (-log p_t). ``'mean'`` still divides
+            by the total class weight of the non-ignored positions. Not in
+            torch; there: ``(F.cross_entropy(..., reduction='none') * m)``.
 
     Shape:
         - Input: (N, C, d1, ...) ; Target: (N, d1, ...)
@@ -256,11 +299,13 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
     target, weight = _check_inputs("cross_entropy", input, target, weight, ignore_index, reduction)
     if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, Real) or not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"label_smoothing must be a number in [0.0, 1.0], got {label_smoothing!r}")
+    m = _check_weight_map(weight_map, input, target)
     if input.ndim == 1:  # unbatched (C,): a batch of one
         x = input.reshape(1, input.shape[0]) if isinstance(input, Tensor) else input.reshape(1, -1)
-        out = CrossEntropy.apply(x, target.reshape(1), weight, int(ignore_index), reduction, label_smoothing)
+        m = None if m is None else m.reshape(1)
+        out = CrossEntropy.apply(x, target.reshape(1), weight, int(ignore_index), reduction, label_smoothing, m)
         return out.reshape(()) if reduction == "none" else out
-    return CrossEntropy.apply(input, target, weight, int(ignore_index), reduction, label_smoothing)
+    return CrossEntropy.apply(input, target, weight, int(ignore_index), reduction, label_smoothing, m)
 
 
 # ---------------------------------------------------------------- nll loss
