@@ -14,9 +14,14 @@ where it does not apply, and the reference runs. One module per family:
   blocked like ``conv.py``, with a ring of unfolded (or Winograd-transformed) depth planes;
 * ``winograd.py``      -- Winograd's F(2x2, 3x3), which ``conv.py`` takes for 3x3
   unit-stride convolutions with enough channels;
+* ``taps.py``          -- convolution tap by tap over the outputs each tap reaches inside
+  the image, which ``conv.py`` takes when most products would multiply zero padding;
 * ``normalization.py`` -- ``batch_norm_train_forward``, ``batch_norm_backward``;
 * ``pooling.py``       -- ``max_pool2d_forward``, ``max_pool2d_backward``;
 * ``activation.py``    -- ``relu_forward``, ``relu_backward``;
+* ``lattice.py``       -- the permutohedral lattice, Gaussian filtering in feature
+  space for the dense CRF; not a twin (it approximates), so not in ``KERNELS``:
+  ``scratchseg.crf.dense_crf(..., filter='lattice')`` imports it by name;
 * ``runtime.py``       -- worker threads, parallel kernels and their serial twins,
   BLAS threads, workspaces; ``_common.py`` -- shapes and dtypes.
 
