@@ -39,7 +39,7 @@ import numpy
 from .backend import asnumpy, is_cupy_array
 
 __all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "load_weights", "load_torch_file",
-           "match_weights", "FORMAT"]
+           "match_weights", "run_checkpoint", "FORMAT"]
 
 FORMAT = "scratchseg-checkpoint"
 VERSION = 1
@@ -286,6 +286,15 @@ def load_weights(path):
     if _HEADER in arrays:
         return load_checkpoint(path)["model"]
     return arrays
+
+
+def run_checkpoint(folder):
+    """The checkpoint a run folder's weights are read from: ``best.npz``, else ``last.npz``."""
+    folder = os.fspath(folder)
+    for name in ("best.npz", "last.npz"):
+        if os.path.isfile(os.path.join(folder, name)):
+            return os.path.join(folder, name)
+    raise CheckpointError(f"{folder} holds no checkpoint (expected {folder}/best.npz or {folder}/last.npz)")
 
 
 def match_weights(model_state, weights):

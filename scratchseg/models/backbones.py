@@ -222,6 +222,7 @@ class ResNet(nn.Module):
         self.layer4 = self._make_layer(8 * base, layers[3], stride=2, dilate=dilate[2])
         e = self.block.expansion
         self.out_channels = {"layer1": base * e, "layer4": 8 * base * e}
+        self.output_stride = output_stride
 
     def _make_layer(self, planes, blocks, stride, dilate):
         previous_dilation = self.dilation
@@ -237,11 +238,47 @@ class ResNet(nn.Module):
         stage += [self.block(out_ch, planes, 1, self.dilation) for _ in range(1, blocks)]
         return nn.Sequential(*stage)
 
+    def set_output_stride(self, output_stride):
+        """Re-stride the network in place for ``output_stride`` 8, 16 or 32: the same weights, no new ones.
+
+        Every stage's first block strides (2) or, where the output stride
+        asks for it, keeps the resolution and dilates instead, exactly as
+        ``ResNet(..., output_stride=output_stride)`` builds it (DeepLab v3
+        trains at 16 and evaluates at 8). Only strides, dilations and
+        paddings change: a 3x3 convolution's weight has the same shape at any
+        dilation, and a stage's shortcut projection is there at every output
+        stride (its channels change), so the state dict is the same.
+        """
+        if output_stride not in (8, 16, 32):
+            raise ValueError(f"ResNet output_stride must be 8, 16 or 32, got {output_stride!r}")
+        dilate = {32: (False, False, False), 16: (False, False, True), 8: (False, True, True)}[output_stride]
+        dilation = 1
+        for stage, dilated in zip((self.layer2, self.layer3, self.layer4), dilate):
+            previous, stride = dilation, 2
+            if dilated:
+                dilation, stride = dilation * 2, 1
+            for i, block in enumerate(stage):
+                # as _make_layer: the first block keeps the previous dilation and does the striding
+                _regeometry(block, stride if i == 0 else 1, previous if i == 0 else dilation)
+        self.dilation, self.output_stride = dilation, output_stride
+        return self
+
     def forward(self, x):
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))  # stride 4
         low = self.layer1(x)
         x = self.layer4(self.layer3(self.layer2(low)))
         return {"layer1": low, "layer4": x}
+
+
+def _regeometry(block, stride, dilation):
+    """Set a residual block's stride and 3x3 dilation in place (padding = dilation keeps the size)."""
+    strided = block.conv1 if isinstance(block, BasicBlock) else block.conv2  # v1.5: the 3x3 strides
+    dilated = (block.conv1, block.conv2) if isinstance(block, BasicBlock) else (block.conv2,)
+    strided.stride = (stride, stride)
+    for conv in dilated:
+        conv.dilation = conv.padding = (dilation, dilation)
+    if block.downsample is not None:
+        block.downsample[0].stride = (stride, stride)
 
 
 def resnet(name, in_channels=3, base=64, output_stride=32, layers=None):

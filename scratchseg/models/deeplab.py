@@ -52,6 +52,7 @@ VGG16 ``width`` (default 1/8; 1.0 is the paper's).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -77,6 +78,7 @@ __all__ = [
     "deeplabv2",
     "deeplabv3",
     "deeplabv3plus",
+    "set_output_stride",
 ]
 
 
@@ -233,6 +235,17 @@ class ASPP(nn.Module):
             nn.Dropout(dropout),
         )
 
+    def set_rates(self, rates):
+        """Give the three atrous branches new dilation rates in place (same weights, padding = rate)."""
+        atrous = [branch[0] for branch in self.branches[1:-1]]  # the conv of each 3x3 conv-bn-relu
+        rates = tuple(int(r) for r in rates)
+        if len(rates) != len(atrous) or min(rates) < 1:
+            raise ValueError(f"ASPP has {len(atrous)} atrous branches; expected {len(atrous)} positive rates, "
+                             f"got {rates}")
+        for conv, r in zip(atrous, rates):
+            conv.dilation = conv.padding = (r, r)
+        return self
+
     def forward(self, x):
         # ASPP v3: every branch sees the same features at its own scale; concatenated along channels
         return self.project(scratchseg.cat([branch(x) for branch in self.branches], dim=1))
@@ -255,6 +268,30 @@ def _v3_rates(config):
     return (6, 12, 18) if config.output_stride == 16 else tuple(2 * r for r in (6, 12, 18))
 
 
+def set_output_stride(model, output_stride):
+    """Evaluate a v3 / v3+ model at another output stride with the same weights, as DeepLab v3 does.
+
+    Trained at output stride 16, evaluated at 8: ``layer3`` of the backbone
+    stops striding and dilates by 2 (``layer4`` by 4), and every ASPP rate
+    doubles, since the rates count steps of a feature grid that is now twice
+    as fine (6, 12, 18 -> 12, 24, 36). No parameter is added or changed; the
+    features are 4x as many, so it costs about 4x in the last two stages.
+    """
+    if output_stride not in (8, 16):
+        raise ValueError(f"DeepLab v3/v3+ output_stride must be 8 or 16, got {output_stride!r}")
+    config = model.config
+    rates = _v3_rates(config)
+    scaled_rates = [r * config.output_stride / output_stride for r in rates]
+    if any(r != int(r) for r in scaled_rates):
+        raise ValueError(f"the ASPP rates {rates} at output stride {config.output_stride} have no whole-number "
+                         f"equivalent at output stride {output_stride}")
+    model.backbone.set_output_stride(output_stride)
+    model.aspp.set_rates([int(r) for r in scaled_rates])
+    model.config = dataclasses.replace(config, output_stride=output_stride,
+                                       rates=None if config.rates is None else tuple(int(r) for r in scaled_rates))
+    return model
+
+
 class DeepLabV3(nn.Module):
     """ResNet at output stride 16 (default) + ASPP + 1x1 classifier.
 
@@ -269,6 +306,10 @@ class DeepLabV3(nn.Module):
         c = scaled(256, config.width)
         self.aspp = ASPP(self.backbone.out_channels["layer4"], c, _v3_rates(config), config.dropout)
         self.classifier = nn.Conv2d(c, config.num_classes, 1)
+
+    def set_output_stride(self, output_stride):
+        """The same weights at output stride 8 or 16 (see ``set_output_stride``); returns the model."""
+        return set_output_stride(self, output_stride)
 
     def forward(self, x):
         check_image_batch(x, self.config.in_channels, "DeepLabV3")
@@ -294,6 +335,10 @@ class DeepLabV3Plus(nn.Module):
         self.reduce = _conv_bn_relu(self.backbone.out_channels["layer1"], low, 1)
         self.decoder = nn.Sequential(_conv_bn_relu(c + low, dec, 3), _conv_bn_relu(dec, dec, 3))
         self.classifier = nn.Conv2d(dec, config.num_classes, 1)
+
+    def set_output_stride(self, output_stride):
+        """The same weights at output stride 8 or 16 (see ``set_output_stride``); returns the model."""
+        return set_output_stride(self, output_stride)
 
     def forward(self, x):
         check_image_batch(x, self.config.in_channels, "DeepLabV3Plus")
