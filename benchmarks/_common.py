@@ -40,6 +40,7 @@ __all__ = [
     "print_table",
     "sgemm_peak",
     "environment_report",
+    "where_report",
     "child_peak_memory",
     "rss_bytes",
     "maxrss_bytes",
@@ -99,11 +100,19 @@ def synchronize(device):
         torch.cuda.synchronize()
 
 
-def interleaved(cases, rounds, warmup, device="cpu"):
+# Idle time before every timed call (seconds): the BLAS and OpenMP workers
+# one library leaves spinning (OpenBLAS after a GEMM, PyTorch's OpenMP pool
+# after a parallel region: 0.01-0.05 s of CPU) must not be charged to the
+# other library's call that follows on the same cores.
+IDLE_BEFORE_CALL = 0.3
+
+
+def interleaved(cases, rounds, warmup, device="cpu", idle=IDLE_BEFORE_CALL):
     """Run each ``cases[name]()`` ``warmup + rounds`` times, interleaved; return {name: [seconds]}.
 
     Round r runs the cases in order, round r+1 in reverse order, so neither
     framework always follows the other (caches, thread pools, turbo states).
+    Every call starts after ``idle`` seconds of sleep (``IDLE_BEFORE_CALL``).
     """
     names = list(cases)
     times = {name: [] for name in names}
@@ -111,6 +120,8 @@ def interleaved(cases, rounds, warmup, device="cpu"):
         order = names if r % 2 == 0 else names[::-1]
         for name in order:
             synchronize(device)
+            if idle:
+                time.sleep(idle)
             t0 = time.perf_counter()
             cases[name]()
             synchronize(device)
@@ -157,14 +168,17 @@ def sgemm_peak(device="cpu", n=2048, repeats=5):
     best = {"scratchseg": float("inf"), "torch": float("inf")}
     for _ in range(repeats + 1):
         synchronize(device)
+        time.sleep(IDLE_BEFORE_CALL)
         t0 = time.perf_counter()
         a @ b
         synchronize(device)
+        t_ours = time.perf_counter() - t0
+        time.sleep(IDLE_BEFORE_CALL)
         t1 = time.perf_counter()
         ta @ tb
         synchronize(device)
         t2 = time.perf_counter()
-        best["scratchseg"] = min(best["scratchseg"], t1 - t0)
+        best["scratchseg"] = min(best["scratchseg"], t_ours)
         best["torch"] = min(best["torch"], t2 - t1)
     return {k: flops / v / 1e9 for k, v in best.items()}
 
@@ -180,13 +194,81 @@ def cpu_model():
         return platform.processor() or "unknown CPU"
 
 
+# The vector extensions that decide which kernels the BLAS libraries and
+# oneDNN pick, in /proc/cpuinfo's spelling.
+_VECTOR_FLAGS = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16",
+                 "avx512_fp16", "amx_tile", "amx_bf16", "neon", "asimd", "sve")
+
+
+def cpu_flags():
+    """The CPU's vector extensions among ``_VECTOR_FLAGS``, from /proc/cpuinfo (empty where there is none)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith(("flags", "Features"))), [])
+    except OSError:
+        return []
+    return [flag for flag in _VECTOR_FLAGS if flag in flags]
+
+
+def numpy_blas():
+    """NumPy's BLAS in words: the library and version from numpy's build config, and for an OpenBLAS
+    the configuration and the kernel it chose for this CPU at run time (``openblas_get_corename``)."""
+    import ctypes
+
+    try:
+        blas = numpy.show_config(mode="dicts")["Build Dependencies"]["blas"]
+        words = f"{blas.get('name', '?')} {blas.get('version', '')}".strip()
+    except Exception:  # numpy < 1.25 has no mode="dicts"
+        words = "unknown BLAS"
+    numpy.ones((2, 2)) @ numpy.ones((2, 2))  # loaded
+    try:
+        with open("/proc/self/maps") as f:
+            paths = sorted({line.split()[-1] for line in f if "openblas" in line.lower() and ".so" in line})
+    except OSError:
+        paths = []
+    for path in paths:
+        lib = ctypes.CDLL(path)
+        for prefix, suffix in (("scipy_openblas_", "64_"), ("openblas_", "64_"), ("openblas_", "")):
+            config = getattr(lib, f"{prefix}get_config{suffix}", None)
+            core = getattr(lib, f"{prefix}get_corename{suffix}", None)
+            if config is not None and core is not None:
+                config.restype = core.restype = ctypes.c_char_p
+                return f"{words}; OpenBLAS kernel {core().decode()} ({config().decode().strip()})"
+    return words
+
+
+def torch_cpu_report():
+    """PyTorch's BLAS and vector kernels in words: MKL or OpenBLAS, oneDNN, its CPU capability level."""
+    import torch
+
+    shown = torch.__config__.show()
+    blas = next((part.split("=", 1)[1] for part in shown.replace(",", " ").split() if part.startswith("BLAS_INFO=")),
+                "?")
+    capability = torch.backends.cpu.get_cpu_capability() if hasattr(torch.backends, "cpu") else "?"
+    return f"torch BLAS {blas}, oneDNN {torch.backends.mkldnn.is_available()}, CPU capability {capability}"
+
+
+def where_report(device="cpu"):
+    """environment_report's lines and the SGEMM peak of both libraries, measured now: what ran where.
+
+    Figures from different machines are only comparable beside these lines.
+    """
+    lines = environment_report(device)
+    peak = sgemm_peak(device)
+    lines.append(f"SGEMM peak (2048^3, best of 5): numpy/cupy {peak['scratchseg']:.0f} GFLOP/s, "
+                 f"torch {peak['torch']:.0f} GFLOP/s")
+    return lines, peak
+
+
 def environment_report(device="cpu"):
-    """A few lines saying what ran where: CPU, versions, threads, load, kernels, tuning."""
+    """A few lines saying what ran where: CPU, vector extensions, BLAS, versions, threads, load, kernels, tuning."""
     import kernels
     import torch
 
     lines = [
-        f"CPU: {cpu_model()}",
+        f"CPU: {cpu_model()}, {os.cpu_count()} cores, vector extensions: {' '.join(cpu_flags()) or 'unknown'}",
+        f"numpy BLAS: {numpy_blas()}",
+        torch_cpu_report(),
         f"python {sys.version.split()[0]}, numpy {numpy.__version__}, torch {torch.__version__}, "
         f"scratchseg {scratchseg.__version__}",
         f"backend {scratchseg.backend.current()}, kernels {scratchseg.backend.kernels()}, "
@@ -221,7 +303,8 @@ def compare_steps(ours, theirs, rounds, warmup, device="cpu", what="networks"):
     print(f"first-step loss: scratchseg {loss_ours:.6f}, torch {loss_theirs:.6f}")
     if not abs(loss_ours - loss_theirs) <= 1e-3 * abs(loss_theirs):
         raise AssertionError(f"the two {what} disagree on the first loss: not the same computation")
-    print(f"rounds {rounds} after {warmup} warm-up, interleaved; times in ms\n")
+    print(f"rounds {rounds} after {warmup} warm-up, interleaved, each call after {IDLE_BEFORE_CALL} s idle; "
+          "times in ms\n")
     times = interleaved({"scratchseg": ours.step, "torch": theirs.step}, rounds, warmup, device)
     s, t = stats(times["scratchseg"]), stats(times["torch"])
     return [{"measure": "train step time (ms)", "scratchseg med": 1e3 * s["median"], "scratchseg min": 1e3 * s["min"],

@@ -75,12 +75,11 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     xp, device = _common.setup_backend(args.backend)
-    print("\n".join(_common.environment_report(device)))
+    lines, peak = _common.where_report(device)  # CPU, vector extensions, BLAS and its kernel, SGEMM peak
+    print("\n".join(lines))
     print(_common.apply_precision(args, device))
-    peak = _common.sgemm_peak(device)
-    print(f"SGEMM peak (2048^3, best of 5): numpy/cupy {peak['scratchseg']:.0f} GFLOP/s, "
-          f"torch {peak['torch']:.0f} GFLOP/s")
-    print(f"rounds {args.rounds} after {args.warmup} warm-up, interleaved; times in ms\n")
+    print(f"rounds {args.rounds} after {args.warmup} warm-up, interleaved, each call after "
+          f"{_common.IDLE_BEFORE_CALL} s idle; times in ms\n")
 
     rng = numpy.random.default_rng(0)
     rows = []

@@ -179,7 +179,7 @@ def main(argv=None):
     if args.tf32:
         _common.scratchseg.backend.set_allow_tf32(True)
     print(f"TF32 convolutions: {_common.scratchseg.backend.allow_tf32()}")
-    runner = OursRunner(xp)
+    runner = OursRunner(xp, net=args.net)
     runner.set_data(*make_data(batch=args.batch, size=args.size))
     print(f"batch {args.batch}x3x{args.size}x{args.size}")
     sync = (lambda: _common.synchronize(device)) if device == "cuda" else (lambda: None)

@@ -7,8 +7,8 @@ is imported (``scratchseg.backend`` imports it before it imports NumPy):
 1. **OPENBLAS_THREAD_TIMEOUT = 2**18 cycles (about 0.1 ms).** OpenBLAS's worker
    threads spin for about 0.1 s after every GEMM (its default is 2**28 cycles)
    and slow a Numba kernel that runs next on the same cores. OpenBLAS reads the
-   variable when it loads, so it only works when scratchseg is imported before
-   NumPy; otherwise set it in the shell.
+   variable when it loads; when NumPy was imported first, the variable is set
+   all the same and change 7 below makes the loaded OpenBLAS re-read it.
 2. **NUMBA_THREADING_LAYER = workqueue.** Numba's OpenMP workers spin after a
    parallel kernel and slow the GEMM that follows; workqueue's workers sleep.
 3. **glibc mallopt: mmap and trim thresholds raised to 1 GiB / never.** glibc
@@ -36,6 +36,17 @@ scratchseg from importing ``kernels.cpu`` at all):
    one thread while the batch is split between worker threads, restoring the
    count afterwards (``_split``). Where none is found, the kernels never split
    a batch between threads.
+7. **Change 1 made late.** When NumPy was loaded before ``kernels`` (a script
+   that imports numpy first, or numba), OpenBLAS has already read its
+   environment and its workers spin for its default timeout after every GEMM:
+   an idle process burned 0.03-0.07 s of CPU in the 0.2 s after a small
+   training step (benchmarks/NOTES.md). OpenBLAS exports the two functions
+   its own fork handler uses: ``openblas_read_env`` re-reads the variables
+   and ``blas_thread_shutdown_`` stops the workers, which the next threaded
+   GEMM starts again with the new timeout. Done once, while the kernels are
+   being imported and only when no other Python thread runs (one could be
+   inside a GEMM); skipped under ``SCRATCHSEG_NO_TUNING`` and where the
+   variable came from the user.
 """
 
 from __future__ import annotations
@@ -80,12 +91,14 @@ def tune_process() -> dict:
         tuning["disabled"] = True
         return tuning
     numpy_loaded = "numpy" in sys.modules
-    if "OPENBLAS_THREAD_TIMEOUT" not in os.environ and not numpy_loaded:
+    late = "OPENBLAS_THREAD_TIMEOUT" not in os.environ and numpy_loaded
+    if "OPENBLAS_THREAD_TIMEOUT" not in os.environ:
         os.environ["OPENBLAS_THREAD_TIMEOUT"] = _OPENBLAS_THREAD_TIMEOUT
     tuning["openblas_thread_timeout"] = (
-        os.environ.get("OPENBLAS_THREAD_TIMEOUT", "default")
-        + (" (numpy was imported first: too late to change)" if numpy_loaded else "")
+        os.environ["OPENBLAS_THREAD_TIMEOUT"]
+        + (" (numpy was imported first: too late for its load; re-read when the CPU kernels load)" if late else "")
     )
+    tuning["openblas_timeout_late"] = late
     os.environ.setdefault("NUMBA_THREADING_LAYER", "workqueue")
     tuning["numba_threading_layer"] = os.environ["NUMBA_THREADING_LAYER"]
     tuning["mallopt"] = _mallopt()
@@ -101,7 +114,7 @@ _OPENBLAS_THREAD_FUNCTIONS = [
 
 
 def prepare_cpu_kernels():
-    """Changes 4-6 of the module docstring, run once when ``kernels.cpu`` loads.
+    """Changes 4-7 of the module docstring, run once when ``kernels.cpu`` loads.
 
     Returns ``(library, getter, setter)``: NumPy's OpenBLAS as a ``ctypes.CDLL``
     and the names of its get/set thread-count functions, or None where there
@@ -114,7 +127,29 @@ def prepare_cpu_kernels():
     if os.environ.get("NUMBA_THREADING_LAYER") and numba.config.THREADING_LAYER == "default":
         numba.config.THREADING_LAYER = os.environ["NUMBA_THREADING_LAYER"]  # change 4
     np.ones((2, 2)) @ np.ones((2, 2))  # change 5: NumPy's BLAS is loaded before we look for it
-    return _find_openblas()
+    found = _find_openblas()
+    if found is not None and tuning.get("openblas_timeout_late"):
+        tuning["openblas_threads_restarted"] = _restart_openblas_threads(found[0])  # change 7
+    return found
+
+
+def _restart_openblas_threads(lib):
+    """Change 7: make a loaded OpenBLAS re-read OPENBLAS_THREAD_TIMEOUT; True if it could.
+
+    ``openblas_read_env`` refreshes the values OpenBLAS took from the
+    environment at load; the timeout is applied when its thread pool starts,
+    so the pool is stopped (``blas_thread_shutdown_``, what OpenBLAS runs
+    before a fork) and the next multi-threaded GEMM starts it again.
+    """
+    import threading
+
+    read_env = getattr(lib, "openblas_read_env", None)
+    shutdown = getattr(lib, "blas_thread_shutdown_", None)
+    if read_env is None or shutdown is None or threading.active_count() > 1:
+        return False  # no such functions, or another thread may be inside a GEMM right now
+    read_env()
+    shutdown()
+    return True
 
 
 def _find_openblas():

@@ -115,7 +115,7 @@ def test_cpu_kernels_reject_bad_workspaces(rng):
 # ---------------------------------------------------------- the kernel table
 def test_cpu_kernel_docstrings():
     modules = [importlib.import_module(f"kernels.cpu.{name}")
-               for name in ("_common", "im2col", "conv", "winograd", "normalization", "pooling", "activation")]
+               for name in ("_common", "im2col", "conv", "winograd", "taps", "normalization", "pooling", "activation")]
     results = [doctest.testmod(m, optionflags=doctest.NORMALIZE_WHITESPACE) for m in modules]
     assert sum(r.attempted for r in results) >= 5 and sum(r.failed for r in results) == 0
 
@@ -198,6 +198,44 @@ def test_cpu_kernels_can_be_called_from_several_threads_at_once():
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
 
 
+def _fake_caches(root, entries):
+    for i, (level, kind, size) in enumerate(entries):
+        d = root / f"index{i}"
+        d.mkdir()
+        (d / "level").write_text(f"{level}\n")
+        (d / "type").write_text(f"{kind}\n")
+        (d / "size").write_text(f"{size}\n")
+    return str(root)
+
+
+@pytest.mark.parametrize("l2, expected", [("2048K", 2 << 20), ("1280K", 1280 << 10), ("1M", 1 << 20)])
+def test_cpu_cache_sizes_are_read_from_sysfs(tmp_path, l2, expected):
+    from kernels.cpu import runtime
+
+    root = _fake_caches(tmp_path, [(1, "Data", "48K"), (1, "Instruction", "32K"), (2, "Unified", l2),
+                                   (3, "Unified", "32768K")])
+    assert runtime.cache_bytes(2, default=1, root=root) == expected
+    assert runtime.cache_bytes(1, default=1, root=root) == 48 << 10  # the data cache, not the instruction one
+    assert runtime.cache_bytes(3, default=1, root=root) == 32 << 20
+
+
+def test_cpu_cache_size_falls_back_when_the_os_does_not_say(tmp_path, monkeypatch):
+    from kernels.cpu import runtime
+
+    monkeypatch.setattr(runtime.os, "sysconf", lambda name: (_ for _ in ()).throw(ValueError(name)))
+    assert runtime.cache_bytes(2, default=12345, root=str(tmp_path / "absent")) == 12345
+
+
+def test_cpu_block_sizes_follow_the_detected_cache():
+    """The blocked kernels' budgets are multiples of the L2 this machine reports, not constants."""
+    from kernels.cpu import conv, conv3d, runtime, winograd
+
+    assert runtime.L2_BYTES == runtime.cache_bytes(2, default=1 << 20) > 0
+    assert conv._BLOCK_BYTES == conv3d._WINDOW_BYTES == 2 * runtime.L2_BYTES
+    assert winograd._WINOGRAD_BLOCK_BYTES == 3 * runtime.L2_BYTES // 4
+    assert winograd._WINOGRAD_GRAD_BLOCK_BYTES == runtime.L2_BYTES
+
+
 # ------------------------------------------------------------- process tuning
 PROCESS = r"""
 import json, os
@@ -237,6 +275,40 @@ def test_process_tuning_applies_the_threading_layer_when_numba_came_first():
     report = _process_report("import numba")
     assert report["layer"] == "workqueue"
     assert "too late" in report["tuning"]["openblas_thread_timeout"]  # numba imports NumPy
+    assert report["tuning"]["openblas_threads_restarted"] is True  # ... so OpenBLAS re-read it
+    assert report["openblas"] == process._OPENBLAS_THREAD_TIMEOUT
+
+
+IDLE = r"""
+import json, resource, time
+{first}
+import numpy as np
+import kernels.cpu
+a = np.ones((1024, 1024), np.float32)
+burns = []
+for _ in range(3):
+    a @ a  # a threaded GEMM: OpenBLAS's workers wake, then (should) go to sleep
+    r0 = resource.getrusage(resource.RUSAGE_SELF)
+    time.sleep(0.2)
+    r1 = resource.getrusage(resource.RUSAGE_SELF)
+    burns.append(r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime)
+print(json.dumps(burns))
+"""
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="OpenBLAS runs no worker threads on one core")
+@pytest.mark.parametrize("first", ["", "import numpy"])
+def test_idle_process_burns_no_cpu_after_a_gemm(first):
+    """OpenBLAS's default timeout keeps a worker spinning ~0.1 s after each GEMM (0.04 s of CPU measured);
+    with the tuned one, applied late when NumPy came first, the sleeping process stays idle."""
+    drop = ("OPENBLAS_THREAD_TIMEOUT", "SCRATCHSEG_NO_TUNING", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    out = subprocess.run([sys.executable, "-c", IDLE.format(first=first)], env=env, capture_output=True, text=True,
+                         cwd=ROOT, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    burns = json.loads(out.stdout.strip().splitlines()[-1])
+    assert min(burns) <= 0.02, burns  # the minimum: a neighbour's load cannot make an idle process busier
 
 
 def test_process_tuning_switched_off():

@@ -258,7 +258,9 @@ def test_cpu_winograd_conv_matches_torch(winograd_everywhere, case, dtype, with_
 def test_cpu_winograd_writes_every_output(winograd_everywhere):
     """The output transform covers the whole output: a NaN-poisoned out= comes back finite."""
     rng = np.random.default_rng(6)
-    for (H, W), padding, dilation in [((9, 7), (1, 1), (1, 1)), ((10, 11), (2, 1), (2, 3)), ((5, 6), (0, 0), (1, 1))]:
+    # dilation 1, 2 (the loads and stores written with a constant stride) and 3 (a run-time one), odd sizes
+    for (H, W), padding, dilation in [((9, 7), (1, 1), (1, 1)), ((10, 11), (2, 1), (2, 3)), ((5, 6), (0, 0), (1, 1)),
+                                      ((13, 11), (2, 2), (2, 2)), ((11, 12), (3, 1), (3, 2))]:
         x = rng.standard_normal((2, 3, H, W)).astype(np.float32)
         w = rng.standard_normal((4, 3, 3, 3)).astype(np.float32)
         Ho = conv_output_size(H, 3, 1, padding[0], dilation[0])
@@ -310,3 +312,124 @@ def test_cpu_winograd_thresholds_choose_the_path_both_ways(winograd_everywhere, 
         assert_close(y, y_t, rtol=1e-9, atol=1e-9, msg=f"forward, {threshold}={limit}")
         assert_close(dx, dx_t, rtol=1e-9, atol=1e-9, msg=f"input grad, {threshold}={limit}")
         assert_close(dw, dw_t, rtol=1e-9, atol=1e-9, msg=f"weight grad, {threshold}={limit}")
+
+
+# ------------------------------------------------------------------ tap by tap
+@pytest.fixture
+def taps_everywhere(monkeypatch):
+    """Every unit-stride, ungrouped convolution goes tap by tap (Winograd off); the calls are recorded."""
+    from kernels.cpu import taps
+
+    monkeypatch.setattr(taps, "_TAPS_MAX_INSIDE", 1.0)
+    monkeypatch.setattr(taps, "_TAPS_MIN_CHANNELS", 1)
+    monkeypatch.setattr(winograd, "_WINOGRAD_MIN_CHANNELS", 1 << 30)
+    monkeypatch.setattr(winograd, "_WINOGRAD_GRAD_MIN_CHANNELS", 1 << 30)
+    calls = []
+    for name in ("taps_forward", "taps_input_grad", "taps_weight_grad"):
+        inner = getattr(taps, name)
+
+        def counted(*args, _inner=inner, _name=name):
+            calls.append(_name)
+            return _inner(*args)
+
+        monkeypatch.setattr(taps, name, counted)
+    return calls
+
+
+@st.composite
+def taps_cases(draw):
+    N = draw(st.integers(1, 3))
+    C, K = draw(st.integers(1, 5)), draw(st.integers(1, 5))
+    H, W = draw(st.integers(1, 9)), draw(st.integers(1, 9))
+    kh, kw = draw(st.integers(1, 4)), draw(st.integers(1, 4))
+    assume(kh * kw > 1)
+    dilation = (draw(st.integers(1, 10)), draw(st.integers(1, 10)))
+    # padding up to beyond the kernel's span: taps wholly in the padding, rectangles cut on both sides
+    padding = (draw(st.integers(0, dilation[0] * kh)), draw(st.integers(0, dilation[1] * kw)))
+    Ho = conv_output_size(H, kh, 1, padding[0], dilation[0])
+    Wo = conv_output_size(W, kw, 1, padding[1], dilation[1])
+    assume(Ho >= 1 and Wo >= 1)
+    plan = [
+        # blocks of one sample or of the whole batch
+        ("_TAPS_BLOCK_BYTES", draw(st.sampled_from([1, 64 << 20]))),
+        # the batch split between worker threads (0), or run inline
+        ("_SPLIT_MIN_MACS", draw(st.sampled_from([0, 1 << 62]))),
+    ]
+    return (N, C, H, W), K, kh, kw, padding, dilation, plan
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(taps_cases(), st.sampled_from(DTYPES), st.booleans())
+def test_cpu_taps_conv_matches_torch(taps_everywhere, case, dtype, with_bias):
+    """Forward, input gradient and weight gradient tap by tap: rectangles cut by the image on either
+    side, taps that never reach the image (zero weight gradient), non-square kernels, large dilations."""
+    from kernels.cpu import taps
+
+    x_shape, K, kh, kw, padding, dilation, plan = case
+    rng = np.random.default_rng(21)
+    x = rng.standard_normal(x_shape).astype(dtype)
+    w = rng.standard_normal((K, x_shape[1], kh, kw)).astype(dtype)
+    b = rng.standard_normal(K).astype(dtype)
+    Ho = conv_output_size(x_shape[2], kh, 1, padding[0], dilation[0])
+    Wo = conv_output_size(x_shape[3], kw, 1, padding[1], dilation[1])
+    dout = rng.standard_normal((x_shape[0], K, Ho, Wo)).astype(dtype)
+    y_t, dx_t, dw_t = torch_conv(x, w, b if with_bias else np.zeros_like(b), dout, 1, padding, dilation, 1)
+    modules = {"_TAPS_BLOCK_BYTES": taps, "_SPLIT_MIN_MACS": runtime}
+    taps_everywhere.clear()  # the fixture outlives one example
+    with patched([(modules[name], name, value) for name, value in plan]):
+        y = kcpu.conv.conv2d_forward(x, w, b if with_bias else None, 1, padding, dilation, 1)
+        dx = kcpu.conv.conv2d_input_grad(dout, w, x_shape, 1, padding, dilation, 1)
+        dw = kcpu.conv.conv2d_weight_grad(x, dout, w.shape, 1, padding, dilation, 1)
+    assert taps_everywhere == ["taps_forward", "taps_input_grad", "taps_weight_grad"]
+    tol = 1e-4 if dtype == np.float32 else 1e-10
+    assert y.dtype == dx.dtype == dw.dtype == dtype
+    assert_close(y, y_t, rtol=tol, atol=tol, msg="forward")
+    assert_close(dx, dx_t, rtol=tol, atol=tol, msg="input grad")
+    assert_close(dw, dw_t, rtol=tol, atol=tol, msg="weight grad")
+
+
+def test_cpu_taps_inside_fraction_counts_the_products_inside():
+    """The share of tap-pixel products inside the image, against a count over every output and tap."""
+    from kernels.cpu import taps
+
+    cases = [(16, 16, 3, 3, 9, 9, 9, 9), (4, 5, 3, 3, 1, 1, 1, 1), (7, 5, 2, 4, 3, 0, 2, 1)]
+    for H, W, kh, kw, ph, pw, dh, dw in cases:
+        Ho, Wo = conv_output_size(H, kh, 1, ph, dh), conv_output_size(W, kw, 1, pw, dw)
+        inside = sum(0 <= ho - ph + i * dh < H and 0 <= wo - pw + j * dw < W
+                     for ho in range(Ho) for wo in range(Wo) for i in range(kh) for j in range(kw))
+        assert taps.inside_fraction(H, W, Ho, Wo, kh, kw, ph, pw, dh, dw) == pytest.approx(inside / (kh * kw * Ho * Wo))
+
+
+def test_cpu_taps_threshold_chooses_the_path_both_ways(monkeypatch):
+    """ASPP's rate 9 on a 16x16 map (39% of the products inside) goes tap by tap with the default
+    thresholds; with the threshold just below its share, or too few channels, or a stride, im2col + GEMM
+    runs. Both give torch's numbers."""
+    from kernels.cpu import taps
+
+    calls = []
+    for name in ("taps_forward", "taps_input_grad", "taps_weight_grad"):
+        inner = getattr(taps, name)
+        monkeypatch.setattr(taps, name, lambda *a, _inner=inner, _name=name: calls.append(_name) or _inner(*a))
+    rng = np.random.default_rng(3)
+    C = K = taps._TAPS_MIN_CHANNELS
+    x = rng.standard_normal((1, C, 16, 16))
+    w = rng.standard_normal((K, C, 3, 3))
+    dout = rng.standard_normal((1, K, 16, 16))
+    y_t, dx_t, dw_t = torch_conv(x, w, np.zeros(K), dout, 1, 9, 9, 1)
+    share = taps.inside_fraction(16, 16, 16, 16, 3, 3, 9, 9, 9, 9)
+    assert share <= taps._TAPS_MAX_INSIDE  # the default takes it
+    assert not taps._taps_apply(C, K, 16, 16, 16, 16, 3, 3, 1, 1, 1, 1, 1, 1, 1)  # a 3x3 on 16x16: 92% inside
+    assert not taps._taps_apply(C, K, 16, 16, 8, 8, 3, 3, 2, 2, 9, 9, 9, 9, 1)  # strided
+    assert not taps._taps_apply(C, K, 16, 16, 16, 16, 3, 3, 1, 1, 9, 9, 9, 9, 2)  # grouped
+    assert not taps._taps_apply(C, K, 16, 16, 16, 16, 1, 1, 1, 1, 0, 0, 1, 1, 1)  # 1x1: nothing to skip
+    assert not taps._taps_apply(C - 1, K, 16, 16, 16, 16, 3, 3, 1, 1, 9, 9, 9, 9, 1)  # too few channels
+    for limit, expected in [(share, ["taps_forward", "taps_input_grad", "taps_weight_grad"]), (share - 1e-6, [])]:
+        monkeypatch.setattr(taps, "_TAPS_MAX_INSIDE", limit)
+        calls.clear()
+        y = kcpu.conv.conv2d_forward(x, w, None, 1, 9, 9, 1)
+        dx = kcpu.conv.conv2d_input_grad(dout, w, x.shape, 1, 9, 9, 1)
+        dw = kcpu.conv.conv2d_weight_grad(x, dout, w.shape, 1, 9, 9, 1)
+        assert calls == expected, limit
+        assert_close(y, y_t, rtol=1e-9, atol=1e-9, msg=f"forward, limit {limit}")
+        assert_close(dx, dx_t, rtol=1e-9, atol=1e-9, msg=f"input grad, limit {limit}")
+        assert_close(dw, dw_t, rtol=1e-9, atol=1e-9, msg=f"weight grad, limit {limit}")

@@ -16,24 +16,26 @@ across calls. The batch is split between worker threads (``runtime._run``),
 each with single-threaded GEMMs on its own samples. The forward and the input
 gradient of a 3x3 unit-stride convolution with enough channels (and the
 weight gradient of a wide one) go to Winograd's F(2x2, 3x3) instead
-(``winograd.py``).
+(``winograd.py``); unit-stride convolutions whose taps mostly read zero
+padding (large dilations, small maps) go tap by tap (``taps.py``).
 """
 
 from __future__ import annotations
 
 import numpy as np  # host-only module: these kernels only ever see NumPy arrays
 
-from . import winograd
+from . import taps, winograd
 from ._common import _check_out, _pair, _working_dtype, conv_output_size
 from .im2col import _col2im_block, _im2col_block
-from .runtime import _run, workspace
+from .runtime import L2_BYTES, _run, workspace
 
 __all__ = ["conv2d_forward", "conv2d_input_grad", "conv2d_weight_grad"]
 
-# The columns of one block: a core's L2. A block that spills into the shared
-# L3 is read back by the GEMM at memory speed, and smaller blocks pay for more,
-# smaller GEMMs (measurements: benchmarks/NOTES.md).
-_BLOCK_BYTES = 2 << 20
+# The columns of one block: twice a core's L2, as detected at run time (the
+# GEMM streams the columns through its own L2-sized panels). Blocks of 4x the
+# L2 spill into the shared L3 and are read back by the GEMM at memory speed;
+# blocks under the L2 pay for more, smaller GEMMs (measurements: benchmarks/NOTES.md).
+_BLOCK_BYTES = 2 * L2_BYTES
 
 # A block of several whole samples is multiplied either as one GEMM per sample,
 # (K, R) @ (R, P) written straight into y, or as one wide GEMM over all of
@@ -102,6 +104,9 @@ def conv2d_forward(x, weight, bias=None, stride=1, padding=0, dilation=1, groups
     if winograd._winograd_applies(C, K, kh, kw, sh, sw, dh, dw, groups, Ho, Wo):
         winograd._winograd_conv(x, np.asarray(weight, dtype=dtype), bias, ph, pw, dh, dw, y)
         return y if given == dtype else y.astype(given)
+    if taps._taps_apply(C, K, H, W, Ho, Wo, kh, kw, sh, sw, ph, pw, dh, dw, groups):  # much padding to skip
+        taps.taps_forward(x, np.asarray(weight, dtype=dtype), bias, ph, pw, dh, dw, y)
+        return y if given == dtype else y.astype(given)
     w2 = np.ascontiguousarray(weight, dtype=dtype).reshape(K, Cg * kh * kw)  # (K, Cg*kh*kw)
     y3 = y.reshape(N, K, Ho * Wo)  # (N, K, Ho*Wo), a view
     b2 = None if bias is None else np.asarray(bias, dtype=dtype).reshape(K, 1)  # (K, 1)
@@ -153,6 +158,9 @@ def conv2d_input_grad(dout, weight, x_shape, stride=1, padding=0, dilation=1, gr
     if qh >= 0 and qw >= 0 and winograd._winograd_applies(K, C, kh, kw, sh, sw, dh, dw, groups, H, W):
         flipped = np.asarray(weight, dtype=dtype).transpose(1, 0, 2, 3)[:, :, ::-1, ::-1]  # (C, K, kh, kw)
         winograd._winograd_conv(np.ascontiguousarray(dout, dtype=dtype), flipped, None, qh, qw, dh, dw, dx)
+        return dx if given == dtype else dx.astype(given)
+    if taps._taps_apply(C, K, H, W, Ho, Wo, kh, kw, sh, sw, ph, pw, dh, dw, groups):
+        taps.taps_input_grad(np.asarray(dout, dtype=dtype), np.asarray(weight, dtype=dtype), ph, pw, dh, dw, dx)
         return dx if given == dtype else dx.astype(given)
     dout3 = np.ascontiguousarray(dout, dtype=dtype).reshape(N, K, Ho * Wo)  # (N, K, Ho*Wo)
     wT = np.ascontiguousarray(weight, dtype=dtype).reshape(K, Cg * kh * kw)  # (K, R); transposed per group below
@@ -228,6 +236,9 @@ def conv2d_weight_grad(x, dout, weight_shape, stride=1, padding=0, dilation=1, g
     grad_min_channels = winograd._WINOGRAD_GRAD_MIN_CHANNELS  # the weight gradient's own threshold
     if winograd._winograd_applies(C, K, kh, kw, sh, sw, dh, dw, groups, Ho, Wo, grad_min_channels):
         dwt = winograd._winograd_weight_grad(x, np.ascontiguousarray(dout, dtype=dtype), ph, pw, dh, dw)
+        return dwt if given == dtype else dwt.astype(given)
+    if taps._taps_apply(C, K, H, W, Ho, Wo, kh, kw, sh, sw, ph, pw, dh, dw, groups):
+        dwt = taps.taps_weight_grad(x, np.asarray(dout, dtype=dtype), kh, kw, ph, pw, dh, dw)
         return dwt if given == dtype else dwt.astype(given)
     dout3 = np.ascontiguousarray(dout, dtype=dtype).reshape(N, K, Ho * Wo)  # (N, K, Ho*Wo)
     R = Cg * kh * kw

@@ -37,7 +37,7 @@ from . import conv, winograd
 from ._common import _check_out, _working_dtype
 from .conv import _side_by_side, _transposed
 from .im2col3d import _col2im3d_block, _geometry3d, _im2col3d_block
-from .runtime import _launch, _run, workspace
+from .runtime import L2_BYTES, _launch, _run, workspace
 
 __all__ = ["conv3d_forward", "conv3d_input_grad", "conv3d_weight_grad"]
 
@@ -73,7 +73,7 @@ def _geometry(x_shape, w_shape, stride, padding, dilation):
 # of the oldest plane overwritten by the next; the ring *is* the (kd*C*kh*kw, P)
 # column block, its tap order rotated, and the weights are rotated to match
 # instead of the planes being moved. im2col's work drops kd-fold.
-_WINDOW_BYTES = 2 << 20  # the ring (= one GEMM's columns) of a band
+_WINDOW_BYTES = 2 * L2_BYTES  # the ring (= one GEMM's columns) of a band: as conv._BLOCK_BYTES
 
 
 def _window_applies(groups, kd, sd, dd):

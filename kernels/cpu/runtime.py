@@ -159,6 +159,56 @@ def _launch(kernel, work, *args):
         return kernel(*args)
 
 
+# ------------------------------------------------------------ the CPU's caches
+_SYSCONF_CACHE = {1: "SC_LEVEL1_DCACHE_SIZE", 2: "SC_LEVEL2_CACHE_SIZE", 3: "SC_LEVEL3_CACHE_SIZE"}
+
+
+def _parse_size(text):
+    """'1024K' / '32M' / '49152' (sysfs's spelling) -> bytes."""
+    text = text.strip().upper()
+    scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+    return int(text[:-1] if scale > 1 else text) * scale
+
+
+def cache_bytes(level, default, root="/sys/devices/system/cpu/cpu0/cache"):
+    """The size in bytes of the level-``level`` data (or unified) cache of one core, as the OS reports it.
+
+    Read from sysfs (``index*/level``, ``type``, ``size``), else from
+    ``os.sysconf``; ``default`` where neither knows (another OS, a container
+    that hides them). Blocked kernels size their blocks from it, so that a
+    block fits the cache of the CPU they run on rather than of the one they
+    were measured on; the same machine always reads the same size, so the
+    blocks, and the results, are the same from run to run.
+    """
+    try:
+        for entry in sorted(os.listdir(root)):
+            path = os.path.join(root, entry)
+            try:
+                with open(os.path.join(path, "level")) as f:
+                    lvl = int(f.read())
+                with open(os.path.join(path, "type")) as f:
+                    kind = f.read().strip()
+                with open(os.path.join(path, "size")) as f:
+                    size = _parse_size(f.read())
+            except (OSError, ValueError):
+                continue
+            if lvl == level and kind in ("Data", "Unified") and size > 0:
+                return size
+    except OSError:
+        pass
+    try:
+        size = os.sysconf(_SYSCONF_CACHE[level])
+        if size and size > 0:
+            return int(size)
+    except (ValueError, OSError, KeyError, AttributeError):
+        pass
+    return int(default)
+
+
+#: One core's L2 cache (bytes), the unit of the blocked kernels' block sizes (``conv``, ``winograd``, ``conv3d``).
+L2_BYTES = cache_bytes(2, default=1 << 20)
+
+
 # --------------------------------------------------------------- workspaces
 def workspace(size, dtype, slot=0):
     """A reusable flat scratch array of at least ``size`` elements (per thread, dtype and slot).

@@ -39,7 +39,7 @@ import numpy as np  # host-only module: these kernels only ever see NumPy arrays
 from numba import njit, prange
 
 from ._common import _valid_range
-from .runtime import _launch, _parallel_njit, _run, workspace
+from .runtime import L2_BYTES, _launch, _parallel_njit, _run, workspace
 
 _WINOGRAD_MIN_CHANNELS = 32  # below this the 16 GEMMs are too thin to win
 _WINOGRAD_MIN_TILES = 64  # tiles of one residue class of one sample
@@ -47,7 +47,9 @@ _WINOGRAD_MIN_TILES = 64  # tiles of one residue class of one sample
 # save in proportion to them: min(C, K) x tiles must reach this too
 # (measurements of all three thresholds: benchmarks/NOTES.md).
 _WINOGRAD_MIN_CHANNEL_TILES = 8192
-_WINOGRAD_BLOCK_BYTES = 768 << 10  # transformed inputs of one block, about half a core's L2
+# transformed inputs of one block: 3/4 of a core's L2 (detected at run time), the rest for the
+# GEMMs' panels and the block's outputs
+_WINOGRAD_BLOCK_BYTES = 3 * L2_BYTES // 4
 
 
 def _winograd_applies(C, K, kh, kw, sh, sw, dh, dw, groups, Ho, Wo, min_channels=None):
@@ -94,12 +96,17 @@ def _g_row(U, i, k, c, t0, t1, t2):
 @njit(cache=True, inline="always")
 def _load_row(row, src, off, step, lo, hi):
     # row[m] = src[off + step*m] for m in [lo, hi), 0 elsewhere: one residue class of an image
-    # row, zero-padded ([lo, hi) from _valid_range); a unit step is a plain run LLVM vectorises
+    # row, zero-padded ([lo, hi) from _valid_range); a unit step is a plain run LLVM vectorises,
+    # and so is a step of 2 (atrous rate 2) written with the constant: LLVM turns the
+    # interleaved loads into vector loads and shuffles, a run-time step into one load per element
     for m in range(lo):
         row[m] = 0
     if step == 1:
         for m in range(lo, hi):
             row[m] = src[m + off]
+    elif step == 2:
+        for m in range(lo, hi):
+            row[m] = src[off + 2 * m]
     else:
         for m in range(lo, hi):
             row[m] = src[off + step * m]
@@ -187,6 +194,9 @@ def _winograd_output(M, n, a, b, dh, dw, r0, r1, TW, bias, y):
                 if dw == 1:
                     for m in range(n_out):
                         orow[b + m] = z[m]
+                elif dw == 2:  # a constant stride: vectorised, as in _load_row
+                    for m in range(n_out):
+                        orow[b + 2 * m] = z[m]
                 else:
                     for m in range(n_out):
                         orow[b + dw * m] = z[m]
@@ -250,7 +260,7 @@ def _winograd_conv(x, w, bias, ph, pw, dh, dw, y):
 # with dY the 2x2 tile of dout and d the 4x4 tile of x it came from. The sum
 # over tiles is, for each of the 16 positions, a GEMM whose inner dimension is
 # the number of tiles: D[xi nu] (K, T) @ V[xi nu]^T (T, C).
-_WINOGRAD_GRAD_BLOCK_BYTES = 1 << 20  # transformed inputs of one weight-gradient block
+_WINOGRAD_GRAD_BLOCK_BYTES = L2_BYTES  # transformed inputs of one weight-gradient block: a core's L2
 # Its transforms move more memory per multiply-add than the forward's, and with
 # both cores busy that only pays off for wide layers (measurements: benchmarks/NOTES.md).
 _WINOGRAD_GRAD_MIN_CHANNELS = 128
