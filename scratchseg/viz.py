@@ -1,4 +1,5 @@
-"""Pictures with Pillow only: colour masks, overlays, three orthogonal slices of a volume, and training curves.
+"""Pictures: colour masks, overlays and three orthogonal slices of a volume with Pillow; training curves
+with matplotlib.
 
     >>> import numpy as np
     >>> colorize(np.array([[0, 1], [2, 255]]), [(0, 0, 0), (255, 0, 0), (0, 255, 0)], ignore_index=255)[..., 0]
@@ -122,82 +123,38 @@ def save_png(path, array):
 
 
 # ------------------------------------------------------------------ curves
-_SERIES_COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40)]
-
-
-def _nice_ticks(lo, hi, count=5):
-    if not math.isfinite(lo) or not math.isfinite(hi):
-        return [0.0, 1.0]
-    if hi - lo < 1e-12:
-        lo, hi = lo - 0.5, hi + 0.5
-    raw = (hi - lo) / count
-    mag = 10 ** math.floor(math.log10(raw))
-    step = min((m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw), default=10 * mag)
-    start = math.floor(lo / step) * step
-    ticks, t = [], start
-    while t <= hi + step * 0.5 and len(ticks) < 20:
-        ticks.append(round(t, 10))
-        t += step
-    return ticks
-
-
-def _panel(draw, box, title, xs, series, ylabel):
-    """Draw one chart into ``box`` = (left, top, right, bottom): axes, ticks, lines, legend."""
-    left, top, right, bottom = box
-    ml, mr, mt, mb = 56, 12, 24, 34  # margins for labels
-    x0, y0, x1, y1 = left + ml, top + mt, right - mr, bottom - mb
-    draw.text((left + ml, top + 4), f"{title} ({ylabel})", fill=(0, 0, 0))
-    values = [v for _, ys, _ in series for v in ys if v is not None and math.isfinite(v)]
-    if not xs or not values:
-        draw.rectangle((x0, y0, x1, y1), outline=(0, 0, 0))
-        draw.text((x0 + 10, (y0 + y1) // 2), "no data yet", fill=(120, 120, 120))
-        return
-    yt = _nice_ticks(min(values), max(values))
-    ylo, yhi = yt[0], yt[-1] if yt[-1] > yt[0] else yt[0] + 1
-    xlo, xhi = min(xs), max(xs)
-    if xhi == xlo:
-        xlo, xhi = xlo - 1, xhi + 1
-
-    def px(x):
-        return x0 + (x - xlo) / (xhi - xlo) * (x1 - x0)
-
-    def py(y):
-        return y1 - (y - ylo) / (yhi - ylo) * (y1 - y0)
-
-    for t in yt:  # horizontal grid + y labels
-        draw.line((x0, py(t), x1, py(t)), fill=(225, 225, 225))
-        draw.text((left + 4, py(t) - 6), f"{t:.3g}", fill=(0, 0, 0))
-    for t in _nice_ticks(xlo, xhi, 6):
-        if xlo <= t <= xhi and float(t).is_integer():
-            draw.line((px(t), y1, px(t), y1 + 4), fill=(0, 0, 0))
-            draw.text((px(t) - 4, y1 + 6), f"{int(t)}", fill=(0, 0, 0))
-    draw.rectangle((x0, y0, x1, y1), outline=(0, 0, 0))
-    draw.text(((x0 + x1) // 2 - 14, bottom - 14), "epoch", fill=(0, 0, 0))
-    for k, (label, ys, color) in enumerate(series):
-        pts = [(px(x), py(y)) for x, y in zip(xs, ys) if y is not None and math.isfinite(y)]
-        if len(pts) > 1:
-            draw.line(pts, fill=color, width=2)
-        for x, y in pts:
-            draw.ellipse((x - 2, y - 2, x + 2, y + 2), fill=color)
-        lx, ly = x1 - 190 + 95 * k, top + 4  # legend, in the title line, clear of the curves
-        draw.line((lx, ly + 6, lx + 18, ly + 6), fill=color, width=2)
-        draw.text((lx + 22, ly), label, fill=(0, 0, 0))
+def _finite(values):
+    """Values as floats, None (a missing or non-finite value) as NaN, which matplotlib leaves as a gap."""
+    return [float(v) if v is not None and math.isfinite(float(v)) else math.nan for v in values]
 
 
 def plot_curves(path, history, width=900, height=360):
-    """Save loss (train and val) and mIoU by epoch from ``metrics.json`` records as a PNG."""
-    from PIL import Image, ImageDraw
+    """Save loss (train and val) and validation mIoU / pixel accuracy by epoch from ``metrics.json`` records
+    as a PNG of ``width`` x ``height`` pixels (drawn with matplotlib's ``Figure`` and Agg canvas, which need
+    no pyplot and no display)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     xs = [r["epoch"] for r in history]
-    img = Image.new("RGB", (width, height), (255, 255, 255))
-    draw = ImageDraw.Draw(img)
-    half = width // 2
-    _panel(draw, (0, 0, half, height), "loss", xs,
-           [("train", [r.get("train_loss") for r in history], _SERIES_COLORS[0]),
-            ("val", [r.get("val_loss") for r in history], _SERIES_COLORS[1])], "cross-entropy")
-    _panel(draw, (half, 0, width, height), "validation", xs,
-           [("mIoU", [r.get("miou") for r in history], _SERIES_COLORS[2]),
-            ("pixel acc", [r.get("pixel_acc") for r in history], _SERIES_COLORS[3])], "score")
+    dpi = 100
+    fig = Figure(figsize=(width / dpi, height / dpi), dpi=dpi)
+    FigureCanvasAgg(fig)
+    panels = [("loss", "cross-entropy", [("train", "train_loss"), ("val", "val_loss")]),
+              ("validation", "score", [("mIoU", "miou"), ("pixel acc", "pixel_acc")])]
+    for k, (title, ylabel, series) in enumerate(panels):
+        ax = fig.add_subplot(1, 2, k + 1)
+        for label, key in series:
+            ax.plot(xs, _finite([r.get(key) for r in history]), marker="o", markersize=3, label=label)
+        if not xs:
+            ax.text(0.5, 0.5, "no data yet", ha="center", va="center", transform=ax.transAxes, color="gray")
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(ylabel)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.grid(True, alpha=0.3)
+        if xs:
+            ax.legend(fontsize="small")
+    fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    img.save(path)
+    fig.savefig(path)
     return path

@@ -12,8 +12,10 @@ __all__ = ["Progress", "describe_setup", "epoch_line"]
 
 
 class Progress:
-    """One status line per epoch: bar, batches, loss, learning rate, speed (redrawn on a terminal,
-    every 15 s into a file). The last loss seen carries over to the next epoch's line."""
+    """One status line per epoch: bar, batches, loss, learning rate, speed. On a terminal it is a tqdm
+    bar redrawn in place; into a file (a log, a pipe) a plain line every 15 s and one at the end of the
+    epoch, so the log holds readable lines rather than carriage returns. The last loss seen carries over
+    to the next epoch's line."""
 
     def __init__(self, total, epochs, enabled=True, stream=None):
         self.total, self.epochs = total, epochs
@@ -28,34 +30,42 @@ class Progress:
         self.start = time.perf_counter()
         self.last_print = 0.0
         self.images = 0
+        self.bar = None
+        if self.tty:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=self.total, initial=done, desc=f"epoch {epoch + 1}/{self.epochs}", unit="batch",
+                            file=self.stream, leave=True, dynamic_ncols=True)
 
     def update(self, done, loss, lr, images):
         self.done, self.loss, self.lr = done, loss, lr
         self.images += images
         if not self.enabled:
             return
+        if self.bar is not None:
+            elapsed = max(time.perf_counter() - self.start, 1e-9)
+            self.bar.set_postfix_str(f"loss {loss:.4f} lr {lr:.2e} {self.images / elapsed:.1f} img/s", refresh=False)
+            self.bar.update(done - self.bar.n)
+            return
         now = time.perf_counter()
-        due = now - self.last_print > (0.1 if self.tty else 15)  # redraw a terminal often, a log file rarely
-        if due or done == self.total:
+        if now - self.last_print > 15 or done == self.total:  # a log file: a line now and then, and at the end
             self.last_print = now
-            self._print(final=False)
+            self._print()
 
-    def _print(self, final):
+    def _print(self):
         elapsed = max(time.perf_counter() - self.start, 1e-9)
         width = 24
         filled = int(width * self.done / max(self.total, 1))
         bar = "#" * filled + "." * (width - filled)
         line = (f"epoch {self.epoch + 1}/{self.epochs} [{bar}] {self.done}/{self.total} loss {self.loss:.4f} "
                 f"lr {self.lr:.2e} {self.images / elapsed:.1f} img/s")
-        if self.tty:
-            self.stream.write("\r" + line + ("\n" if final else ""))
-        else:
-            self.stream.write(line + "\n")
+        self.stream.write(line + "\n")
         self.stream.flush()
 
     def close(self):
-        if self.enabled and self.tty:
-            self._print(final=True)
+        if getattr(self, "bar", None) is not None:
+            self.bar.close()
+            self.bar = None
 
 
 def describe_setup(log, cfg, task, model, frozen, iters_per_epoch):
