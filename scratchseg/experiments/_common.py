@@ -204,19 +204,6 @@ def _make_schedule(opt, schedule, total, warmup_iters):
     raise ExperimentError(f"schedule must be 'poly' or 'constant', got {schedule!r}")
 
 
-def _freeze(model, prefixes):
-    frozen = []
-    for name, p in model.named_parameters():
-        if any(name == q or name.startswith(q + ".") for q in prefixes):
-            p.requires_grad = False
-            frozen.append(name)
-    unmatched = [q for q in prefixes if not any(n == q or n.startswith(q + ".") for n in frozen)]
-    if unmatched:
-        top = ", ".join(n for n, _ in model.named_children())
-        raise ExperimentError(f"frozen prefix(es) {unmatched} match no parameter; the model's top-level modules: {top}")
-    return frozen
-
-
 def evaluate_model(model, task, split="val", batch_size=8, boundary=False):
     """Scores of ``model`` on ``task``'s ``split`` (eval mode, no_grad): the dict of
     ``scratchseg.metrics.scores_from_confusion`` plus ``loss`` (mean cross-entropy per counted pixel)
@@ -292,13 +279,14 @@ def fit(model, task, *, epochs, batch_size=8, lr=0.01, optimizer="adam", momentu
     that epoch, its train loss None).
     """
     from ..losses import make_criterion
+    from ..training.build import freeze
 
     if int(epochs) < 1:
         raise ExperimentError(f"epochs must be at least 1, got {epochs}")
     started = time.perf_counter()
     _random.manual_seed(int(seed))
     if frozen:
-        _freeze(model, list(frozen))
+        freeze(model, list(frozen))  # the same prefixes as `scratchseg train --freeze`
     train_set = task.split("train")
     if train_limit is not None:
         if not 1 <= int(train_limit) <= len(train_set):
