@@ -168,7 +168,7 @@ def test_fit_frozen_and_param_groups():
     for name, p in model.named_parameters():
         moved = not np.array_equal(before[name], p.data)
         assert moved == (not name.startswith(first + "."))  # only the frozen part stayed put
-    with pytest.raises(ExperimentError, match="match no parameter"):
+    with pytest.raises(ValueError, match="nothing_called_this matches no parameter"):
         C.fit(model, task, epochs=1, frozen=["nothing_called_this"])
     scratchseg.manual_seed(0)
     model = _small()
