@@ -8,6 +8,8 @@
     scratchseg train --data shapes3d --model unet3d   # volumes: a 3-D U-Net on synthetic volumes
     scratchseg predict runs/latest scan.nii.gz        # -> scan_pred.nii.gz and scan_slices.png
     scratchseg models | datasets | gradcheck [--backend cupy]
+    scratchseg experiment --list          # the lessons as measured experiments
+    scratchseg experiment fc-vs-fcn --quick
 
 Every subcommand takes ``--backend numpy|cupy``, ``--kernels numba|numpy``
 and ``--seed``. Problems with the user's input (a missing folder, a bad mask
@@ -22,6 +24,8 @@ import argparse
 import json
 import os
 import sys
+
+from .cli_predict import cmd_export, cmd_predict, crf_options, inference_options
 
 __all__ = ["main", "build_parser"]
 
@@ -72,14 +76,27 @@ def _common(p):
     p.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
 
 
+def _inference_args(p):
+    """eval's and predict's --tile, --overlap, --flip and --scales (``scratchseg.inference.predict``)."""
+    p.add_argument("--tile", metavar="N|HxW", help="predict in overlapping tiles of this input size: memory bounded "
+                   "by the tile, not the image (the valid U-Net: the paper's overlap-tile, borders mirrored)")
+    p.add_argument("--overlap", metavar="N|HxW", help="least overlap of neighbouring tiles (default a quarter of "
+                   "the tile; 0 for the valid U-Net, whose tiles carry their own context)")
+    p.add_argument("--flip", action="store_true", help="average with the prediction of the horizontally flipped image")
+    p.add_argument("--scales", metavar="S,S,...", help="average the predictions of the image resized by these "
+                   "factors, e.g. 0.5,1,1.5 (DeepLab's multi-scale evaluation)")
+    p.add_argument("--crf", action="store_true", help="refine the probabilities with the dense CRF (DeepLab's "
+                   "post-processing, scratchseg.crf.dense_crf with its defaults)")
+
+
 def build_parser():
     parser = argparse.ArgumentParser(prog="scratchseg", description="Semantic segmentation from scratch.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     t = sub.add_parser("train", help="train a model (no arguments: small U-Net on shapes)")
     _common(t)
-    t.add_argument("--data", default="shapes", help="shapes[:key=value,...] | folder:PATH | voc:PATH | "
-                   "shapes3d[:key=value,...] | volumes:PATH")
+    t.add_argument("--data", default="shapes", help="shapes[:key=value,...] | cells[:key=value,...] | folder:PATH | "
+                   "voc:PATH | shapes3d[:key=value,...] | volumes:PATH")
     t.add_argument("--model", default=None, help="model name (see `scratchseg models`); default unet "
                    "(unet3d for volumes)")
     t.add_argument("--model-option", action="append", metavar="KEY=VALUE", help="model option, repeatable")
@@ -108,10 +125,20 @@ def build_parser():
     t.add_argument("--scale", help="random scale range for training, e.g. 0.5,2.0")
     t.add_argument("--hflip", action=argparse.BooleanOptionalAction, default=None,
                    help="random horizontal flips, volumes flipped along all three axes (on by default)")
+    t.add_argument("--elastic", nargs="?", type=float, const=10.0, metavar="SIGMA",
+                   help="elastic deformation of the training crops: displacements on a 3x3 grid with SIGMA pixels "
+                   "standard deviation (default 10, the U-Net paper's)")
+    t.add_argument("--weight-map", metavar="unet[:w0=10,sigma=5]",
+                   help="U-Net border weights on the cross-entropy: objects = connected components of class 1 "
+                   "of a two-class task (membrane masks: --label-map 0:0,255:1); --class-weights set its w_c")
     t.add_argument("--out", help="folder for runs (default runs/)")
     t.add_argument("--name", help="run folder name (default: time-model-data)")
     t.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last.npz")
-    t.add_argument("--init", metavar="FILE", help="initial weights: .npz (scratchseg or plain) or a torch .pt/.pth")
+    t.add_argument("--init", metavar="SOURCE",
+                   help="initial weights: a run folder (its best.npz, else last.npz: FCN-16s from an FCN-32s run), "
+                   ".npz (scratchseg or plain) or torch .pt/.pth loading what fits; or torchvision ImageNet "
+                   "weights into the backbone: vgg16:FILE (FCN, DeepLab v1), resnet50:FILE or resnet101:FILE "
+                   "(also resnet18/34; DeepLab v2/v3/v3+), with --model-option width=1.0 (docs/papers.md)")
     t.add_argument("--freeze", metavar="PREFIXES", help="'backbone' or comma-separated module-name prefixes")
     t.add_argument("--checkpoint-every", type=int, help="iterations between mid-epoch checkpoints (default 50)")
     t.add_argument("--num-predictions", type=int, help="validation images drawn into predictions/ (default 4)")
@@ -132,6 +159,13 @@ def build_parser():
     e.add_argument("--val-split")
     e.add_argument("--batch-size", type=int, default=4)
     e.add_argument("--json", metavar="FILE", help="also write the scores as JSON")
+    e.add_argument("--watershed", type=float, metavar="SEED",
+                   help="two-class images: the Rand error's cells by a seeded watershed of p(class 1), seeds where "
+                   "p > SEED (e.g. 0.9; choose it on the training split), instead of the components of class 1")
+    _inference_args(e)
+    e.add_argument("--output-stride", type=int, choices=[8, 16], metavar="{8,16}",
+                   help="DeepLab v3/v3+: evaluate at this output stride with the same weights (trained at 16, "
+                   "evaluated at 8: one more dilated stage, ASPP rates doubled)")
 
     pr = sub.add_parser("predict", help="colour masks and overlays for image files or folders (volumes: "
                         "predicted volumes in the input's format and pictures of three slices)")
@@ -143,6 +177,7 @@ def build_parser():
     pr.add_argument("--out", default="predictions", help="output folder (default predictions/)")
     pr.add_argument("--onnx", metavar="MODEL.onnx",
                     help="run this exported model with ONNX Runtime instead of a checkpoint (all paths are images)")
+    _inference_args(pr)
 
     ex = sub.add_parser("export", help="export a run's model to ONNX (checked by onnx.checker)")
     _common(ex)
@@ -169,6 +204,18 @@ def build_parser():
 
     g = sub.add_parser("gradcheck", help="check every built-in op's backward against finite differences")
     _common(g)
+
+    x = sub.add_parser("experiment", allow_abbrev=False,
+                       help="run one of the lessons as a measured experiment (--list names them)")
+    x.add_argument("name", nargs="?", help="the experiment (see --list)")
+    x.add_argument("--list", action="store_true", help="name and describe every experiment")
+    x.add_argument("--quick", action="store_true", help="a small set-up that runs in seconds (1-2 seeds)")
+    x.add_argument("--seeds", type=int, default=None, help="number of seeds (default 3; --quick: 1 or 2)")
+    x.add_argument("--out", default="experiments", help="results go to OUT/NAME/ (default experiments/)")
+    x.add_argument("--data", default=None, help="folder:PATH: train on your data (training experiments only)")
+    x.add_argument("--backend", choices=["numpy", "cupy"], default=None, help="array backend")
+    x.add_argument("--kernels", choices=["numba", "numpy"], default=None, help="CPU kernels")
+    x.set_defaults(seed=None)  # the experiment seeds itself from --seeds
     return parser
 
 
@@ -220,6 +267,10 @@ def _train_config(args):
         cfg.scale = _floats(args.scale, "--scale", 2)
     if args.hflip is not None:
         cfg.hflip = args.hflip
+    if args.elastic is not None:
+        cfg.elastic = args.elastic
+    if args.weight_map is not None:
+        cfg.weight_map = args.weight_map
     if args.freeze:
         cfg.freeze = [p.strip() for p in args.freeze.split(",") if p.strip()]
     if args.loss is not None:
@@ -266,6 +317,11 @@ def _cmd_eval(args):
         raise ValueError("eval needs a run folder or checkpoint file, e.g. `scratchseg eval runs/latest`")
     path = resolve_checkpoint(args.checkpoint_option or args.checkpoint)
     model, meta = load_model(path)
+    if args.output_stride is not None:
+        if not hasattr(model, "set_output_stride"):
+            raise ValueError(f"--output-stride applies to deeplabv3 and deeplabv3plus; {meta['model_name']} in "
+                             f"{path} has a fixed output stride")
+        model.set_output_stride(args.output_stride)
     if args.data:
         task = make_task(args.data, label_map=args.label_map, ignore_index=args.ignore_index,
                          num_classes=meta["num_classes"] if args.data.startswith(("folder:", "volumes:")) else None,
@@ -279,131 +335,18 @@ def _cmd_eval(args):
                 colors=[tuple(c) for c in meta.get("colors", task.colors)], ignore_index=task.ignore_index,
                 in_channels=task.in_channels, mean=tuple(meta.get("mean", task.mean)),
                 std=tuple(meta.get("std", task.std)), spec=task.spec)
-    scores = evaluate(model, task, args.split, args.batch_size, parse_resize(meta.get("resize")))
-    print(f"{path} on {task.name} / {args.split} ({len(task.split(args.split))} images):")
+    inference = inference_options(args)
+    crf = crf_options(args)
+    if (inference or args.crf) and (meta.get("task_spec") or {}).get("kind") in ("shapes3d", "volumes"):
+        raise ValueError("--tile, --overlap, --flip, --scales and --crf apply to images; volumes are evaluated whole")
+    scores = evaluate(model, task, args.split, args.batch_size, parse_resize(meta.get("resize")), inference=inference,
+                      crf=crf, watershed=args.watershed)
+    stride = f" at output stride {args.output_stride}" if args.output_stride is not None else ""
+    print(f"{path}{stride} on {task.name} / {args.split} ({len(task.split(args.split))} images):")
     print(format_scores(scores, task.class_names))
     if args.json:
         with open(args.json, "w", encoding="utf-8") as fh:
             json.dump(scores, fh, indent=1)
-    return 0
-
-
-def _cmd_predict(args):
-    from .data.folder import read_image
-    from .training import load_model, parse_resize, predict_array, resolve_checkpoint
-    from .viz import colorize, overlay, save_png
-
-    if args.onnx:
-        return _predict_onnx(args)
-    paths = list(args.paths)
-    checkpoint = args.checkpoint_option or paths.pop(0)
-    if not paths:
-        raise ValueError("predict needs image files or folders after the checkpoint, "
-                         "e.g. `scratchseg predict runs/latest photo.png`")
-    path = resolve_checkpoint(checkpoint)
-    model, meta = load_model(path)
-    if (meta.get("task_spec") or {}).get("kind") in ("shapes3d", "volumes"):  # trained on volumes
-        return _predict_volumes(model, meta, paths, args.out)
-    files = _image_files(paths)
-    colors = [tuple(c) for c in meta["colors"]]
-    os.makedirs(args.out, exist_ok=True)
-    for f in files:
-        image = read_image(f, meta["in_channels"])
-        pred = predict_array(model, image, meta["mean"], meta["std"], parse_resize(meta.get("resize")))
-        stem = os.path.splitext(os.path.basename(f))[0]
-        colour = colorize(pred, colors)
-        save_png(os.path.join(args.out, f"{stem}_pred.png"), colour)
-        save_png(os.path.join(args.out, f"{stem}_overlay.png"), overlay(image, colour))
-        save_png(os.path.join(args.out, f"{stem}_mask.png"), pred.astype("uint8"))
-        counts = {meta["class_names"][k]: int((pred == k).sum()) for k in range(len(colors)) if (pred == k).any()}
-        print(f"{f}: " + ", ".join(f"{n} {100 * c / pred.size:.1f}%" for n, c in counts.items()))
-    print(f"wrote {len(files)} x (_pred.png colour mask, _overlay.png, _mask.png class indices) to {args.out}")
-    return 0
-
-
-def _predict_volumes(model, meta, paths, out):
-    """Predict volume files: ``<stem>_pred.<the input's format>`` and ``<stem>_slices.png`` for each."""
-    from .data.folder import split_extension
-    from .data.volumes import VOLUME_EXTENSIONS, read_volume, write_volume
-    from .training import parse_resize, predict_array
-    from .viz import save_png, volume_panel
-
-    files = _image_files(paths, VOLUME_EXTENSIONS, "volumes")
-    colors = [tuple(c) for c in meta["colors"]]
-    for f in files:
-        volume = read_volume(f, meta["in_channels"])
-        pred = predict_array(model, volume, meta["mean"], meta["std"], parse_resize(meta.get("resize")))
-        stem, ext = split_extension(os.path.basename(f), VOLUME_EXTENSIONS)
-        write_volume(os.path.join(out, f"{stem}_pred{ext}"), pred, like=f)
-        save_png(os.path.join(out, f"{stem}_slices.png"), volume_panel(volume, pred, colors))
-        counts = {meta["class_names"][k]: int((pred == k).sum()) for k in range(len(colors)) if (pred == k).any()}
-        print(f"{f}: " + ", ".join(f"{n} {100 * c / pred.size:.1f}%" for n, c in counts.items()))
-    print(f"wrote {len(files)} x (_pred volume in the input's format, _slices.png) to {out}")
-    return 0
-
-
-def _image_files(paths, extensions=None, what="images"):
-    from .data.folder import IMAGE_EXTENSIONS, split_extension
-    from .data.task import DataError, natural_key
-
-    extensions = extensions or IMAGE_EXTENSIONS
-    files = []
-    for item in paths:
-        if os.path.isdir(item):
-            found = [os.path.join(item, f) for f in sorted(os.listdir(item), key=natural_key)
-                     if split_extension(f, extensions)[1]]
-            if not found:
-                raise DataError(f"folder {item} holds no {what} ({', '.join(extensions)})")
-            files.extend(found)
-        elif os.path.isfile(item):
-            files.append(item)
-        else:
-            raise DataError(f"input {item} does not exist")
-    return files
-
-
-def _predict_onnx(args):
-    import numpy
-
-    from .onnx.runtime import load, predict_images
-
-    if args.checkpoint_option:
-        raise ValueError("give either --onnx MODEL.onnx or --checkpoint, not both")
-    files = _image_files(args.paths)
-    try:
-        model = load(args.onnx)
-    except ImportError as exc:
-        raise ValueError(str(exc)) from None
-    names = model.meta.get("class_names") or [str(k) for k in range(model.meta.get("num_classes", 0))]
-    for f, mask in predict_images(model, files, args.out):
-        counts = {names[k] if k < len(names) else str(k): int((mask == k).sum()) for k in numpy.unique(mask)}
-        print(f"{f}: " + ", ".join(f"{n} {100 * c / mask.size:.1f}%" for n, c in counts.items()))
-    print(f"wrote {len(files)} x (_pred.png colour mask, _overlay.png, _mask.png class indices) to {args.out} "
-          f"with ONNX Runtime ({args.onnx})")
-    return 0
-
-
-def _cmd_export(args):
-    import numpy
-
-    from .data.transforms import parse_size
-    from .training import load_model, resolve_checkpoint
-
-    try:
-        from .onnx import export
-    except ImportError as exc:
-        raise ValueError(str(exc)) from None
-
-    path = resolve_checkpoint(args.checkpoint)
-    model, meta = load_model(path)
-    size = args.size or "100x132"
-    h, w = parse_size(size)
-    x = numpy.random.default_rng(0).standard_normal((1, meta["in_channels"], h, w)).astype(numpy.float32)
-    info = {k: meta[k] for k in ("mean", "std", "class_names", "colors", "resize", "model_name", "model_options")
-            if meta.get(k) is not None}
-    info["colors"] = [list(c) for c in info.get("colors", [])]
-    export(model, x, args.output, opset=args.opset, dynamic_size=not args.static_size, metadata=info)
-    print(f"wrote {args.output} ({meta['model_name']}, traced at {h}x{w}, opset {args.opset}) from {path}")
     return 0
 
 
@@ -452,6 +395,26 @@ def _cmd_gradcheck(args):
     return 0 if ok else 1
 
 
+def _cmd_experiment(args):
+    from . import experiments
+
+    if args.list:
+        if args.name:
+            raise ValueError(f"give either --list or an experiment name, not both (got {args.name!r})")
+        print(experiments.list_experiments())
+        return 0
+    if not args.name:
+        raise ValueError("name an experiment, e.g. `scratchseg experiment fc-vs-fcn`; known experiments: "
+                         + ", ".join(experiments.EXPERIMENTS))
+    try:
+        experiments.run_experiment(args.name, quick=args.quick, seeds=args.seeds, out=args.out, data=args.data,
+                                   log=lambda line: print(line, flush=True))
+    except KeyboardInterrupt:
+        print("interrupted: the finished runs are kept in results.partial.json", file=sys.stderr)
+        return 130
+    return 0
+
+
 def _is_main():
     from . import distributed
 
@@ -474,8 +437,9 @@ def main(argv=None):
     from .distributed import DistributedError
     from .training import NonFiniteLossError, TrainingInterrupted
 
-    commands = {"train": _cmd_train, "eval": _cmd_eval, "predict": _cmd_predict, "models": _cmd_models,
-                "datasets": _cmd_datasets, "gradcheck": _cmd_gradcheck, "export": _cmd_export}
+    commands = {"train": _cmd_train, "eval": _cmd_eval, "predict": cmd_predict, "models": _cmd_models,
+                "datasets": _cmd_datasets, "gradcheck": _cmd_gradcheck, "export": cmd_export,
+                "experiment": _cmd_experiment}
     try:
         _setup(args)
         return commands[args.command](args)

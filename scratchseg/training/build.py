@@ -15,13 +15,14 @@ import numpy
 
 from .. import backend
 from .. import distributed
-from ..checkpoint import CheckpointError, load_weights, match_weights
-from ..data import Loader, make_task
+from ..checkpoint import CheckpointError, load_weights, match_weights, run_checkpoint
+from ..data import Loader, make_task, weight_map_from_mask
 from ..data import transforms as T
-from .config import TrainConfig, parse_resize
+from .config import TrainConfig, parse_resize, parse_weight_map
 
 __all__ = ["setup_process", "build_task", "build_model", "init_weights", "freeze", "build_loader", "build_optimizer",
-           "build_scheduler", "class_weights", "loss_weight", "output_channels", "build_loss"]
+           "build_scheduler", "class_weights", "loss_weight", "output_channels", "build_loss", "check_weight_map",
+           "WeightMapCrossEntropy"]
 
 
 def setup_process(cfg: TrainConfig, saved=None):
@@ -83,20 +84,37 @@ def output_channels(cfg: TrainConfig, task):
 
 
 def init_weights(model, path, log):
-    """Load what fits from ``path`` (``--init``), log what was skipped; the report is kept in checkpoints."""
+    """Initial weights for ``--init``; returns the report that is kept in checkpoints.
+
+    * ``vgg16:FILE``, ``resnet50:FILE`` (resnet18/34/101): torchvision ImageNet weights into the backbone,
+      all or nothing (``scratchseg.models.pretrained``);
+    * a run folder (its ``best.npz``, else ``last.npz``) or a file: what fits is loaded, the rest is logged.
+      Staged FCN training: FCN-16s from an FCN-32s run shares everything but the up-sampling, and its new
+      layers (``score_pool4`` zero, as the paper starts them, and the bilinear ``upscore2``/``upscore16``)
+      keep their initialisation; the report names them (``new_layers``).
+    """
+    from ..models.pretrained import layers_of, load_pretrained, parse_init
+
+    kind, path = parse_init(path)
+    if kind is not None:
+        return load_pretrained(model, kind, path, log)
+    if os.path.isdir(path):
+        path = run_checkpoint(path)
     weights = load_weights(path)
     matched, skipped, missing = match_weights(model.state_dict(), weights)
     if not matched:
         raise CheckpointError(f"no weight in {path} fits this model: " +
                               "; ".join(f"{n}: {why}" for n, why in skipped[:8]))
     model.load_state_dict(matched, strict=False)
+    new = layers_of(k for k in missing if not k.endswith("num_batches_tracked"))
     log(f"init from {path}: {len(matched)} entries loaded, {len(skipped)} skipped, {len(missing)} left as initialised")
+    log(f"  new layers: {', '.join(new) or 'none'}")
     for name, why in skipped:
         log(f"  skipped {name}: {why}")
     if missing:
         log("  not in the file (kept initialised): " + ", ".join(missing[:12]) + (" ..." if len(missing) > 12 else ""))
     return {"file": os.path.abspath(path), "matched": list(matched), "skipped": [list(s) for s in skipped],
-            "missing": missing}
+            "missing": missing, "new_layers": new}
 
 
 def freeze(model, prefixes):
@@ -131,10 +149,12 @@ def freeze(model, prefixes):
 def build_loader(cfg: TrainConfig, task):
     """Shuffled, augmented training batches; the order depends only on (seed, epoch), so a resume replays it.
 
-    Volumes are cropped (``--crop 32`` is a cube) and flipped along all three axes; they are not resized."""
+    Volumes are cropped (``--crop 32`` is a cube) and flipped along all three axes; they are not resized.
+    ``--elastic`` deforms the crop (image and mask together, see ``T.ElasticDeform``)."""
     volumes = task.spatial_dims == 3
     if volumes and (cfg.resize is not None or cfg.scale):
         raise ValueError(f"--resize and --scale resize 2-D images; {task.name} holds volumes: crop them with --crop")
+    check_weight_map(cfg, task)  # the loss weights these masks: refuse a task it cannot, before anything is made
     steps = []
     if cfg.resize is not None:
         steps.append(T.Resize(parse_resize(cfg.resize)))
@@ -142,6 +162,8 @@ def build_loader(cfg: TrainConfig, task):
         steps.append(T.RandomScale(*cfg.scale))
     if cfg.crop is not None:
         steps.append(T.RandomCrop(cfg.crop, ignore_index=task.loss_ignore_index))
+    if cfg.elastic is not None:  # after the crop: the 3x3 grid spans the training tile, as in the U-Net paper
+        steps.append(T.ElasticDeform(sigma=cfg.elastic))
     if cfg.hflip:
         steps.append(T.RandomFlip3d() if volumes else T.RandomHorizontalFlip())
     train_set = task.split("train")
@@ -223,8 +245,67 @@ def loss_weight(weights):
 
 def build_loss(cfg: TrainConfig, task, weights=None):
     """The criterion ``loss = criterion(logits, masks)``: ``cfg.loss`` ('ce', 'dice', 'ce+0.5*dice', ...;
-    see ``scratchseg.losses``) with the task's ignore index; the class ``weights`` go to 'ce' and 'bce'."""
-    from ..losses import make_criterion
+    see ``scratchseg.losses``) with the task's ignore index; the class ``weights`` go to 'ce' and 'bce'.
+    With ``--weight-map`` the 'ce' term is a :class:`WeightMapCrossEntropy` (the class weights are then
+    its w_c) and the other terms stay as they are."""
+    from ..losses import make_criterion, parse_loss
 
-    return make_criterion(cfg.loss_spec(), binary=cfg.binary, ignore_index=task.loss_ignore_index,
-                          class_weights=weights)
+    if cfg.weight_map is None:
+        return make_criterion(cfg.loss_spec(), binary=cfg.binary, ignore_index=task.loss_ignore_index,
+                              class_weights=weights)
+    check_weight_map(cfg, task)
+    terms = parse_loss(cfg.loss_spec())
+    others = "+".join(f"{w!r}*{name}" for w, name in terms if name != "ce")
+    rest = make_criterion(others, ignore_index=task.loss_ignore_index, class_weights=weights) if others else None
+    ce_weight = sum(w for w, name in terms if name == "ce")
+    return WeightMapCrossEntropy(parse_weight_map(cfg.weight_map), task.loss_ignore_index, weights, ce_weight, rest)
+
+
+def check_weight_map(cfg: TrainConfig, task):
+    """ValueError unless ``--weight-map`` (if given) fits: a softmax 'ce' loss and a two-class task, whose
+    class 1 makes the objects (the U-Net weight map needs objects, and the tasks here have no instance labels)."""
+    if cfg.weight_map is None:
+        return
+    from ..losses import parse_loss
+
+    if cfg.binary or "ce" not in [name for _, name in parse_loss(cfg.loss_spec())]:
+        raise ValueError(f"--weight-map weights the pixels of the softmax cross-entropy; the loss is "
+                         f"{cfg.loss_spec()!r}{' with --binary' if cfg.binary else ''}: use --loss ce (the default, "
+                         "or a sum with a ce term) without --binary")
+    if task.num_classes != 2:
+        raise ValueError(f"--weight-map needs objects: instance labels, or a two-class task whose class 1 makes "
+                         f"them (its connected components); {task.name} has {task.num_classes} classes "
+                         f"({', '.join(task.class_names)}) and no instance labels. Map the masks to two classes "
+                         "with --label-map (e.g. 0:0,255:1 for membrane masks: 0 membrane, 1 cells)")
+
+
+class WeightMapCrossEntropy:
+    """``criterion(logits, masks)``: the cross-entropy with every pixel weighted by the U-Net weight map of
+    its mask (``scratchseg.data.weight_map_from_mask``: objects = connected components of class 1, border
+    weight ``w0 exp(-(d1 + d2)^2 / (2 sigma^2))`` on class 0, ``class_weights`` as w_c), times ``ce_weight``,
+    plus ``rest(logits, masks)`` (the other terms of a summed loss) when given.
+
+    The maps are computed on the host, per sample, from the masks the loss sees: after the augmentation
+    and the crop of a valid-convolution model. 'mean' divides by the number of counted pixels.
+    """
+
+    def __init__(self, options, ignore_index, class_weights=None, ce_weight=1.0, rest=None):
+        self.w0, self.sigma = float(options["w0"]), float(options["sigma"])
+        self.ignore_index, self.class_weights = int(ignore_index), class_weights
+        self.ce_weight, self.rest = float(ce_weight), rest
+
+    def weight_maps(self, masks):
+        """(N, H, W) float64 on the host: one weight map per mask of the batch (N, H, W)."""
+        return numpy.stack([weight_map_from_mask(m, 2, self.ignore_index, self.w0, self.sigma, self.class_weights)
+                            for m in backend.asnumpy(masks)])
+
+    def __call__(self, logits, masks):
+        from .. import functional as F
+
+        loss = F.cross_entropy(logits, masks, ignore_index=self.ignore_index, weight_map=self.weight_maps(masks))
+        if self.ce_weight != 1.0:
+            loss = loss * self.ce_weight
+        return loss if self.rest is None else loss + self.rest(logits, masks)
+
+    def __repr__(self):
+        return f"WeightMapCrossEntropy(w0={self.w0:g}, sigma={self.sigma:g}, class_weights={self.class_weights})"

@@ -14,7 +14,7 @@ from typing import List, Optional
 from ..data import transforms as T
 from ..losses import check_loss
 
-__all__ = ["TrainConfig", "parse_resize", "OPTIMIZERS", "SCHEDULES", "VOLUME_DEFAULTS"]
+__all__ = ["TrainConfig", "parse_resize", "parse_weight_map", "OPTIMIZERS", "SCHEDULES", "VOLUME_DEFAULTS"]
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("poly", "step", "constant")
@@ -56,6 +56,8 @@ class TrainConfig:
     crop: Optional[object] = None  # random crop size for training
     scale: Optional[List[float]] = None  # random scale range [low, high] for training
     hflip: bool = True
+    elastic: Optional[float] = None  # elastic deformation: sigma in pixels of the 3x3-grid displacements; None: off
+    weight_map: Optional[str] = None  # 'unet' or 'unet:w0=10,sigma=5': U-Net border weights on the cross-entropy
     eval_batch_size: int = 8
     out: str = "runs"
     name: Optional[str] = None
@@ -89,6 +91,9 @@ class TrainConfig:
         check_loss(self.loss_spec(), self.binary)  # an unknown name, or ce with --binary: a ValueError naming it
         if self.dtype not in ("float32", "float64"):
             raise ValueError(f"unknown dtype {self.dtype!r}; expected 'float32' or 'float64'")
+        parse_weight_map(self.weight_map)  # a ValueError naming what is wrong
+        if self.elastic is not None and not (isinstance(self.elastic, (int, float)) and 0 <= self.elastic < 1e6):
+            raise ValueError(f"--elastic takes a sigma >= 0 in pixels (the U-Net paper's 10), got {self.elastic!r}")
         if self.sync_bn and not self.distributed:
             raise ValueError("--sync-bn synchronises batch norm across the processes of a --distributed run; "
                              "add --distributed (under mpirun)")
@@ -102,3 +107,33 @@ def parse_resize(value):
     if isinstance(value, (int, float)) and not isinstance(value, bool) and float(value) < 10:
         return float(value)
     return T.parse_size(value)
+
+
+def parse_weight_map(spec):
+    """``None`` -> None; ``'unet'`` or ``'unet:w0=10,sigma=5'`` -> ``{'w0': 10.0, 'sigma': 5.0}`` (the defaults
+    are the U-Net paper's); a ValueError naming anything else.
+
+    >>> parse_weight_map("unet:sigma=3")
+    {'w0': 10.0, 'sigma': 3.0}
+    """
+    if spec is None:
+        return None
+    kind, _, rest = str(spec).partition(":")
+    if kind.strip().lower() != "unet":
+        raise ValueError(f"unknown weight map {spec!r}; expected 'unet' or 'unet:w0=10,sigma=5'")
+    options = {"w0": 10.0, "sigma": 5.0}
+    for part in (p.strip() for p in rest.split(",") if p.strip()):
+        key, eq, value = part.partition("=")
+        key = key.strip().lower()
+        try:
+            number = float(value)
+        except ValueError:
+            number = None
+        if not eq or key not in options or number is None:
+            raise ValueError(f"cannot read {part!r} in weight map {spec!r}; expected w0=NUMBER and/or sigma=NUMBER, "
+                             "e.g. 'unet:w0=10,sigma=5'")
+        options[key] = number
+    if not 0 <= options["w0"] < float("inf") or not 0 < options["sigma"] < float("inf"):
+        raise ValueError(f"weight map {spec!r}: w0 must be finite and >= 0, sigma finite and > 0, got "
+                         f"w0={options['w0']}, sigma={options['sigma']}")
+    return options
