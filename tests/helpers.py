@@ -17,7 +17,10 @@
   with tolerances chosen from the dtype (float64: rtol 1e-7; float32: rtol 1e-4)
   and an error message that says where the largest difference is;
 * ``cupy_or_skip()``: the ``cupy`` module, or ``pytest.skip`` when CuPy or a
-  GPU is missing.
+  GPU is missing;
+* ``TINY`` and ``tiny_run(tmp_path_factory, seed)``: the smallest training run
+  of the command line (one epoch of a tiny U-Net on tiny shapes), for tests of
+  the commands that read a run folder.
 """
 
 from __future__ import annotations
@@ -312,3 +315,17 @@ def geometries(*, dims=2, batch=(1, 2), channels=(1, 3), groups=1, out_channels=
     if fit not in (None, "offset", "bounded"):
         raise ValueError(f"fit must be None, 'offset' or 'bounded', got {fit!r}")
     return draw_geometry()
+
+
+# ------------------------------------------------------------ a tiny run of the command line
+TINY = ["--data", "shapes:n_train=8,n_val=4,n_test=4,size=16", "--model-option", "base=4,depth=2", "--epochs", "1",
+        "--batch-size", "4", "--no-progress", "--num-predictions", "1"]
+
+
+def tiny_run(tmp_path_factory, seed=3):
+    """Train ``TINY`` into a fresh folder with ``seed``; the run folder's path."""
+    from scratchseg.cli import main
+
+    out = tmp_path_factory.mktemp("runs")
+    assert main(["train", *TINY, "--out", str(out), "--name", "r", "--seed", str(seed)]) == 0
+    return str(out / "r")

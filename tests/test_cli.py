@@ -11,17 +11,12 @@ import pytest
 from PIL import Image
 
 from scratchseg.cli import _parse_options, main
+from helpers import TINY, tiny_run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--data", "shapes:n_train=8,n_val=4,n_test=4,size=16", "--model-option", "base=4,depth=2", "--epochs", "1",
-        "--batch-size", "4", "--no-progress", "--num-predictions", "1"]
-
-
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("runs")
-    assert main(["train", *TINY, "--out", str(out), "--name", "r", "--seed", "3"]) == 0
-    return str(out / "r")
+    return tiny_run(tmp_path_factory, seed=3)
 
 
 def test_train_writes_a_run(run_dir):

@@ -10,10 +10,7 @@ from scratchseg.cli import main
 from scratchseg.crf import dense_crf
 from scratchseg.data import transforms as T
 from scratchseg.training.evaluate import image_for_crf
-
-TINY = ["--data", "shapes:n_train=8,n_val=4,n_test=0,size=24", "--epochs", "1", "--batch-size", "4",
-        "--model-option", "base=4,depth=2", "--no-progress", "--num-predictions", "0"]
-
+from helpers import tiny_run
 
 def test_image_for_crf_undoes_the_normalisation():
     rgb = np.random.default_rng(0).integers(0, 256, (5, 7, 3)).astype(np.uint8)
@@ -28,9 +25,7 @@ def test_image_for_crf_undoes_the_normalisation():
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("runs")
-    assert main(["train", *TINY, "--out", str(out), "--name", "r", "--seed", "5"]) == 0
-    return str(out / "r")
+    return tiny_run(tmp_path_factory, seed=5)
 
 
 def test_eval_crf_scores_the_refined_probabilities(run_dir, tmp_path, capsys):

@@ -17,6 +17,7 @@ from scratchseg.cli import main
 from scratchseg.inference import _mirror, log_probabilities, options_from_text, predict
 from scratchseg.models.unet import mirror_pad
 from scratchseg.training import load_model, parse_resize, predict_array
+from helpers import tiny_run
 
 
 def _softmax(model, x):
@@ -229,15 +230,9 @@ def test_tiled_memory_is_bounded_by_the_tile():
 
 
 # ------------------------------------------------------------------ the command line
-TINY = ["--data", "shapes:n_train=8,n_val=4,n_test=0,size=16", "--model-option", "base=4,depth=2", "--epochs", "1",
-        "--batch-size", "4", "--no-progress", "--num-predictions", "1"]
-
-
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("runs")
-    assert main(["train", *TINY, "--out", str(out), "--name", "r", "--seed", "3"]) == 0
-    return str(out / "r")
+    return tiny_run(tmp_path_factory, seed=3)
 
 
 def test_cli_predict_tiled(run_dir, tmp_path, capsys):

@@ -14,7 +14,6 @@ full-size layouts are compared key by key and shape by shape.
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 import pytest
@@ -30,6 +29,7 @@ from scratchseg.models.pretrained import (VGG16Classifier, convert, identify, lo
                                           parse_init, torchvision_keys)
 from scratchseg.training.build import init_weights  # noqa: E402
 from helpers import assert_close  # noqa: E402
+from test_models_torch_parity import TBottleneck  # noqa: E402  (torchvision's v1.5 Bottleneck, stride on conv2)
 
 VGG_CFG = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
 
@@ -71,29 +71,6 @@ class TorchVGG16(tnn.Module):
         return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
 
 
-class TorchBottleneck(tnn.Module):
-    """torchvision's v1.5 Bottleneck: the stride sits on the 3x3 ``conv2``."""
-
-    expansion = 4
-
-    def __init__(self, inplanes, planes, stride=1, downsample=None, dilation=1):
-        super().__init__()
-        self.conv1 = tnn.Conv2d(inplanes, planes, 1, bias=False)
-        self.bn1 = tnn.BatchNorm2d(planes)
-        self.conv2 = tnn.Conv2d(planes, planes, 3, stride=stride, padding=dilation, dilation=dilation, bias=False)
-        self.bn2 = tnn.BatchNorm2d(planes)
-        self.conv3 = tnn.Conv2d(planes, planes * 4, 1, bias=False)
-        self.bn3 = tnn.BatchNorm2d(planes * 4)
-        self.relu = tnn.ReLU(inplace=True)
-        self.downsample = downsample
-
-    def forward(self, x):
-        identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
-        return self.relu(self.bn3(self.conv3(out)) + identity)
-
-
 class TorchResNet(tnn.Module):
     """torchvision's ``ResNet(Bottleneck, layers, replace_stride_with_dilation=...)`` with base width ``base``."""
 
@@ -119,9 +96,9 @@ class TorchResNet(tnn.Module):
         if stride != 1 or self.inplanes != planes * 4:
             downsample = tnn.Sequential(tnn.Conv2d(self.inplanes, planes * 4, 1, stride=stride, bias=False),
                                         tnn.BatchNorm2d(planes * 4))
-        layers = [TorchBottleneck(self.inplanes, planes, stride, downsample, previous_dilation)]
+        layers = [TBottleneck(self.inplanes, planes, stride, dilation=previous_dilation, downsample=downsample)]
         self.inplanes = planes * 4
-        layers += [TorchBottleneck(self.inplanes, planes, dilation=self.dilation) for _ in range(1, blocks)]
+        layers += [TBottleneck(self.inplanes, planes, dilation=self.dilation) for _ in range(1, blocks)]
         return tnn.Sequential(*layers)
 
     def layer4_features(self, x):
