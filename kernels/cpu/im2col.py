@@ -17,7 +17,7 @@ The loops are serial and ``nogil``; the batch is split between worker threads
 from __future__ import annotations
 
 import numpy as np  # host-only module: these kernels only ever see NumPy arrays
-from numba import njit
+from numba import njit, uint64
 
 from ._common import _NATIVE, _check_out, _pair, _valid_range, conv_output_size
 from .runtime import _split, _workers
@@ -47,6 +47,7 @@ def _im2col_block(x, c0, Cg, n0, n1, ho0, ho1, kh, kw, sh, sw, ph, pw, dh, dw, W
     W = x.shape[3]
     Ho = ho1 - ho0
     L = Ho * Wo
+    x3 = x.reshape(x.shape[0], x.shape[1], H * W)
     for r in range(Cg * kh * kw):  # row by row of cols: long contiguous writes
         c = c0 + r // (kh * kw)
         i = (r // kw) % kh
@@ -61,14 +62,20 @@ def _im2col_block(x, c0, Cg, n0, n1, ho0, ho1, kh, kw, sh, sw, ph, pw, dh, dw, W
             # run and zero the few columns that wrapped around a row end.
             a = max(ho0, ho_lo)
             b = max(min(ho1, ho_hi), a)
+            row = cols[r]
+            uc = uint64(c)
+            # Unsigned indices and no per-sample views: on a small map (16 pixels of a
+            # 4x4 plane) the runs are short and slicing (a view and its reference
+            # count each) cost more than the copy itself (see the strided path below).
             for n in range(n0, n1):
                 base = (n - n0) * L - ho0 * Wo
-                row = cols[r]
-                row[base + ho0 * W:base + a * W] = 0
-                row[base + b * W:base + ho1 * W] = 0
+                un = uint64(n)
+                for t in range(base + ho0 * W, base + a * W):
+                    row[uint64(t)] = 0
+                for t in range(base + b * W, base + ho1 * W):
+                    row[uint64(t)] = 0
                 if a == b:
                     continue
-                plane = x[n, c].reshape(H * W)
                 s0 = (a + hoff) * W + woff
                 d0 = base + a * W
                 length = (b - a) * W
@@ -76,34 +83,50 @@ def _im2col_block(x, c0, Cg, n0, n1, ho0, ho1, kh, kw, sh, sw, ph, pw, dh, dw, W
                 # can start before it or end after it); the rest is zero
                 klo = min(max(0, -s0), length)
                 khi = max(min(length, H * W - s0), klo)
-                row[d0:d0 + klo] = 0
-                _copy_run(row[d0 + klo:d0 + khi], plane[s0 + klo:s0 + khi])
-                row[d0 + khi:d0 + length] = 0
+                for t in range(d0, d0 + klo):
+                    row[uint64(t)] = 0
+                for k in range(klo, khi):
+                    row[uint64(d0 + k)] = x3[un, uc, uint64(s0 + k)]
+                for t in range(d0 + khi, d0 + length):
+                    row[uint64(t)] = 0
                 if wo_lo > 0 or wo_hi < W:
                     for ho in range(a, b):
                         start = base + ho * W
                         for wo in range(wo_lo):
-                            row[start + wo] = 0
+                            row[uint64(start + wo)] = 0
                         for wo in range(wo_hi, W):
-                            row[start + wo] = 0
+                            row[uint64(start + wo)] = 0
             continue
+        # Rows of strided or narrower outputs. Their runs are short (16 pixels of a
+        # 16x16 map), too short for LLVM's vector loop, so what is left per element
+        # must be cheap: unsigned indices (a signed one is checked for Python's
+        # negative wraparound on every access) and the padding rows and columns
+        # written apart from the loop that reads x.
+        a = min(max(ho0, ho_lo), ho1)
+        b = max(min(ho1, ho_hi), a)
         for n in range(n0, n1):
             base = (n - n0) * L - ho0 * Wo
             for ho in range(ho0, ho1):
                 start = base + ho * Wo
-                if ho < ho_lo or ho >= ho_hi:
-                    cols[r, start:start + Wo] = 0
+                if ho < a or ho >= b:
+                    for wo in range(Wo):
+                        cols[r, start + wo] = 0
                     continue
-                h = ho * sh + hoff
-                # slice copies: Numba turns them into vectorised loops (faster
-                # than an element loop with a run-time stride)
-                cols[r, start:start + wo_lo] = 0
+                for wo in range(wo_lo):
+                    cols[r, start + wo] = 0
+                for wo in range(wo_hi, Wo):
+                    cols[r, start + wo] = 0
+                h = uint64(ho * sh + hoff)
+                un, uc, ur = uint64(n), uint64(c), uint64(r)
                 if sw == 1:
-                    cols[r, start + wo_lo:start + wo_hi] = x[n, c, h, wo_lo + woff:wo_hi + woff]
+                    for wo in range(wo_lo, wo_hi):
+                        cols[ur, uint64(start + wo)] = x[un, uc, h, uint64(wo + woff)]
+                elif sw == 2:  # the constant lets LLVM use vector loads and shuffles, as in winograd._load_row
+                    for wo in range(wo_lo, wo_hi):
+                        cols[ur, uint64(start + wo)] = x[un, uc, h, uint64(2 * wo + woff)]
                 else:
                     for wo in range(wo_lo, wo_hi):
-                        cols[r, start + wo] = x[n, c, h, wo * sw + woff]
-                cols[r, start + wo_hi:start + Wo] = 0
+                        cols[ur, uint64(start + wo)] = x[un, uc, h, uint64(wo * sw + woff)]
     return cols
 
 
@@ -118,6 +141,7 @@ def _col2im_block(cols, c0, Cg, n0, n1, ho0, ho1, kh, kw, sh, sw, ph, pw, dh, dw
     L = (ho1 - ho0) * Wo
     nb = n1 - n0
     flat = scratch and sh == 1 and sw == 1 and Wo == W
+    dx3 = dx.reshape(dx.shape[0], dx.shape[1], H * W)
     for t in range(nb * Cg):
         n = n0 + t // Cg
         c = t % Cg
@@ -128,7 +152,8 @@ def _col2im_block(cols, c0, Cg, n0, n1, ho0, ho1, kh, kw, sh, sw, ph, pw, dh, dw
             # 'same' width, unit stride: each tap adds its rows onto the plane
             # shifted by (hoff, woff) as one flat run, after zeroing the column
             # entries that would wrap around a row end (taps in the padding).
-            plane = dx[n, c0 + c].reshape(H * W)
+            # Unsigned indices, no views per tap: see _im2col_block.
+            un, uc = uint64(n), uint64(c0 + c)
             for i in range(kh):
                 hoff = i * dh - ph
                 ho_lo, ho_hi = _valid_range(hoff, sh, H, ho1)
@@ -137,23 +162,23 @@ def _col2im_block(cols, c0, Cg, n0, n1, ho0, ho1, kh, kw, sh, sw, ph, pw, dh, dw
                 if a >= b:
                     continue
                 for j in range(kw):
-                    r = (c * kh + i) * kw + j
+                    r = uint64((c * kh + i) * kw + j)
                     woff = j * dw - pw
                     wo_lo, wo_hi = _valid_range(woff, sw, W, Wo)
-                    row = cols[r]
                     if wo_lo > 0 or wo_hi < W:
                         for ho in range(a, b):
                             start = base + ho * W
                             for wo in range(wo_lo):
-                                row[start + wo] = 0
+                                cols[r, uint64(start + wo)] = 0
                             for wo in range(wo_hi, W):
-                                row[start + wo] = 0
+                                cols[r, uint64(start + wo)] = 0
                     s0 = (a + hoff) * W + woff
                     d0 = base + a * W
                     length = (b - a) * W
                     klo = min(max(0, -s0), length)  # clamped as in _im2col_block
                     khi = max(min(length, H * W - s0), klo)
-                    _add_run(plane[s0 + klo:s0 + khi], row[d0 + klo:d0 + khi])
+                    for k in range(klo, khi):
+                        dx3[un, uc, uint64(s0 + k)] += cols[r, uint64(d0 + k)]
             continue
         for i in range(kh):
             hoff = i * dh - ph
@@ -164,15 +189,20 @@ def _col2im_block(cols, c0, Cg, n0, n1, ho0, ho1, kh, kw, sh, sw, ph, pw, dh, dw
                 r = (c * kh + i) * kw + j
                 woff = j * dw - pw
                 wo_lo, wo_hi = _valid_range(woff, sw, W, Wo)
+                un, uc, ur = uint64(n), uint64(c0 + c), uint64(r)
                 for ho in range(ho_lo, ho_hi):
-                    h = ho * sh + hoff
+                    h = uint64(ho * sh + hoff)
                     start = base + ho * Wo
+                    # unsigned indices: no negative-wraparound check per element (see _im2col_block)
                     if sw == 1:  # a unit-stride loop LLVM vectorises
                         for wo in range(wo_lo, wo_hi):
-                            dx[n, c0 + c, h, wo + woff] += cols[r, start + wo]
+                            dx[un, uc, h, uint64(wo + woff)] += cols[ur, uint64(start + wo)]
+                    elif sw == 2:
+                        for wo in range(wo_lo, wo_hi):
+                            dx[un, uc, h, uint64(2 * wo + woff)] += cols[ur, uint64(start + wo)]
                     else:
                         for wo in range(wo_lo, wo_hi):
-                            dx[n, c0 + c, h, wo * sw + woff] += cols[r, start + wo]
+                            dx[un, uc, h, uint64(wo * sw + woff)] += cols[ur, uint64(start + wo)]
     return dx
 
 
