@@ -36,7 +36,7 @@ kernel flipped) and, for wide layers, for the weight gradient
 from __future__ import annotations
 
 import numpy as np  # host-only module: these kernels only ever see NumPy arrays
-from numba import njit, prange
+from numba import njit, prange, uint64
 
 from ._common import _valid_range
 from .runtime import L2_BYTES, _launch, _parallel_njit, _run, workspace
@@ -94,24 +94,29 @@ def _g_row(U, i, k, c, t0, t1, t2):
 
 
 @njit(cache=True, inline="always")
-def _load_row(row, src, off, step, lo, hi):
-    # row[m] = src[off + step*m] for m in [lo, hi), 0 elsewhere: one residue class of an image
-    # row, zero-padded ([lo, hi) from _valid_range); a unit step is a plain run LLVM vectorises,
-    # and so is a step of 2 (atrous rate 2) written with the constant: LLVM turns the
-    # interleaved loads into vector loads and shuffles, a run-time step into one load per element
+def _load_row(rows, e, x, n, c, h, off, step, lo, hi):
+    # rows[e, m] = x[n, c, h, off + step*m] for m in [lo, hi), 0 elsewhere: one residue class of
+    # an image row, zero-padded ([lo, hi) from _valid_range). Indexed in place, no views: on a
+    # small map a view per row cost more than the row. A unit step is a plain run LLVM
+    # vectorises when its index is unsigned (a signed one is checked for Python's negative
+    # wraparound on every load); a step of 2 (atrous rate 2) written with the constant and a
+    # signed index gets vector loads and shuffles (the unsigned one measured slower); a
+    # run-time step is one load per element (measurements: benchmarks/NOTES.md).
+    W = rows.shape[1]
     for m in range(lo):
-        row[m] = 0
+        rows[e, m] = 0
+    un, uc, uh = uint64(n), uint64(c), uint64(h)
     if step == 1:
         for m in range(lo, hi):
-            row[m] = src[m + off]
+            rows[e, m] = x[un, uc, uh, uint64(m + off)]
     elif step == 2:
         for m in range(lo, hi):
-            row[m] = src[off + 2 * m]
+            rows[e, m] = x[n, c, h, off + 2 * m]
     else:
         for m in range(lo, hi):
-            row[m] = src[off + step * m]
-    for m in range(hi, row.shape[0]):
-        row[m] = 0
+            rows[e, m] = x[un, uc, uh, uint64(off + step * m)]
+    for m in range(hi, W):
+        rows[e, m] = 0
 
 
 @njit(cache=True, nogil=True)
@@ -124,39 +129,33 @@ def _winograd_input(x, n, a, b, dh, dw, ph, pw, r0, r1, TW, V):
     q = np.empty((4, Wp), dtype=V.dtype)
     m_lo, m_hi = _valid_range(b - pw, dw, W, Wp)  # columns m with 0 <= b - pw + dw*m < W
     for c in range(C):
-        plane = x[n, c]
+        uc = uint64(c)
         for r in range(r0, r1):
             for e in range(4):  # the tile row's 4 input rows, zero outside the image
                 h = a - ph + dh * (2 * r + e)
-                row = rows[e]
                 if h < 0 or h >= H:
                     for m in range(Wp):
-                        row[m] = 0
-                    continue
-                _load_row(row, plane[h], b - pw, dw, m_lo, m_hi)
-            d0, d1, d2, d3 = rows[0], rows[1], rows[2], rows[3]
-            q0, q1, q2, q3 = q[0], q[1], q[2], q[3]
+                        rows[e, m] = 0
+                else:
+                    _load_row(rows, e, x, n, c, h, b - pw, dw, m_lo, m_hi)
             for m in range(Wp):  # B^T d: combine the rows, whole rows at a time
-                q0[m] = d0[m] - d2[m]
-                q1[m] = d1[m] + d2[m]
-                q2[m] = d2[m] - d1[m]
-                q3[m] = d1[m] - d3[m]
+                q[0, m] = rows[0, m] - rows[2, m]
+                q[1, m] = rows[1, m] + rows[2, m]
+                q[2, m] = rows[2, m] - rows[1, m]
+                q[3, m] = rows[1, m] - rows[3, m]
             t0 = (r - r0) * TW
             for e in range(4):  # (B^T d) B: tile s combines columns 2s .. 2s+3
-                qe = q[e]
-                v0 = V[4 * e, c, t0:t0 + TW]
-                v1 = V[4 * e + 1, c, t0:t0 + TW]
-                v2 = V[4 * e + 2, c, t0:t0 + TW]
-                v3 = V[4 * e + 3, c, t0:t0 + TW]
+                e4 = uint64(4 * e)
                 for s in range(TW):
-                    f0 = qe[2 * s]
-                    f1 = qe[2 * s + 1]
-                    f2 = qe[2 * s + 2]
-                    f3 = qe[2 * s + 3]
-                    v0[s] = f0 - f2
-                    v1[s] = f1 + f2
-                    v2[s] = f2 - f1
-                    v3[s] = f1 - f3
+                    f0 = q[e, 2 * s]
+                    f1 = q[e, 2 * s + 1]
+                    f2 = q[e, 2 * s + 2]
+                    f3 = q[e, 2 * s + 3]
+                    t = uint64(t0 + s)
+                    V[e4, uc, t] = f0 - f2
+                    V[e4 + 1, uc, t] = f1 + f2
+                    V[e4 + 2, uc, t] = f2 - f1
+                    V[e4 + 3, uc, t] = f1 - f3
     return V
 
 
@@ -167,39 +166,37 @@ def _winograd_output(M, n, a, b, dh, dw, r0, r1, TW, bias, y):
     u = np.empty((2, 4, TW), dtype=M.dtype)
     z = np.empty(2 * TW, dtype=M.dtype)
     n_out = _valid_range(b, dw, Wo, 2 * TW)[1]  # the outputs of residue class b along a row: b, b + dw, ... < Wo
+    un = uint64(n)
     for k in range(K):
-        out = y[n, k]
+        uk = uint64(k)
         bk = bias[k]
         for r in range(r0, r1):
             t0 = (r - r0) * TW
-            for f in range(4):  # A^T m: combine the 4 rows of each tile
-                m0 = M[f, k, t0:t0 + TW]
-                m1 = M[4 + f, k, t0:t0 + TW]
-                m2 = M[8 + f, k, t0:t0 + TW]
-                m3 = M[12 + f, k, t0:t0 + TW]
-                u0 = u[0, f]
-                u1 = u[1, f]
+            for f in range(4):  # A^T m: combine the 4 rows of each tile (indexed in place, as in _load_row)
+                uf = uint64(f)
                 for s in range(TW):
-                    u0[s] = m0[s] + m1[s] + m2[s]
-                    u1[s] = m1[s] - m2[s] - m3[s]
+                    t = uint64(t0 + s)
+                    m1 = M[uf + 4, uk, t]
+                    m2 = M[uf + 8, uk, t]
+                    u[0, f, s] = M[uf, uk, t] + m1 + m2
+                    u[1, f, s] = m1 - m2 - M[uf + 12, uk, t]
             for i in range(2):  # (A^T m) A: 2 outputs per tile along the row
                 oh = a + dh * (2 * r + i)
                 if oh >= Ho:
                     continue
-                w0, w1, w2, w3 = u[i, 0], u[i, 1], u[i, 2], u[i, 3]
                 for s in range(TW):
-                    z[2 * s] = w0[s] + w1[s] + w2[s] + bk
-                    z[2 * s + 1] = w1[s] - w2[s] - w3[s] + bk
-                orow = out[oh]
+                    z[2 * s] = u[i, 0, s] + u[i, 1, s] + u[i, 2, s] + bk
+                    z[2 * s + 1] = u[i, 1, s] - u[i, 2, s] - u[i, 3, s] + bk
+                uh = uint64(oh)
                 if dw == 1:
                     for m in range(n_out):
-                        orow[b + m] = z[m]
+                        y[un, uk, uh, uint64(b + m)] = z[m]
                 elif dw == 2:  # a constant stride: vectorised, as in _load_row
                     for m in range(n_out):
-                        orow[b + 2 * m] = z[m]
+                        y[n, k, oh, b + 2 * m] = z[m]
                 else:
                     for m in range(n_out):
-                        orow[b + dw * m] = z[m]
+                        y[un, uk, uh, uint64(b + dw * m)] = z[m]
     return y
 
 
@@ -225,6 +222,32 @@ def _winograd_blocks(Ho, Wo, dh, dw, tile_bytes, budget):
                     yield a, b, TW, r0, min(r0 + rows, TH), rows * TW
 
 
+def _winograd_gathered(n_lo, n_hi, Ho, Wo, dh, dw, tile_bytes, budget):
+    """The blocks of samples [n_lo, n_hi), several samples' tiles per block where they are few.
+
+    Yields (segments, t): ``segments`` a list of (n, a, b, TW, r0, r1, t0), the
+    tile rows [r0, r1) of residue class (a, b) of sample n, whose tiles fill
+    [t0, t0 + (r1 - r0) * TW) of the block's t tiles. A small map (16 tiles of
+    an 8x8 plane, 4 of a 4x4) alone makes GEMMs too thin for the BLAS; gathered
+    from several samples and residue classes up to the ``_winograd_blocks``
+    size (about ``budget`` bytes, at least ~128 tiles) they are as wide as a
+    large map's, and the 16 GEMMs are called once per block instead of once per
+    sample. A large map's blocks are full alone and stay one per block.
+    """
+    cap = max(budget // tile_bytes, 128)
+    segments, used = [], 0
+    for n in range(n_lo, n_hi):
+        for a, b, TW, r0, r1, T in _winograd_blocks(Ho, Wo, dh, dw, tile_bytes, budget):
+            t = (r1 - r0) * TW
+            if segments and used + t > cap:
+                yield segments, used
+                segments, used = [], 0
+            segments.append((n, a, b, TW, r0, r1, used))
+            used += t
+    if segments:
+        yield segments, used
+
+
 def _winograd_conv(x, w, bias, ph, pw, dh, dw, y):
     """y = conv2d(x, w, bias) for a 3x3 kernel, unit stride, one group: Winograd F(2x2, 3x3).
 
@@ -239,15 +262,15 @@ def _winograd_conv(x, w, bias, ph, pw, dh, dw, y):
     b = np.zeros(K, dtype) if bias is None else np.ascontiguousarray(bias, dtype=dtype)
 
     def part(n_lo, n_hi):
-        for n in range(n_lo, n_hi):
-            for a, bb, TW, r0, r1, T in _winograd_blocks(Ho, Wo, dh, dw, 16 * C * dtype.itemsize,
-                                                        _WINOGRAD_BLOCK_BYTES):
-                t = (r1 - r0) * TW
-                V = workspace(16 * C * T, dtype, 0).reshape(16, C, T)[:, :, :t]
-                M = workspace(16 * K * T, dtype, 1).reshape(16, K, T)[:, :, :t]
-                _winograd_input(x, n, a, bb, dh, dw, ph, pw, r0, r1, TW, V)
-                np.matmul(U, V, out=M)  # 16 GEMMs (K, C) @ (C, t)
-                _winograd_output(M, n, a, bb, dh, dw, r0, r1, TW, b, y)
+        for segments, t in _winograd_gathered(n_lo, n_hi, Ho, Wo, dh, dw, 16 * C * dtype.itemsize,
+                                              _WINOGRAD_BLOCK_BYTES):
+            V = workspace(16 * C * t, dtype, 0).reshape(16, C, t)
+            M = workspace(16 * K * t, dtype, 1).reshape(16, K, t)
+            for n, a, bb, TW, r0, r1, t0 in segments:
+                _winograd_input(x, n, a, bb, dh, dw, ph, pw, r0, r1, TW, V[:, :, t0:t0 + (r1 - r0) * TW])
+            np.matmul(U, V, out=M)  # 16 GEMMs (K, C) @ (C, t)
+            for n, a, bb, TW, r0, r1, t0 in segments:
+                _winograd_output(M[:, :, t0:t0 + (r1 - r0) * TW], n, a, bb, dh, dw, r0, r1, TW, b, y)
 
     _run(N, part, N * K * C * 9 * Ho * Wo)  # the direct convolution's count
     return y
@@ -276,37 +299,31 @@ def _winograd_output_grad(dout, n, a, b, dh, dw, r0, r1, TW, D):
     e = np.empty((4, 2 * TW), dtype=D.dtype)
     n_out = _valid_range(b, dw, Wo, 2 * TW)[1]  # the outputs of residue class b along a row
     for k in range(K):
-        plane = dout[n, k]
+        uk = uint64(k)
         for r in range(r0, r1):
             for i in range(2):  # the tile row's 2 rows of dout, zero outside
                 oh = a + dh * (2 * r + i)
-                zi = z[i]
                 if oh >= Ho:
                     for m in range(2 * TW):
-                        zi[m] = 0
+                        z[i, m] = 0
                     continue
-                _load_row(zi, plane[oh], b, dw, 0, n_out)
-            z0, z1 = z[0], z[1]
-            e0, e1, e2, e3 = e[0], e[1], e[2], e[3]
+                _load_row(z, i, dout, n, k, oh, b, dw, 0, n_out)
             for m in range(2 * TW):  # A g: combine the 2 rows
-                e0[m] = z0[m]
-                e1[m] = z0[m] + z1[m]
-                e2[m] = z0[m] - z1[m]
-                e3[m] = -z1[m]
+                e[0, m] = z[0, m]
+                e[1, m] = z[0, m] + z[1, m]
+                e[2, m] = z[0, m] - z[1, m]
+                e[3, m] = -z[1, m]
             t0 = (r - r0) * TW
-            for f in range(4):  # (A g) A^T: tile s combines columns 2s, 2s+1
-                ef = e[f]
-                v0 = D[4 * f, k, t0:t0 + TW]
-                v1 = D[4 * f + 1, k, t0:t0 + TW]
-                v2 = D[4 * f + 2, k, t0:t0 + TW]
-                v3 = D[4 * f + 3, k, t0:t0 + TW]
+            for f in range(4):  # (A g) A^T: tile s combines columns 2s, 2s+1 (indexed in place)
+                f4 = uint64(4 * f)
                 for s in range(TW):
-                    g0 = ef[2 * s]
-                    g1 = ef[2 * s + 1]
-                    v0[s] = g0
-                    v1[s] = g0 + g1
-                    v2[s] = g0 - g1
-                    v3[s] = -g1
+                    g0 = e[f, 2 * s]
+                    g1 = e[f, 2 * s + 1]
+                    t = uint64(t0 + s)
+                    D[f4, uk, t] = g0
+                    D[f4 + 1, uk, t] = g0 + g1
+                    D[f4 + 2, uk, t] = g0 - g1
+                    D[f4 + 3, uk, t] = -g1
     return D
 
 
@@ -350,17 +367,17 @@ def _winograd_weight_grad(x, dout, ph, pw, dh, dw):
 
     def part(n_lo, n_hi):  # each worker sums its own samples' share
         S = np.zeros((16, K, C), dtype)
-        for n in range(n_lo, n_hi):
-            for a, b, TW, r0, r1, T in _winograd_blocks(Ho, Wo, dh, dw, 16 * C * dtype.itemsize,
-                                                       _WINOGRAD_GRAD_BLOCK_BYTES):
-                t = (r1 - r0) * TW
-                V = workspace(16 * C * T, dtype, 0).reshape(16, C, T)[:, :, :t]
-                D = workspace(16 * K * T, dtype, 1).reshape(16, K, T)[:, :, :t]
-                P = workspace(16 * K * C, dtype, 2).reshape(16, K, C)
-                _winograd_input(x, n, a, b, dh, dw, ph, pw, r0, r1, TW, V)
-                _winograd_output_grad(dout, n, a, b, dh, dw, r0, r1, TW, D)
-                np.matmul(D, V.transpose(0, 2, 1), out=P)  # 16 GEMMs (K, t) @ (t, C)
-                S += P
+        P = workspace(16 * K * C, dtype, 2).reshape(16, K, C)
+        for segments, t in _winograd_gathered(n_lo, n_hi, Ho, Wo, dh, dw, 16 * C * dtype.itemsize,
+                                              _WINOGRAD_GRAD_BLOCK_BYTES):
+            V = workspace(16 * C * t, dtype, 0).reshape(16, C, t)
+            D = workspace(16 * K * t, dtype, 1).reshape(16, K, t)
+            for n, a, b, TW, r0, r1, t0 in segments:
+                t1 = t0 + (r1 - r0) * TW
+                _winograd_input(x, n, a, b, dh, dw, ph, pw, r0, r1, TW, V[:, :, t0:t1])
+                _winograd_output_grad(dout, n, a, b, dh, dw, r0, r1, TW, D[:, :, t0:t1])
+            np.matmul(D, V.transpose(0, 2, 1), out=P)  # 16 GEMMs (K, t) @ (t, C)
+            S += P
         return S
 
     partials = _run(N, part, N * K * C * 9 * Ho * Wo)
