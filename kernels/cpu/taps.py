@@ -30,7 +30,7 @@ data movement of im2col, for the samples of one block at a time.
 from __future__ import annotations
 
 import numpy as np  # host-only module: these kernels only ever see NumPy arrays
-from numba import njit
+from numba import njit, uint64
 
 from .runtime import L2_BYTES, _run, workspace
 
@@ -38,11 +38,11 @@ __all__ = ["taps_forward", "taps_input_grad", "taps_weight_grad", "inside_fracti
 
 # Take the tap path when at most this share of the tap-pixel products reads
 # inside the image: the rest is zero padding that im2col + GEMM multiplies too.
-# Per product it keeps, the tap path costs about 1.3x what im2col + GEMM does
+# Per product it keeps, the tap path costs about 1.1x what im2col + GEMM does
 # (a copy in and an addition out per tap, GEMMs of inner dimension C, not
-# kh*kw*C): it took 0.55x im2col's time at 39% inside, 0.75x at 56%, 1.0-1.07x
-# at 77% (measurements: benchmarks/NOTES.md).
-_TAPS_MAX_INSIDE = 0.65
+# kh*kw*C): it took 0.53x im2col's time at 39% inside, 0.62x at 56%, 0.79x
+# at 77%, 0.86-0.99x at 84%, 1.22x at 92% (measurements: benchmarks/NOTES.md).
+_TAPS_MAX_INSIDE = 0.85
 # A GEMM with an inner dimension of 32 runs at about half the rate of one of
 # 64 or more (OpenBLAS, measured): below this many channels (C for the
 # forward, K for the input gradient) the narrow per-tap GEMMs lose.
@@ -101,26 +101,30 @@ def _sample_blocks(n_lo, n_hi, per_sample):
 
 @njit(cache=True, nogil=True)
 def _gather_block(a, n0, n1, r0, r1, c0, c1, m):
-    # m[c, n - n0, r - r0, s - c0] = a[n, c, r, s]: runs of rw along a row, each a vectorised copy
+    # m[c, n - n0, r - r0, s] = a[n, c, r, c0 + s]; indexed in place with unsigned indices: the
+    # rows are short (16 pixels of a 16x16 map), and a view per row or a signed index (checked
+    # for Python's negative wraparound) cost more than the copy (measurements: benchmarks/NOTES.md)
     for c in range(a.shape[1]):
+        uc = uint64(c)
         for n in range(n0, n1):
+            un, um = uint64(n), uint64(n - n0)
             for r in range(r0, r1):
-                src = a[n, c, r]
-                dst = m[c, n - n0, r - r0]
+                ur, ui = uint64(r), uint64(r - r0)
                 for s in range(c1 - c0):
-                    dst[s] = src[c0 + s]
+                    m[uc, um, ui, uint64(s)] = a[un, uc, ur, uint64(c0 + s)]
 
 
 @njit(cache=True, nogil=True)
 def _add_block(prod, n0, n1, r0, r1, c0, c1, out):
-    # out[n, k, r, s] += prod[k, n - n0, r - r0, s - c0]: the tap's product into its rectangle
+    # out[n, k, r, c0 + s] += prod[k, n - n0, r - r0, s], indexed as in _gather_block
     for n in range(n0, n1):
+        un, um = uint64(n), uint64(n - n0)
         for k in range(out.shape[1]):
+            uk = uint64(k)
             for r in range(r0, r1):
-                src = prod[k, n - n0, r - r0]
-                dst = out[n, k, r]
+                ur, ui = uint64(r), uint64(r - r0)
                 for s in range(c1 - c0):
-                    dst[c0 + s] += src[s]
+                    out[un, uk, ur, uint64(c0 + s)] += prod[uk, um, ui, uint64(s)]
 
 
 def _gather(a, n0, n1, r0, r1, c0, c1, slot):
