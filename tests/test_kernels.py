@@ -79,6 +79,43 @@ def test_cpu_col2im_equals_reference(geometry, dtype):
     assert_close(dx, expected, rtol=1e-12 if dtype == np.float64 else 1e-5, atol=1e-12 if dtype == np.float64 else 1e-5)
 
 
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 3), st.integers(1, 4), st.integers(2, 11), st.integers(2, 11), st.sampled_from(DTYPES),
+       st.data())
+def test_cpu_2x2_stride2_blocks_equal_reference(N, C, H, W, dtype, data):
+    """The 2x2, stride-2, unpadded unfolding and folding (an up-convolution's backward and forward) have
+    their own loops: any block of samples, channels and output rows equals the reference's slice, odd
+    sizes (a last row or column no tap reads) included, folded with and without accumulation."""
+    from kernels.cpu.im2col import _col2im_block, _im2col_block
+
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal((N, C, H, W)).astype(dtype)
+    Ho, Wo = H // 2, W // 2
+    c0 = data.draw(st.integers(0, C - 1))
+    Cg = data.draw(st.integers(1, C - c0))
+    n0 = data.draw(st.integers(0, N - 1))
+    n1 = data.draw(st.integers(n0 + 1, N))
+    ho0 = data.draw(st.integers(0, Ho - 1))
+    ho1 = data.draw(st.integers(ho0 + 1, Ho))
+    full = ref_im2col(x, 2, 2, (2, 2), (0, 0), (1, 1)).reshape(C * 4, N, Ho, Wo)
+    expected = full[c0 * 4:(c0 + Cg) * 4, n0:n1, ho0:ho1].reshape(Cg * 4, -1)
+    cols = np.full(expected.shape, np.nan, dtype)
+    _im2col_block(x, c0, Cg, n0, n1, ho0, ho1, 2, 2, 2, 2, 0, 0, 1, 1, Wo, cols)
+    np.testing.assert_array_equal(cols, expected)
+    # folding: only the block's pixels receive; with accumulate=False the block's planes start from 0
+    y = rng.standard_normal(expected.shape).astype(dtype)
+    padded = np.zeros((C * 4, N, Ho, Wo), dtype)
+    padded[c0 * 4:(c0 + Cg) * 4, n0:n1, ho0:ho1] = y.reshape(Cg * 4, n1 - n0, ho1 - ho0, Wo)
+    folded = ref_col2im(padded.reshape(C * 4, -1), x.shape, 2, 2, (2, 2), (0, 0), (1, 1))
+    for accumulate in (True, False):
+        dx = x.copy()
+        _col2im_block(y.copy(), c0, Cg, n0, n1, ho0, ho1, 2, 2, 2, 2, 0, 0, 1, 1, Wo, dx, accumulate, True)
+        want = x.copy()
+        block = (slice(n0, n1), slice(c0, c0 + Cg))
+        want[block] = (want[block] if accumulate else 0) + folded[block]
+        assert_close(dx, want, rtol=1e-12 if dtype == np.float64 else 1e-6, atol=1e-12 if dtype == np.float64 else 1e-6)
+
+
 def test_cpu_im2col_col2im_adjoint(rng):
     """<im2col(x), y> == <x, col2im(y)>: col2im is the exact transpose."""
     x_shape, kh, kw, stride, padding, dilation = (2, 3, 11, 9), 3, 2, (2, 1), (1, 2), (2, 3)

@@ -40,6 +40,54 @@ def _add_run(dst, src):
 
 
 @njit(cache=True, nogil=True)
+def _im2col_2x2_stride2(x, c0, Cg, n0, n1, ho0, ho1, Wo, cols):
+    # _im2col_block for a 2x2 kernel of stride 2, no padding (a U-Net's up-convolution's
+    # backward, a 2x2 strided convolution): the taps tile the image, and the two taps of a
+    # kernel row split one image row into its even and odd pixels, so each row is read once
+    # and the loop has no padding to skip
+    L = (ho1 - ho0) * Wo
+    for c in range(Cg):
+        uc = uint64(c0 + c)
+        for i in range(2):
+            r = uint64((c * 2 + i) * 2)  # tap (i, 0); tap (i, 1) is the next row
+            for n in range(n0, n1):
+                un = uint64(n)
+                base = (n - n0) * L - ho0 * Wo
+                for ho in range(ho0, ho1):
+                    uh = uint64(2 * ho + i)
+                    start = base + ho * Wo
+                    for wo in range(Wo):
+                        t = uint64(start + wo)
+                        cols[r, t] = x[un, uc, uh, 2 * wo]
+                        cols[r + 1, t] = x[un, uc, uh, 2 * wo + 1]
+    return cols
+
+
+@njit(cache=True, nogil=True)
+def _col2im_2x2_stride2(cols, c0, Cg, n0, n1, ho0, ho1, Wo, dx, accumulate):
+    # _col2im_block for a 2x2 kernel of stride 2, no padding: the adjoint of
+    # _im2col_2x2_stride2, every pixel of dx under the taps receives exactly one column entry
+    L = (ho1 - ho0) * Wo
+    for n in range(n0, n1):
+        un = uint64(n)
+        base = (n - n0) * L - ho0 * Wo
+        for c in range(Cg):
+            uc = uint64(c0 + c)
+            if not accumulate:
+                dx[n, c0 + c] = 0
+            for i in range(2):
+                r = uint64((c * 2 + i) * 2)
+                for ho in range(ho0, ho1):
+                    uh = uint64(2 * ho + i)
+                    start = base + ho * Wo
+                    for wo in range(Wo):
+                        t = uint64(start + wo)
+                        dx[un, uc, uh, 2 * wo] += cols[r, t]
+                        dx[un, uc, uh, 2 * wo + 1] += cols[r + 1, t]
+    return dx
+
+
+@njit(cache=True, nogil=True)
 def _im2col_block(x, c0, Cg, n0, n1, ho0, ho1, kh, kw, sh, sw, ph, pw, dh, dw, Wo, cols):
     # The columns of channels [c0, c0+Cg), samples [n0, n1), output rows [ho0, ho1):
     # cols[(c, i, j), (n, ho, wo)] = x[n, c0+c, ho*sh - ph + i*dh, wo*sw - pw + j*dw] (0 outside)
@@ -47,6 +95,8 @@ def _im2col_block(x, c0, Cg, n0, n1, ho0, ho1, kh, kw, sh, sw, ph, pw, dh, dw, W
     W = x.shape[3]
     Ho = ho1 - ho0
     L = Ho * Wo
+    if kh == 2 and kw == 2 and sh == 2 and sw == 2 and ph == 0 and pw == 0 and dh == 1 and dw == 1:
+        return _im2col_2x2_stride2(x, c0, Cg, n0, n1, ho0, ho1, Wo, cols)
     x3 = x.reshape(x.shape[0], x.shape[1], H * W)
     for r in range(Cg * kh * kw):  # row by row of cols: long contiguous writes
         c = c0 + r // (kh * kw)
@@ -140,6 +190,8 @@ def _col2im_block(cols, c0, Cg, n0, n1, ho0, ho1, kh, kw, sh, sw, ph, pw, dh, dw
     W = dx.shape[3]
     L = (ho1 - ho0) * Wo
     nb = n1 - n0
+    if kh == 2 and kw == 2 and sh == 2 and sw == 2 and ph == 0 and pw == 0 and dh == 1 and dw == 1:
+        return _col2im_2x2_stride2(cols, c0, Cg, n0, n1, ho0, ho1, Wo, dx, accumulate)
     flat = scratch and sh == 1 and sw == 1 and Wo == W
     dx3 = dx.reshape(dx.shape[0], dx.shape[1], H * W)
     for t in range(nb * Cg):
