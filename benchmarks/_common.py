@@ -307,8 +307,38 @@ def compare_steps(ours, theirs, rounds, warmup, device="cpu", what="networks"):
           "times in ms\n")
     times = interleaved({"scratchseg": ours.step, "torch": theirs.step}, rounds, warmup, device)
     s, t = stats(times["scratchseg"]), stats(times["torch"])
-    return [{"measure": "train step time (ms)", "scratchseg med": 1e3 * s["median"], "scratchseg min": 1e3 * s["min"],
+    rows = [{"measure": "train step time (ms)", "scratchseg med": 1e3 * s["median"], "scratchseg min": 1e3 * s["min"],
              "torch med": 1e3 * t["median"], "torch min": 1e3 * t["min"], "ratio": s["median"] / t["median"]}]
+    # a training loop: steps back to back, each library's run after the same idle
+    s, t = stats(back_to_back(ours.step, rounds, warmup, device)), stats(back_to_back(theirs.step, rounds, warmup, device))
+    rows.append({"measure": "step, back to back (ms)", "scratchseg med": 1e3 * s["median"],
+                 "scratchseg min": 1e3 * s["min"], "torch med": 1e3 * t["median"], "torch min": 1e3 * t["min"],
+                 "ratio": s["median"] / t["median"]})
+    return rows
+
+
+def back_to_back(step, rounds, warmup, device="cpu", idle=IDLE_BEFORE_CALL):
+    """Seconds of each of ``rounds`` consecutive calls of ``step`` (a training loop's steady state),
+    after ``idle`` seconds of sleep and ``warmup`` untimed calls.
+
+    The interleaved rounds idle before every call, so that neither library is
+    charged for the other's leftover threads; a virtual machine's CPUs then
+    wake from their idle state for every call, which costs a library whose
+    threads sleep between kernels more than one whose threads spin
+    (benchmarks/NOTES.md). This is the other regime: what a training loop sees.
+    """
+    synchronize(device)
+    time.sleep(idle)
+    for _ in range(warmup):
+        step()
+    synchronize(device)
+    times = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        step()
+        synchronize(device)
+        times.append(time.perf_counter() - t0)
+    return times
 
 
 def memory_rows(script, extra_args, device="cpu", check=None):

@@ -107,14 +107,33 @@ def _split(N, part):
 
 # A split hands work to other threads and takes it back (about 0.1 ms): a
 # product of fewer multiply-adds than this runs inline on the calling thread,
-# its GEMMs on the BLAS's own threads (measurements: benchmarks/NOTES.md).
+# its GEMMs on that thread alone too: waking the BLAS's own threads costs as much
+# as it saves on such a product, and far more on a virtual machine whose CPUs
+# went idle (a U-Net step on 16x16 images after 0.3 s of idle: 87-90 ms with
+# the BLAS's threads, 50-57 ms without; measurements: benchmarks/NOTES.md).
 _SPLIT_MIN_MACS = 8_000_000
 
 
 def _run(N, part, macs):
     """``part`` over the samples [0, N): split between workers if ``macs`` multiply-adds pay for it,
-    else inline; the list of results."""
-    return _split(N, part) if _workers(N) > 1 and macs >= _SPLIT_MIN_MACS else [part(0, N)]
+    else inline; the list of results.
+
+    Inline, a product too small to split runs its GEMMs on one thread; a large
+    one that cannot be split (one sample) keeps the BLAS's threads.
+    """
+    if _workers(N) > 1 and macs >= _SPLIT_MIN_MACS:
+        return _split(N, part)
+    if macs >= _SPLIT_MIN_MACS or _blas_threads is None:
+        return [part(0, N)]
+    with _split_lock:  # the BLAS's thread count is process-wide: changed by one caller at a time
+        previous = _blas_threads.get()
+        if previous > 1:
+            _blas_threads.set(1)
+        try:
+            return [part(0, N)]
+        finally:
+            if previous > 1:
+                _blas_threads.set(previous)
 
 
 # ----------------------------------------------- parallel kernels, serial twins
