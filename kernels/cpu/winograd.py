@@ -96,12 +96,11 @@ def _g_row(U, i, k, c, t0, t1, t2):
 @njit(cache=True, inline="always")
 def _load_row(rows, e, x, n, c, h, off, step, lo, hi):
     # rows[e, m] = x[n, c, h, off + step*m] for m in [lo, hi), 0 elsewhere: one residue class of
-    # an image row, zero-padded ([lo, hi) from _valid_range). Indexed in place, no views: on a
-    # small map a view per row cost more than the row. A unit step is a plain run LLVM
-    # vectorises when its index is unsigned (a signed one is checked for Python's negative
-    # wraparound on every load); a step of 2 (atrous rate 2) written with the constant and a
-    # signed index gets vector loads and shuffles (the unsigned one measured slower); a
-    # run-time step is one load per element (measurements: benchmarks/NOTES.md).
+    # an image row, zero-padded ([lo, hi) from _valid_range). Indexed in place with unsigned
+    # indices: a view per row cost more than the row on a small map, and a signed index is
+    # checked for Python's negative wraparound on every load, which kept LLVM from vectorising
+    # the unit step. A branch with the constant step 2 (atrous rate 2), which used to pay, now
+    # measured slower than this loop (benchmarks/NOTES.md).
     W = rows.shape[1]
     for m in range(lo):
         rows[e, m] = 0
@@ -109,9 +108,6 @@ def _load_row(rows, e, x, n, c, h, off, step, lo, hi):
     if step == 1:
         for m in range(lo, hi):
             rows[e, m] = x[un, uc, uh, uint64(m + off)]
-    elif step == 2:
-        for m in range(lo, hi):
-            rows[e, m] = x[n, c, h, off + 2 * m]
     else:
         for m in range(lo, hi):
             rows[e, m] = x[un, uc, uh, uint64(off + step * m)]
@@ -191,9 +187,6 @@ def _winograd_output(M, n, a, b, dh, dw, r0, r1, TW, bias, y):
                 if dw == 1:
                     for m in range(n_out):
                         y[un, uk, uh, uint64(b + m)] = z[m]
-                elif dw == 2:  # a constant stride: vectorised, as in _load_row
-                    for m in range(n_out):
-                        y[n, k, oh, b + 2 * m] = z[m]
                 else:
                     for m in range(n_out):
                         y[un, uk, uh, uint64(b + dw * m)] = z[m]
