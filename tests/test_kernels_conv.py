@@ -321,7 +321,6 @@ def taps_everywhere(monkeypatch):
     from kernels.cpu import taps
 
     monkeypatch.setattr(taps, "_TAPS_MAX_INSIDE", 1.0)
-    monkeypatch.setattr(taps, "_TAPS_SMALL_MAP", 0)
     monkeypatch.setattr(taps, "_TAPS_MIN_CHANNELS", 1)
     monkeypatch.setattr(winograd, "_WINOGRAD_MIN_CHANNELS", 1 << 30)
     monkeypatch.setattr(winograd, "_WINOGRAD_GRAD_MIN_CHANNELS", 1 << 30)
@@ -424,13 +423,6 @@ def test_cpu_taps_threshold_chooses_the_path_both_ways(monkeypatch):
     assert not taps._taps_apply(C, K, 16, 16, 16, 16, 3, 3, 1, 1, 9, 9, 9, 9, 2)  # grouped
     assert not taps._taps_apply(C, K, 16, 16, 16, 16, 1, 1, 1, 1, 0, 0, 1, 1, 1)  # 1x1: nothing to skip
     assert not taps._taps_apply(C - 1, K, 16, 16, 16, 16, 3, 3, 1, 1, 9, 9, 9, 9, 1)  # too few channels
-    # 84% inside: taken on a 16x16 map (dilation 2), not on an 8x8 one (a small map's own limit)
-    assert taps.inside_fraction(16, 16, 16, 16, 3, 3, 2, 2, 2, 2) == pytest.approx(0.84, abs=0.01)
-    assert taps._taps_apply(C, K, 16, 16, 16, 16, 3, 3, 1, 1, 2, 2, 2, 2, 1)
-    assert not taps._taps_apply(C, K, 8, 8, 8, 8, 3, 3, 1, 1, 1, 1, 1, 1, 1)
-    monkeypatch.setattr(taps, "_TAPS_SMALL_MAP", 64)
-    assert taps._taps_apply(C, K, 8, 8, 8, 8, 3, 3, 1, 1, 1, 1, 1, 1, 1)
-    monkeypatch.setattr(taps, "_TAPS_SMALL_MAP", 256)
     for limit, expected in [(share, ["taps_forward", "taps_input_grad", "taps_weight_grad"]), (share - 1e-6, [])]:
         monkeypatch.setattr(taps, "_TAPS_MAX_INSIDE", limit)
         calls.clear()

@@ -38,17 +38,13 @@ __all__ = ["taps_forward", "taps_input_grad", "taps_weight_grad", "inside_fracti
 
 # Take the tap path when at most this share of the tap-pixel products reads
 # inside the image: the rest is zero padding that im2col + GEMM multiplies too.
-# Per product it keeps, the tap path costs about 1.1x what im2col + GEMM does
-# (a copy in and an addition out per tap, GEMMs of inner dimension C, not
-# kh*kw*C): it took 0.53x im2col's time at 39% inside, 0.62x at 56%, 0.79x
-# at 77%, 0.86-0.99x at 84%, 1.22x at 92% (measurements: benchmarks/NOTES.md).
-_TAPS_MAX_INSIDE = 0.85
-# ... but on small maps only up to this share: an 8x8 or 4x4 map's taps are GEMMs
-# of a few dozen columns each, nine per block, and with two threads a U-Net step
-# on 32x32 images took 1.78-1.93x torch's time with them against 1.68-1.75x
-# without (measurements: benchmarks/NOTES.md).
-_TAPS_MAX_INSIDE_SMALL = 0.65
-_TAPS_SMALL_MAP = 256  # output pixels per sample below which a map is small (16x16 is not)
+# Per product it keeps, the tap path costs about 1.1x what im2col + GEMM does on
+# one thread (a copy in and an addition out per tap, GEMMs of inner dimension C,
+# not kh*kw*C), but with two threads its many short calls per block contend for
+# the interpreter: on 16x16 maps it took 0.53x im2col's time at 39% inside, 0.62x
+# at 56% on one thread, yet 1.5x at 84% and 1.1-1.2x at 77% with two
+# (measurements: benchmarks/NOTES.md).
+_TAPS_MAX_INSIDE = 0.65
 # A GEMM with an inner dimension of 32 runs at about half the rate of one of
 # 64 or more (OpenBLAS, measured): below this many channels (C for the
 # forward, K for the input gradient) the narrow per-tap GEMMs lose.
@@ -88,8 +84,7 @@ def _taps_apply(C, K, H, W, Ho, Wo, kh, kw, sh, sw, ph, pw, dh, dw, groups):
     """Whether a product of this geometry takes the tap path (see the module docstring)."""
     if (sh, sw, groups) != (1, 1, 1) or kh * kw == 1 or min(C, K) < _TAPS_MIN_CHANNELS:
         return False
-    limit = _TAPS_MAX_INSIDE if Ho * Wo >= _TAPS_SMALL_MAP else _TAPS_MAX_INSIDE_SMALL
-    return inside_fraction(H, W, Ho, Wo, kh, kw, ph, pw, dh, dw) <= limit
+    return inside_fraction(H, W, Ho, Wo, kh, kw, ph, pw, dh, dw) <= _TAPS_MAX_INSIDE
 
 
 def _taps(H, W, Ho, Wo, kh, kw, ph, pw, dh, dw):
