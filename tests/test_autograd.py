@@ -285,6 +285,70 @@ def test_retain_grad_on_non_leaf(rng):
     assert_close(x.grad, 8 * a)
 
 
+class _Double(Function):
+    """out = 2 x, saving nothing for backward."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return 2 * x
+
+    @staticmethod
+    def backward(ctx, dout):
+        return 2 * dout
+
+
+def test_graph_frees_intermediate_results_nobody_saved(rng):
+    """A result that only the graph refers to is freed after the forward (torch's behaviour): the
+    graph holds nodes, not tensors; a result a backward saved, or one the caller holds, stays."""
+    import gc
+    import weakref
+
+    x = Tensor(rng.standard_normal(1000), requires_grad=True)
+    h = _Double.apply(x)
+    out = _Double.apply(_Double.apply(h))
+    freed = weakref.ref(h.data)
+    del h
+    gc.collect()
+    assert freed() is None, "the intermediate array is still alive though no backward saved it"
+    out.backward(np.ones(1000))
+    assert_close(x.grad, 8 * np.ones(1000))
+    # saved by a backward (Mul keeps its inputs): kept until the backward has run
+    y = Tensor(rng.standard_normal(5), requires_grad=True)
+    m = _Double.apply(y)
+    kept = weakref.ref(m.data)
+    prod = (m * m).sum()
+    del m
+    gc.collect()
+    assert kept() is not None
+    prod.backward()
+    assert_close(y.grad, 8 * y.data)
+    # a retained gradient reaches a tensor the caller still holds, through the weak reference
+    z = Tensor(rng.standard_normal(4), requires_grad=True)
+    w = _Double.apply(z).retain_grad()
+    _Double.apply(w).sum().backward()
+    assert_close(w.grad, 2 * np.ones(4))
+
+
+def test_conv_batchnorm_relu_graph_keeps_two_activations_per_block(rng):
+    """After the forward of conv -> batch norm -> ReLU the graph keeps the normalised output (batch
+    norm's) and the ReLU's output, not the convolution's output as well."""
+    import gc
+    import weakref
+
+    import scratchseg.nn as nn
+
+    block = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU())
+    x = Tensor(rng.standard_normal((2, 2, 6, 6)).astype(np.float32), requires_grad=True)
+    conv_out = block[0](x)
+    conv_array = weakref.ref(conv_out.data)
+    out = block[2](block[1](conv_out))
+    del conv_out
+    gc.collect()
+    assert conv_array() is None, "the convolution's output outlived the forward"
+    out.sum().backward()
+    assert x.grad is not None and x.grad.shape == x.shape
+
+
 def test_leaf_gradient_owns_its_memory(rng):
     """A broadcast gradient (from sum) must not land in .grad as a read-only view."""
     x = Tensor(rng.standard_normal((2, 3)), requires_grad=True)

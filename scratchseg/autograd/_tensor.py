@@ -47,9 +47,12 @@ class Tensor:
     (a NumPy array stays on the CPU, a CuPy array on the GPU); Python numbers
     and lists become arrays of the active backend with the default dtype.
 
-    ``Function.apply`` sets ``_fn`` (the Function that made this tensor, None
-    for a leaf), ``_ctx`` (what its forward saved) and ``_parents`` (the
-    inputs that want a gradient, None for the others); ``engine`` walks them.
+    ``Function.apply`` gives a tensor it computes a ``_node`` (``engine.Node``):
+    the Function that made it (``_fn``, None for a leaf), what its forward saved
+    (``_ctx``) and the inputs that want a gradient (``_parents``: their nodes,
+    leaves themselves, None for the others); ``engine`` walks the nodes. The
+    node holds the tensor only weakly, so the graph keeps an intermediate
+    result's array only where a backward saved it, as torch does.
     """
 
     __array_priority__ = 1000  # make ndarray + Tensor call Tensor.__radd__
@@ -60,10 +63,21 @@ class Tensor:
             raise TypeError(f"only floating point tensors can require gradients, got dtype {self.data.dtype}")
         self.requires_grad = bool(requires_grad)
         self.grad = None
-        self._ctx = None
-        self._fn = None
-        self._parents = ()
+        self._node = None
         self._retain_grad = False
+
+    # what the backward walk reads (engine.Node for a computed tensor, nothing for a leaf)
+    @property
+    def _fn(self):
+        return None if self._node is None else self._node._fn
+
+    @property
+    def _ctx(self):
+        return None if self._node is None else self._node._ctx
+
+    @property
+    def _parents(self):
+        return () if self._node is None else self._node._parents
 
     # ------------------------------------------------------------ basics
     @property

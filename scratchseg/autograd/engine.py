@@ -6,22 +6,47 @@ each node's ``Function.backward`` and *adding* the gradients that flow into a
 tensor from several uses. The walk is iterative, not recursive: a 1000-layer
 network does not hit Python's recursion limit.
 
-The engine reads only what ``Function.apply`` leaves on a tensor (``_fn``,
-``_ctx``, ``_parents``, ``_retain_grad``) and writes ``.grad``; it imports
-nothing from the rest of the package.
+The graph is made of ``Node`` objects, one per computed tensor, which
+``Function.apply`` creates; their ``_parents`` are the inputs' nodes, or the
+leaf tensors themselves. A node refers to its tensor weakly: an intermediate
+result that nothing but the graph refers to is freed after the forward
+unless a backward saved its array in a context (a convolution's output
+followed by batch norm, which keeps its normalised output instead, is freed).
+The engine reads the nodes and the leaves (``_fn``, ``_ctx``, ``_parents``,
+``_retain_grad``, ``shape``) and writes ``.grad``; it imports nothing from the
+rest of the package.
 """
 
 from __future__ import annotations
 
 import sys
+import weakref
 
-__all__ = ["backward"]
+__all__ = ["backward", "Node"]
+
+
+class Node:
+    """One recorded operation: the Function that made a tensor, its context, its inputs' nodes
+    (or leaf tensors; None where no gradient is wanted), the tensor's shape, and the tensor, weakly."""
+
+    __slots__ = ("_fn", "_ctx", "_parents", "shape", "_tensor", "__weakref__")
+
+    def __init__(self, fn, ctx, parents, tensor):
+        self._fn, self._ctx, self._parents = fn, ctx, parents
+        self.shape = tensor.shape
+        self._tensor = weakref.ref(tensor)
+
+    @property
+    def _retain_grad(self):
+        tensor = self._tensor()
+        return tensor is not None and tensor._retain_grad
 
 
 def backward(root, grad, retain_graph=False):
     """Add d(root)/d(leaf) into ``.grad`` of every leaf below ``root``; ``grad`` is dL/droot (an array)."""
-    grads = {id(root): grad}
-    for node in topological_order(root):
+    start = root if root._node is None else root._node
+    grads = {id(start): grad}
+    for node in topological_order(start):
         g = grads.pop(id(node), None)
         if g is None:
             continue
@@ -30,7 +55,7 @@ def backward(root, grad, retain_graph=False):
             _accumulate(node, g, owned=owned)
             continue
         if node._retain_grad:
-            _accumulate(node, g, owned=False)  # g still flows on to the parents
+            _accumulate(node._tensor(), g, owned=False)  # g still flows on to the parents
         if node._ctx is None:
             raise RuntimeError(
                 "trying to backward through the graph a second time; "
@@ -42,7 +67,7 @@ def backward(root, grad, retain_graph=False):
         for parent, pg in zip(node._parents, parent_grads):
             if parent is None or pg is None:
                 continue
-            if pg.shape != parent.data.shape:
+            if tuple(pg.shape) != tuple(parent.shape):
                 raise RuntimeError(
                     f"{node._fn.__name__}.backward returned a gradient of shape {pg.shape} "
                     f"for an input of shape {parent.shape}"

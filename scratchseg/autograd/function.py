@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+from .engine import Node
 from .grad_mode import is_grad_enabled
 from ._tensor import Tensor
 
@@ -63,7 +64,7 @@ class Function:
     @classmethod
     def apply(cls, *args, **kwargs):
         """Run ``forward`` on the arrays; when a gradient is needed, record ``cls``, its context
-        and the inputs on the output, for the backward walk."""
+        and the inputs' nodes in the output's node, for the backward walk."""
         needs = tuple(isinstance(a, Tensor) and a.requires_grad for a in args)
         record = is_grad_enabled() and any(needs)
         ctx = Context(needs)
@@ -71,7 +72,6 @@ class Function:
         out = cls.forward(ctx, *raw, **kwargs)
         result = Tensor(out, requires_grad=record)
         if record:
-            result._ctx = ctx
-            result._fn = cls
-            result._parents = tuple(a if n else None for a, n in zip(args, needs))
+            parents = tuple((a if a._node is None else a._node) if n else None for a, n in zip(args, needs))
+            result._node = Node(cls, ctx, parents, result)
         return result
