@@ -187,7 +187,7 @@ def test_cpu_small_convolutions_run_inline(monkeypatch):
 
 # --------------------------------------------------------- Winograd F(2x2, 3x3)
 _WINOGRAD_THRESHOLDS = ("_WINOGRAD_MIN_CHANNELS", "_WINOGRAD_GRAD_MIN_CHANNELS", "_WINOGRAD_MIN_TILES",
-                        "_WINOGRAD_MIN_CHANNEL_TILES")
+                        "_WINOGRAD_MIN_CHANNEL_TILES", "_WINOGRAD_GRAD_MIN_CHANNELS_DILATED")
 
 
 @pytest.fixture
@@ -294,20 +294,22 @@ def test_cpu_winograd_thresholds_choose_the_path_both_ways(winograd_everywhere, 
     w = rng.standard_normal((6, 4, 3, 3))  # K = 6
     b = np.zeros(6)
     dout = rng.standard_normal((2, 6, 8, 8))
-    y_t, dx_t, dw_t = torch_conv(x, w, b, dout, 1, 1, 1, 1)
+    d = 2 if threshold == "_WINOGRAD_GRAD_MIN_CHANNELS_DILATED" else 1  # padding d: 8x8 out
+    y_t, dx_t, dw_t = torch_conv(x, w, b, dout, 1, d, d, 1)
     # min(C, K) = 4 channels; 4x4 = 16 tiles of 2x2 outputs; 4 x 16 channel-tiles
     value = {"_WINOGRAD_MIN_CHANNELS": 4, "_WINOGRAD_GRAD_MIN_CHANNELS": 4, "_WINOGRAD_MIN_TILES": 16,
-             "_WINOGRAD_MIN_CHANNEL_TILES": 64}[threshold]
+             "_WINOGRAD_MIN_CHANNEL_TILES": 64, "_WINOGRAD_GRAD_MIN_CHANNELS_DILATED": 4}[threshold]
     all_three = ["_winograd_conv", "_winograd_conv", "_winograd_weight_grad"]
     above = {"_WINOGRAD_MIN_CHANNELS": ["_winograd_weight_grad"],  # forward and input gradient
              "_WINOGRAD_GRAD_MIN_CHANNELS": ["_winograd_conv", "_winograd_conv"],  # the weight gradient
+             "_WINOGRAD_GRAD_MIN_CHANNELS_DILATED": ["_winograd_conv", "_winograd_conv"],  # a dilated one's
              "_WINOGRAD_MIN_TILES": [], "_WINOGRAD_MIN_CHANNEL_TILES": []}[threshold]  # all three
     for limit, expected_calls in [(value, all_three), (value + 1, above)]:
         monkeypatch.setattr(winograd, threshold, limit)
         winograd_everywhere.clear()
-        y = kcpu.conv.conv2d_forward(x, w, None, 1, 1, 1, 1)
-        dx = kcpu.conv.conv2d_input_grad(dout, w, x.shape, 1, 1, 1, 1)
-        dw = kcpu.conv.conv2d_weight_grad(x, dout, w.shape, 1, 1, 1, 1)
+        y = kcpu.conv.conv2d_forward(x, w, None, 1, d, d, 1)
+        dx = kcpu.conv.conv2d_input_grad(dout, w, x.shape, 1, d, d, 1)
+        dw = kcpu.conv.conv2d_weight_grad(x, dout, w.shape, 1, d, d, 1)
         assert winograd_everywhere == expected_calls, (threshold, limit)
         assert_close(y, y_t, rtol=1e-9, atol=1e-9, msg=f"forward, {threshold}={limit}")
         assert_close(dx, dx_t, rtol=1e-9, atol=1e-9, msg=f"input grad, {threshold}={limit}")

@@ -277,9 +277,14 @@ def _winograd_conv(x, w, bias, ph, pw, dh, dw, y):
 # over tiles is, for each of the 16 positions, a GEMM whose inner dimension is
 # the number of tiles: D[xi nu] (K, T) @ V[xi nu]^T (T, C).
 _WINOGRAD_GRAD_BLOCK_BYTES = L2_BYTES  # transformed inputs of one weight-gradient block: a core's L2
-# Its transforms move more memory per multiply-add than the forward's, and with
-# both cores busy that only pays off for wide layers (measurements: benchmarks/NOTES.md).
-_WINOGRAD_GRAD_MIN_CHANNELS = 128
+# Its transforms move more memory per multiply-add than the forward's. Since they
+# index in place (no views, unsigned indices) it pays from 32 channels on as the
+# forward does (two threads, ms, Winograd against im2col + GEMM: 8x32 on 128x128
+# 16.9 / 21.9, 8x64 on 128x128 60.8 / 80.8, 8x64 on 64x64 14.7 / 16.7); a dilated
+# convolution's only from 128 (8x64 on 128x128 at dilation 2: 80.1 / 69.6), the
+# former threshold of both (measurements: benchmarks/NOTES.md).
+_WINOGRAD_GRAD_MIN_CHANNELS = 32
+_WINOGRAD_GRAD_MIN_CHANNELS_DILATED = 128
 
 
 @njit(cache=True, nogil=True)
