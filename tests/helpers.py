@@ -20,7 +20,11 @@
   GPU is missing;
 * ``TINY`` and ``tiny_run(tmp_path_factory, seed)``: the smallest training run
   of the command line (one epoch of a tiny U-Net on tiny shapes), for tests of
-  the commands that read a run folder.
+  the commands that read a run folder;
+* ``Double``: a user-written ``Function`` (out = 2 x), which saves nothing for
+  its backward and which no exporter knows;
+* ``count_calls(monkeypatch, module, names)``: wrap functions of a module so
+  that each call appends its name to the list returned.
 """
 
 from __future__ import annotations
@@ -329,3 +333,37 @@ def tiny_run(tmp_path_factory, seed=3):
     out = tmp_path_factory.mktemp("runs")
     assert main(["train", *TINY, "--out", str(out), "--name", "r", "--seed", str(seed)]) == 0
     return str(out / "r")
+
+
+def _double_class():
+    import scratchseg
+
+    class Double(scratchseg.Function):
+        """out = 2 x; dx = 2 dout; nothing saved for backward."""
+
+        @staticmethod
+        def forward(ctx, x):
+            return 2 * x
+
+        @staticmethod
+        def backward(ctx, dout):
+            return 2 * dout
+
+    return Double
+
+
+Double = _double_class()
+
+
+def count_calls(monkeypatch, module, names):
+    """Replace ``module.<name>`` for each of ``names`` by a wrapper that records the call; the list of records."""
+    calls = []
+    for name in names:
+        inner = getattr(module, name)
+
+        def counted(*args, _inner=inner, _name=name):
+            calls.append(_name)
+            return _inner(*args)
+
+        monkeypatch.setattr(module, name, counted)
+    return calls

@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from helpers import assert_close, to_numpy
+from helpers import Double, assert_close, to_numpy
 
 import scratchseg
 import scratchseg.functional as F
@@ -285,18 +285,6 @@ def test_retain_grad_on_non_leaf(rng):
     assert_close(x.grad, 8 * a)
 
 
-class _Double(Function):
-    """out = 2 x, saving nothing for backward."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return 2 * x
-
-    @staticmethod
-    def backward(ctx, dout):
-        return 2 * dout
-
-
 def test_graph_frees_intermediate_results_nobody_saved(rng):
     """A result that only the graph refers to is freed after the forward (torch's behaviour): the
     graph holds nodes, not tensors; a result a backward saved, or one the caller holds, stays."""
@@ -304,8 +292,8 @@ def test_graph_frees_intermediate_results_nobody_saved(rng):
     import weakref
 
     x = Tensor(rng.standard_normal(1000), requires_grad=True)
-    h = _Double.apply(x)
-    out = _Double.apply(_Double.apply(h))
+    h = Double.apply(x)
+    out = Double.apply(Double.apply(h))
     freed = weakref.ref(h.data)
     del h
     gc.collect()
@@ -314,7 +302,7 @@ def test_graph_frees_intermediate_results_nobody_saved(rng):
     assert_close(x.grad, 8 * np.ones(1000))
     # saved by a backward (Mul keeps its inputs): kept until the backward has run
     y = Tensor(rng.standard_normal(5), requires_grad=True)
-    m = _Double.apply(y)
+    m = Double.apply(y)
     kept = weakref.ref(m.data)
     prod = (m * m).sum()
     del m
@@ -324,8 +312,8 @@ def test_graph_frees_intermediate_results_nobody_saved(rng):
     assert_close(y.grad, 8 * y.data)
     # a retained gradient reaches a tensor the caller still holds, through the weak reference
     z = Tensor(rng.standard_normal(4), requires_grad=True)
-    w = _Double.apply(z).retain_grad()
-    _Double.apply(w).sum().backward()
+    w = Double.apply(z).retain_grad()
+    Double.apply(w).sum().backward()
     assert_close(w.grad, 2 * np.ones(4))
 
 

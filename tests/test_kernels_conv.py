@@ -20,7 +20,7 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from helpers import assert_close
+from helpers import assert_close, count_calls
 from kernel_cases import DTYPES, conv_cases, patched, torch_conv
 from scratchseg.functional.im2col import conv_output_size
 from scratchseg.functional.im2col import im2col as ref_im2col
@@ -196,16 +196,7 @@ def winograd_everywhere(monkeypatch):
     for name in _WINOGRAD_THRESHOLDS:
         monkeypatch.setattr(winograd, name, 1)
     monkeypatch.setattr(runtime, "_SPLIT_MIN_MACS", 0)  # the tiles of each worker's samples
-    calls = []
-    for name in ("_winograd_conv", "_winograd_weight_grad"):
-        inner = getattr(winograd, name)
-
-        def counted(*args, _inner=inner, _name=name):
-            calls.append(_name)
-            return _inner(*args)
-
-        monkeypatch.setattr(winograd, name, counted)
-    return calls
+    return count_calls(monkeypatch, winograd, ("_winograd_conv", "_winograd_weight_grad"))
 
 
 @st.composite
@@ -326,16 +317,8 @@ def taps_everywhere(monkeypatch):
     monkeypatch.setattr(taps, "_TAPS_MIN_CHANNELS", 1)
     monkeypatch.setattr(winograd, "_WINOGRAD_MIN_CHANNELS", 1 << 30)
     monkeypatch.setattr(winograd, "_WINOGRAD_GRAD_MIN_CHANNELS", 1 << 30)
-    calls = []
-    for name in ("taps_forward", "taps_input_grad", "taps_weight_grad"):
-        inner = getattr(taps, name)
-
-        def counted(*args, _inner=inner, _name=name):
-            calls.append(_name)
-            return _inner(*args)
-
-        monkeypatch.setattr(taps, name, counted)
-    return calls
+    monkeypatch.setattr(winograd, "_WINOGRAD_GRAD_MIN_CHANNELS_DILATED", 1 << 30)
+    return count_calls(monkeypatch, taps, ("taps_forward", "taps_input_grad", "taps_weight_grad"))
 
 
 @st.composite
@@ -408,10 +391,7 @@ def test_cpu_taps_threshold_chooses_the_path_both_ways(monkeypatch):
     runs. Both give torch's numbers."""
     from kernels.cpu import taps
 
-    calls = []
-    for name in ("taps_forward", "taps_input_grad", "taps_weight_grad"):
-        inner = getattr(taps, name)
-        monkeypatch.setattr(taps, name, lambda *a, _inner=inner, _name=name: calls.append(_name) or _inner(*a))
+    calls = count_calls(monkeypatch, taps, ("taps_forward", "taps_input_grad", "taps_weight_grad"))
     rng = np.random.default_rng(3)
     C = K = taps._TAPS_MIN_CHANNELS
     x = rng.standard_normal((1, C, 16, 16))

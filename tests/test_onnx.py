@@ -17,6 +17,7 @@ import scratchseg.functional as F  # noqa: E402
 from scratchseg import models, nn  # noqa: E402
 from scratchseg.onnx import ExportError, export  # noqa: E402
 from scratchseg.onnx.runtime import load  # noqa: E402
+from helpers import Double  # noqa: E402
 
 # small options so the whole file stays well under a minute
 OPTIONS = {
@@ -283,16 +284,6 @@ def test_3d_ops_without_an_exact_form_are_refused(tmp_path):
     for fn, message in cases:
         with pytest.raises(ExportError, match=message):
             export(Lambda(fn), x, tmp_path / "x.onnx", dynamic_size=False)
-
-
-class Double(scratchseg.Function):
-    @staticmethod
-    def forward(ctx, x):
-        return 2 * x
-
-    @staticmethod
-    def backward(ctx, dout):
-        return 2 * dout
 
 
 def test_unsupported_op_names_the_op_and_module(tmp_path):
