@@ -1,5 +1,6 @@
 """Shared pytest set-up: the ``tests/`` folder on ``sys.path`` (so ``from helpers
-import ...`` works), a seeded ``rng`` fixture, the ``kernel_set`` fixture, a
+import ...`` works), a seeded ``rng`` fixture, a ``float64`` fixture (the default
+dtype float64 for one test, restored after it), the ``kernel_set`` fixture, a
 hypothesis profile without deadlines, and ``gpu``-marked tests skipped when CuPy
 or a GPU is missing.
 
@@ -74,3 +75,14 @@ def kernel_set(request):
 def rng():
     """A NumPy Generator with a fixed seed: the same numbers on every run."""
     return np.random.default_rng(0)
+
+
+@pytest.fixture
+def float64():
+    """float64 as scratchseg's default dtype for the test; the previous default back afterwards."""
+    import scratchseg
+
+    previous = scratchseg.get_default_dtype()
+    scratchseg.set_default_dtype("float64")
+    yield
+    scratchseg.set_default_dtype(previous)

@@ -42,14 +42,6 @@ NAMES = [
 ]
 
 
-@pytest.fixture
-def float64():
-    previous = scratchseg.get_default_dtype()
-    scratchseg.set_default_dtype("float64")
-    yield
-    scratchseg.set_default_dtype(previous)
-
-
 def build(name, num_classes=3, in_channels=3, seed=0, **extra):
     scratchseg.manual_seed(seed)
     return models.create(name, num_classes=num_classes, in_channels=in_channels, **{**SMALL[name], **extra})

@@ -26,11 +26,8 @@ from helpers import assert_close, to_numpy  # noqa: E402
 
 # ------------------------------------------------------------------ helpers
 @pytest.fixture(autouse=True)
-def float64():
-    previous = scratchseg.get_default_dtype()
-    scratchseg.set_default_dtype("float64")
-    yield
-    scratchseg.set_default_dtype(previous)
+def _float64(float64):
+    """Every test here in float64 (conftest's ``float64``)."""
 
 
 def randomise(model, seed=0):

@@ -34,14 +34,6 @@ from test_models_torch_parity import TBottleneck  # noqa: E402  (torchvision's v
 VGG_CFG = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
 
 
-@pytest.fixture
-def float64():
-    previous = scratchseg.get_default_dtype()
-    scratchseg.set_default_dtype("float64")
-    yield
-    scratchseg.set_default_dtype(previous)
-
-
 def quiet(*_):
     pass
 

@@ -17,14 +17,6 @@ from test_models_torch_parity import TUNet, compare, mirror_of, randomise
 pytestmark = pytest.mark.usefixtures("kernel_set")  # every test on the numba kernels and on the reference
 
 
-@pytest.fixture
-def float64():
-    previous = scratchseg.get_default_dtype()
-    scratchseg.set_default_dtype("float64")
-    yield
-    scratchseg.set_default_dtype(previous)
-
-
 class TSubPixel(torch.nn.Module):
     """torch's sub-pixel up-sampler under our names: conv3x3 to out_ch*r^2, then PixelShuffle(r)."""
 
