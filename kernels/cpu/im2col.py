@@ -154,8 +154,10 @@ def _im2col_block(x, c0, Cg, n0, n1, ho0, ho1, kh, kw, sh, sw, ph, pw, dh, dw, W
         # written apart from the loop that reads x.
         a = min(max(ho0, ho_lo), ho1)
         b = max(min(ho1, ho_hi), a)
+        uc, ur = uint64(c), uint64(r)
         for n in range(n0, n1):
             base = (n - n0) * L - ho0 * Wo
+            un = uint64(n)
             for ho in range(ho0, ho1):
                 start = base + ho * Wo
                 if ho < a or ho >= b:
@@ -167,13 +169,9 @@ def _im2col_block(x, c0, Cg, n0, n1, ho0, ho1, kh, kw, sh, sw, ph, pw, dh, dw, W
                 for wo in range(wo_hi, Wo):
                     cols[r, start + wo] = 0
                 h = uint64(ho * sh + hoff)
-                un, uc, ur = uint64(n), uint64(c), uint64(r)
                 if sw == 1:
                     for wo in range(wo_lo, wo_hi):
                         cols[ur, uint64(start + wo)] = x[un, uc, h, uint64(wo + woff)]
-                elif sw == 2:  # the constant lets LLVM use vector loads and shuffles, as in winograd._load_row
-                    for wo in range(wo_lo, wo_hi):
-                        cols[ur, uint64(start + wo)] = x[un, uc, h, uint64(2 * wo + woff)]
                 else:
                     for wo in range(wo_lo, wo_hi):
                         cols[ur, uint64(start + wo)] = x[un, uc, h, uint64(wo * sw + woff)]
@@ -249,9 +247,6 @@ def _col2im_block(cols, c0, Cg, n0, n1, ho0, ho1, kh, kw, sh, sw, ph, pw, dh, dw
                     if sw == 1:  # a unit-stride loop LLVM vectorises
                         for wo in range(wo_lo, wo_hi):
                             dx[un, uc, h, uint64(wo + woff)] += cols[ur, uint64(start + wo)]
-                    elif sw == 2:
-                        for wo in range(wo_lo, wo_hi):
-                            dx[un, uc, h, uint64(2 * wo + woff)] += cols[ur, uint64(start + wo)]
                     else:
                         for wo in range(wo_lo, wo_hi):
                             dx[un, uc, h, uint64(wo * sw + woff)] += cols[ur, uint64(start + wo)]
