@@ -218,9 +218,9 @@ def _winograd_blocks(Ho, Wo, dh, dw, tile_bytes, budget):
 def _winograd_gathered(n_lo, n_hi, Ho, Wo, dh, dw, tile_bytes, budget):
     """The blocks of samples [n_lo, n_hi), several samples' tiles per block where they are few.
 
-    Yields (segments, t): ``segments`` a list of (n, a, b, TW, r0, r1, t0), the
+    Yields (segments, t): ``segments`` a list of (n, a, b, TW, r0, r1, t0, t1), the
     tile rows [r0, r1) of residue class (a, b) of sample n, whose tiles fill
-    [t0, t0 + (r1 - r0) * TW) of the block's t tiles. A small map (16 tiles of
+    [t0, t1) of the block's t tiles. A small map (16 tiles of
     an 8x8 plane, 4 of a 4x4) alone makes GEMMs too thin for the BLAS; gathered
     from several samples and residue classes up to the ``_winograd_blocks``
     size (about ``budget`` bytes, at least ~128 tiles) they are as wide as a
@@ -235,7 +235,7 @@ def _winograd_gathered(n_lo, n_hi, Ho, Wo, dh, dw, tile_bytes, budget):
             if segments and used + t > cap:
                 yield segments, used
                 segments, used = [], 0
-            segments.append((n, a, b, TW, r0, r1, used))
+            segments.append((n, a, b, TW, r0, r1, used, used + t))
             used += t
     if segments:
         yield segments, used
@@ -259,11 +259,11 @@ def _winograd_conv(x, w, bias, ph, pw, dh, dw, y):
                                               _WINOGRAD_BLOCK_BYTES):
             V = workspace(16 * C * t, dtype, 0).reshape(16, C, t)
             M = workspace(16 * K * t, dtype, 1).reshape(16, K, t)
-            for n, a, bb, TW, r0, r1, t0 in segments:
-                _winograd_input(x, n, a, bb, dh, dw, ph, pw, r0, r1, TW, V[:, :, t0:t0 + (r1 - r0) * TW])
+            for n, a, bb, TW, r0, r1, t0, t1 in segments:
+                _winograd_input(x, n, a, bb, dh, dw, ph, pw, r0, r1, TW, V[:, :, t0:t1])
             np.matmul(U, V, out=M)  # 16 GEMMs (K, C) @ (C, t)
-            for n, a, bb, TW, r0, r1, t0 in segments:
-                _winograd_output(M[:, :, t0:t0 + (r1 - r0) * TW], n, a, bb, dh, dw, r0, r1, TW, b, y)
+            for n, a, bb, TW, r0, r1, t0, t1 in segments:
+                _winograd_output(M[:, :, t0:t1], n, a, bb, dh, dw, r0, r1, TW, b, y)
 
     _run(N, part, N * K * C * 9 * Ho * Wo)  # the direct convolution's count
     return y
@@ -370,8 +370,7 @@ def _winograd_weight_grad(x, dout, ph, pw, dh, dw):
                                               _WINOGRAD_GRAD_BLOCK_BYTES):
             V = workspace(16 * C * t, dtype, 0).reshape(16, C, t)
             D = workspace(16 * K * t, dtype, 1).reshape(16, K, t)
-            for n, a, b, TW, r0, r1, t0 in segments:
-                t1 = t0 + (r1 - r0) * TW
+            for n, a, b, TW, r0, r1, t0, t1 in segments:
                 _winograd_input(x, n, a, b, dh, dw, ph, pw, r0, r1, TW, V[:, :, t0:t1])
                 _winograd_output_grad(dout, n, a, b, dh, dw, r0, r1, TW, D[:, :, t0:t1])
             np.matmul(D, V.transpose(0, 2, 1), out=P)  # 16 GEMMs (K, t) @ (t, C)
