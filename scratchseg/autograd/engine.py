@@ -22,7 +22,7 @@ from __future__ import annotations
 import sys
 import weakref
 
-__all__ = ["backward", "Node"]
+__all__ = ["backward", "Node", "node_of"]
 
 
 class Node:
@@ -42,9 +42,14 @@ class Node:
         return tensor is not None and tensor._retain_grad
 
 
+def node_of(tensor):
+    """What stands for ``tensor`` in the graph: its node, or the tensor itself for a leaf."""
+    return tensor if tensor._node is None else tensor._node
+
+
 def backward(root, grad, retain_graph=False):
     """Add d(root)/d(leaf) into ``.grad`` of every leaf below ``root``; ``grad`` is dL/droot (an array)."""
-    start = root if root._node is None else root._node
+    start = node_of(root)
     grads = {id(start): grad}
     for node in topological_order(start):
         g = grads.pop(id(node), None)

@@ -18,7 +18,7 @@
 
 from __future__ import annotations
 
-from .engine import Node
+from .engine import Node, node_of
 from .grad_mode import is_grad_enabled
 from ._tensor import Tensor
 
@@ -72,6 +72,6 @@ class Function:
         out = cls.forward(ctx, *raw, **kwargs)
         result = Tensor(out, requires_grad=record)
         if record:
-            parents = tuple((a if a._node is None else a._node) if n else None for a, n in zip(args, needs))
+            parents = tuple(node_of(a) if n else None for a, n in zip(args, needs))
             result._node = Node(cls, ctx, parents, result)
         return result
