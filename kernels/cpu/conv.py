@@ -270,5 +270,6 @@ def conv2d_weight_grad(x, dout, weight_shape, stride=1, padding=0, dilation=1, g
     acc = partials[0]
     for p in partials[1:]:
         acc += p
-    dw = (acc if direct else _transposed(acc)).reshape(K, Cg, kh, kw)  # (G, K/G, R) -> (K, Cg, kh, kw)
-    return dw if given == dtype else dw.astype(given)
+    # not named dw: that is the dilation, which part() reads
+    grad = (acc if direct else _transposed(acc)).reshape(K, Cg, kh, kw)  # (G, K/G, R) -> (K, Cg, kh, kw)
+    return grad if given == dtype else grad.astype(given)

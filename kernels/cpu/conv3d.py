@@ -424,5 +424,6 @@ def conv3d_weight_grad(x, dout, weight_shape, stride=1, padding=0, dilation=1, g
             acc += p
     else:
         acc = np.zeros((groups, Kg, R) if direct else (groups, R, Kg), dtype=dtype)
-    dw = (acc if direct else _transposed(acc)).reshape(K, Cg, kd, kh, kw)  # (G, K/G, R) -> (K, Cg, kd, kh, kw)
-    return dw if given == dtype else dw.astype(given)
+    # not named dw: that is the dilation, which part() reads
+    grad = (acc if direct else _transposed(acc)).reshape(K, Cg, kd, kh, kw)  # (G, K/G, R) -> (K, Cg, kd, kh, kw)
+    return grad if given == dtype else grad.astype(given)

@@ -24,7 +24,6 @@ during a split) is described in ``kernels/process.py``.
 
 from __future__ import annotations
 
-import concurrent.futures
 import ctypes
 import os
 import threading
@@ -35,6 +34,7 @@ import numpy as np  # host-only module: these kernels only ever see NumPy arrays
 from numba import njit
 
 from .. import process
+from . import workers
 
 
 # ------------------------------------------------------------- BLAS threads
@@ -64,8 +64,7 @@ _blas_threads = _OpenBLASThreads.find()
 # ---------------------------------------------------- the batch split between threads
 _local = threading.local()
 _split_lock = threading.Lock()
-_pool = None
-_pool_size = 0
+_workers_started = []  # the worker threads (workers.Worker), started as the first split needs them
 
 
 def _threads():
@@ -83,26 +82,45 @@ def _workers(N):
 
 def _split(N, part):
     """Run ``part(n0, n1)`` on contiguous sample ranges covering [0, N), one per worker thread."""
-    global _pool, _pool_size
     T = _workers(N)
     bounds = [N * t // T for t in range(T + 1)]
     with _split_lock:  # one split at a time: callers in several threads queue here
-        if _pool is None or _pool_size < T - 1:
-            if _pool is not None:
-                _pool.shutdown(wait=False)
-            _pool = concurrent.futures.ThreadPoolExecutor(max_workers=T - 1, thread_name_prefix="scratchseg-kernel")
-            _pool_size = T - 1
+        while len(_workers_started) < T - 1:
+            i = len(_workers_started) + 1
+            _workers_started.append(workers.Worker(f"scratchseg-kernel-{i}", i, _threads()))
         previous = _blas_threads.get()
         _blas_threads.set(1)  # each worker's GEMM runs on its own core (NumPy's BLAS is process-wide)
         try:
-            futures = [_pool.submit(part, bounds[t], bounds[t + 1]) for t in range(1, T)]
+            for t in range(1, T):
+                _workers_started[t - 1].post(part, bounds[t], bounds[t + 1])
             try:  # the calling thread takes the first share itself: one thread fewer to wake
                 first = part(bounds[0], bounds[1])
-            finally:
-                concurrent.futures.wait(futures)
-            return [first] + [f.result() for f in futures]
+            finally:  # every worker's share is finished before the arrays go back to the caller
+                rest = [_result(_workers_started[t - 1]) for t in range(1, T)]
+            for value, error in rest:
+                if error is not None:
+                    raise error
+            return [first] + [value for value, _ in rest]
         finally:
             _blas_threads.set(previous)
+
+
+def _result(worker):
+    try:
+        return worker.result(), None
+    except BaseException as error:  # raised by _split once every share is done
+        return None, error
+
+
+def _forget_workers():
+    """After fork: the child has none of the parent's threads; its first split starts new ones."""
+    global _split_lock
+    _workers_started.clear()
+    _split_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_workers)
 
 
 # A split hands work to other threads and takes it back (about 0.1 ms): a

@@ -1,0 +1,180 @@
+"""kernels/cpu/workers.py and the batch split: tasks, errors, placement off the caller's CPU, fork.
+
+The placement rule is tested twice: with a fake CPU reader and a recorded
+``sched_setaffinity`` (every branch: first move, wrap-around, no move when the
+caller stays, a new move when it changes CPU, too few CPUs, a refused move),
+and for real where the platform can (Linux, two CPUs or more).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+
+pytest.importorskip("numba")
+from kernels.cpu import runtime, workers  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_worker_runs_each_task_and_returns_its_value():
+    w = workers.Worker("test-worker", 1, 1)
+    for i in range(200):
+        w.post(lambda a, b: (a * b, threading.get_ident()), i, 3)
+        value, ident = w.result()
+        assert value == 3 * i and ident == w.thread.ident != threading.get_ident()
+
+
+def test_worker_hands_an_exception_to_the_caller_and_keeps_working():
+    w = workers.Worker("test-worker", 1, 1)
+
+    def fail():
+        raise KeyError("share 1")
+
+    w.post(fail)
+    with pytest.raises(KeyError, match="share 1"):
+        w.result()
+    w.post(lambda: 7)
+    assert w.result() == 7
+
+
+@pytest.fixture
+def two_workers(monkeypatch):
+    if runtime._blas_threads is None:
+        pytest.skip("no OpenBLAS thread control: the batch is never split")
+    monkeypatch.setenv("SCRATCHSEG_NUM_THREADS", "2")
+
+
+def test_split_covers_the_samples_and_waits_for_every_share_before_raising(two_workers):
+    assert runtime._split(7, lambda a, b: (a, b)) == [(0, 3), (3, 7)]
+    done = []
+
+    def part(a, b):
+        if a == 0:
+            raise ValueError("first share")
+        threading.Event().wait(0.05)
+        done.append((a, b))
+
+    with pytest.raises(ValueError, match="first share"):
+        runtime._split(4, part)
+    assert done == [(2, 4)]  # the other share had finished when the error came back
+
+    def second(a, b):
+        if a:
+            raise RuntimeError("second share")
+        return a
+
+    with pytest.raises(RuntimeError, match="second share"):
+        runtime._split(4, second)
+
+
+class _Recorder:
+    def __init__(self, refuse=False):
+        self.calls, self.refuse = [], refuse
+
+    def __call__(self, tid, cpus):
+        if self.refuse:
+            raise OSError(22, "Invalid argument")
+        self.calls.append((tid, set(cpus)))
+
+
+def _placed_worker(monkeypatch, index, threads, cpus, caller_cpus, refuse=False):
+    reads = iter(caller_cpus)
+    monkeypatch.setattr(workers, "_getcpu", lambda: next(reads))
+    monkeypatch.setattr(workers, "allowed_cpus", lambda: list(cpus))
+    recorder = _Recorder(refuse)
+    monkeypatch.setattr(workers.os, "sched_setaffinity", recorder)
+    return workers.Worker("test-worker", index, threads), recorder
+
+
+def test_worker_moves_to_the_cpu_after_the_callers_and_only_when_that_changes(monkeypatch):
+    w, rec = _placed_worker(monkeypatch, 1, 4, [0, 1, 2, 3], [0, 0, 3, 3, 1])
+    for _ in range(5):
+        w.post(lambda: None)
+        w.result()
+    tid = w.thread.native_id
+    # caller on 0 -> worker to 1; caller still on 0: no call; caller on 3 -> 0 (wrap-around);
+    # still 3: none; caller on 1 -> 2
+    assert rec.calls == [(tid, {1}), (tid, {0}), (tid, {2})]
+
+
+def test_second_worker_goes_two_cpus_after_the_caller(monkeypatch):
+    w, rec = _placed_worker(monkeypatch, 2, 3, [4, 6, 9], [6])
+    w.post(lambda: None)
+    w.result()
+    assert rec.calls == [(w.thread.native_id, {4})]
+
+
+def test_worker_is_not_placed_with_fewer_cpus_than_threads_or_when_the_move_is_refused(monkeypatch):
+    w, rec = _placed_worker(monkeypatch, 1, 3, [0, 1], [0])
+    w.post(lambda: 1)
+    assert w.result() == 1 and rec.calls == []
+    w, rec = _placed_worker(monkeypatch, 1, 2, [0, 1], [0, 0])
+    rec.refuse = True
+    w.post(lambda: 2)
+    assert w.result() == 2 and w._cpus == []  # refused once: no more tries
+    w, rec = _placed_worker(monkeypatch, 1, 2, [0, 1], [5])  # the caller runs on a CPU not in the set
+    w.post(lambda: 3)
+    assert w.result() == 3 and rec.calls == []
+
+
+@pytest.mark.skipif(workers._getcpu is None or len(workers.allowed_cpus()) < 2,
+                    reason="needs sched_getcpu and two CPUs")
+def test_worker_really_runs_off_the_callers_cpu(monkeypatch):
+    seen = []
+    real = workers._getcpu
+
+    def reading():
+        seen.append(real())
+        return seen[-1]
+
+    monkeypatch.setattr(workers, "_getcpu", reading)
+    w = workers.Worker("test-worker", 1, 2)
+    for _ in range(5):
+        w.post(lambda: os.sched_getaffinity(0))
+        affinity = w.result()
+        assert len(affinity) == 1 and affinity != {seen[-1]}
+        assert affinity <= set(workers.allowed_cpus())
+
+
+FORK = """
+import os, sys
+sys.path.insert(0, {root!r})
+os.environ["SCRATCHSEG_NUM_THREADS"] = "2"
+import numpy as np
+from kernels.cpu import conv
+rng = np.random.default_rng(0)
+from kernels.cpu import runtime
+x = rng.standard_normal((4, 16, 40, 40)).astype(np.float32)
+w = rng.standard_normal((32, 16, 3, 3)).astype(np.float32)
+before = conv.conv2d_forward(x, w, None, 1, 1)  # 29 M multiply-adds: split, which starts a worker
+assert runtime._blas_threads is None or len(runtime._workers_started) == 1
+pid = os.fork()
+if pid == 0:  # the child has none of them: its split starts its own
+    again = conv.conv2d_forward(x, w, None, 1, 1)
+    os._exit(0 if np.array_equal(again, before) else 3)
+_, status = os.waitpid(pid, 0)
+print(os.waitstatus_to_exitcode(status))
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork here")
+def test_a_forked_child_splits_with_workers_of_its_own():
+    out = subprocess.run([sys.executable, "-c", FORK.format(root=ROOT)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "0", out.stderr[-2000:]
+
+
+def test_split_results_are_the_same_from_call_to_call(two_workers):
+    from kernels.cpu import conv
+
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((6, 16, 24, 24)).astype(np.float32)
+    w = rng.standard_normal((32, 16, 3, 3)).astype(np.float32)
+    first = conv.conv2d_forward(x, w, None, 1, 1)
+    for _ in range(3):
+        assert np.array_equal(conv.conv2d_forward(x, w, None, 1, 1), first)
