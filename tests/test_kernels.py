@@ -488,6 +488,55 @@ def test_cpu_relu_kernels_take_strided_input(launch):
     np.testing.assert_array_equal(kcpu.activation.relu_backward(dout, out), dout * (out > 0))
 
 
+# ------------------------------------------------------------------------ SGD
+_SGD_OPTIONS = [
+    dict(momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, maximize=False),
+    dict(momentum=0.9, dampening=0.0, weight_decay=0.0, nesterov=False, maximize=False),
+    dict(momentum=0.9, dampening=0.3, weight_decay=1e-2, nesterov=False, maximize=True),
+    dict(momentum=0.7, dampening=0.0, weight_decay=3e-3, nesterov=True, maximize=False),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("options", _SGD_OPTIONS)
+@pytest.mark.parametrize("shape", [(5,), (64, 3, 3, 3), (1000, 257)])
+def test_cpu_sgd_update_equals_the_reference_bit_for_bit(shape, options, dtype):
+    """Three steps (the first fills the momentum buffer) on a transposed gradient: p and the buffer
+    equal the reference's exactly, since the kernel does the same operations in the same precision."""
+    from scratchseg.optim import sgd_update
+
+    rng = np.random.default_rng(11)
+    p = rng.standard_normal(shape).astype(dtype)
+    q = p.copy()
+    buf_k = np.empty_like(p) if options["momentum"] else None
+    buf_r = np.empty_like(p) if options["momentum"] else None
+    for step in range(3):
+        grad = rng.standard_normal(shape[::-1]).astype(dtype).T  # not contiguous (from 2-D on)
+        assert kcpu.optimizer.sgd_update(p, grad, buf_k, 0.05, first=step == 0, **options) is None
+        sgd_update.reference(q, grad, buf_r, 0.05, first=step == 0, **options)
+        np.testing.assert_array_equal(p, q)
+        if buf_k is not None:
+            np.testing.assert_array_equal(buf_k, buf_r)
+    assert not np.array_equal(p, rng.standard_normal(shape).astype(dtype))
+
+
+def test_cpu_sgd_update_leaves_unsuited_arrays_to_the_reference():
+    p = np.ones((4, 4), np.float32)
+    g = np.ones((4, 4), np.float32)
+    before = p.copy()
+    cases = [
+        (p.astype(np.float16), g.astype(np.float16), None, 0),  # a dtype without a kernel
+        (p, g.astype(np.float64), None, 0),  # mixed dtypes
+        (p, g[:3], None, 0),  # shapes differ
+        (np.ones((4, 8), np.float32)[:, ::2], g, None, 0),  # p not contiguous
+        (p, g, np.ones((4, 8), np.float32)[:, ::2], 0.9),  # buffer not contiguous
+        (p, g, None, 0.9),  # momentum without a buffer
+    ]
+    for pp, gg, bb, m in cases:
+        assert kcpu.optimizer.sgd_update(pp, gg, bb, 0.1, m, 0, 0, False, False, False) is NotImplemented
+    np.testing.assert_array_equal(p, before)
+
+
 # ------------------------------------------------------------------------ GPU
 @pytest.mark.gpu
 @settings(max_examples=30, deadline=None)

@@ -19,11 +19,13 @@ where it does not apply, and the reference runs. One module per family:
 * ``normalization.py`` -- ``batch_norm_train_forward``, ``batch_norm_backward``;
 * ``pooling.py``       -- ``max_pool2d_forward``, ``max_pool2d_backward``;
 * ``activation.py``    -- ``relu_forward``, ``relu_backward``;
+* ``optimizer.py``     -- ``sgd_update``, the SGD step of one parameter in one pass;
 * ``lattice.py``       -- the permutohedral lattice, Gaussian filtering in feature
   space for the dense CRF; not a twin (it approximates), so not in ``KERNELS``:
   ``scratchseg.crf.dense_crf(..., filter='lattice')`` imports it by name;
 * ``runtime.py``       -- worker threads, parallel kernels and their serial twins,
-  BLAS threads, workspaces; ``_common.py`` -- shapes and dtypes.
+  BLAS threads, workspaces; ``workers.py`` -- the split's worker threads and where
+  they run; ``_common.py`` -- shapes and dtypes.
 
 Every loop is compiled with ``cache=True``, once per dtype (float32, float64;
 float16 runs in float32), and cached on disk, so a new process loads them in
@@ -34,7 +36,7 @@ prepares the process (``kernels/process.py``).
 
 from __future__ import annotations
 
-from . import activation, conv, conv3d, im2col, im2col3d, normalization, pooling
+from . import activation, conv, conv3d, im2col, im2col3d, normalization, optimizer, pooling
 
 #: reference function name (in ``scratchseg.functional``) -> the kernel that replaces it
 KERNELS = {
@@ -54,6 +56,7 @@ KERNELS = {
     "max_pool2d_backward": pooling.max_pool2d_backward,
     "relu_forward": activation.relu_forward,
     "relu_backward": activation.relu_backward,
+    "sgd_update": optimizer.sgd_update,
 }
 
 __all__ = ["KERNELS"]
