@@ -207,6 +207,45 @@ def test_bilinear_on_integers_is_a_type_error():
         F.interpolate(np.zeros((1, 1, 2, 2), dtype=np.int64), size=3, mode="bilinear")
 
 
+@settings(max_examples=60, deadline=None)
+@given(st.data())
+def test_cpu_resample_kernels_equal_the_reference_bit_for_bit(data):
+    """The one-pass kernels against the reference's gathers, both directions, every mode, any axis."""
+    kernels = pytest.importorskip("kernels.cpu")
+    ndim = data.draw(st.integers(1, 5))
+    shape = tuple(data.draw(st.lists(st.integers(1, 9), min_size=ndim, max_size=ndim)))
+    axis = data.draw(st.integers(0, ndim - 1))
+    n_out = data.draw(st.integers(1, 20))
+    mode = data.draw(st.sampled_from(["nearest", "linear"]))
+    corners = data.draw(st.booleans()) if mode == "linear" else None
+    dtype = data.draw(st.sampled_from([np.float32, np.float64]))
+    plan = upsampling._axis(shape[axis], n_out, mode, corners, None, np.dtype(dtype).name)
+    rng = np.random.default_rng(data.draw(st.integers(0, 99)))
+    x = rng.standard_normal(shape).astype(dtype)
+    if ndim > 1 and data.draw(st.booleans()):
+        x = np.asfortranarray(x)  # not C-contiguous
+    out = kernels.resample.resample_axis(x, axis, plan)
+    np.testing.assert_array_equal(out, upsampling.resample_axis.reference(x, axis, plan))
+    assert out.dtype == dtype and out.shape == shape[:axis] + (n_out,) + shape[axis + 1:]
+    dout = rng.standard_normal(out.shape).astype(dtype)
+    dx = kernels.resample.resample_axis_grad(dout, axis, plan)
+    np.testing.assert_array_equal(dx, upsampling.resample_axis_grad.reference(dout, axis, plan))
+    assert dx.shape == shape
+
+
+def test_cpu_resample_kernels_run_in_parallel_on_large_arrays(monkeypatch):
+    kernels = pytest.importorskip("kernels.cpu")
+    monkeypatch.setattr(kernels.runtime, "_PARALLEL_MIN_WORK", 0)  # the parallel kernels, not the twins
+    plan = upsampling._axis(16, 64, "linear", False, None, "float32")
+    x = np.random.default_rng(0).standard_normal((2, 3, 16, 16)).astype(np.float32)
+    for axis in (2, 3):
+        out = kernels.resample.resample_axis(x, axis, plan)
+        np.testing.assert_array_equal(out, upsampling.resample_axis.reference(x, axis, plan))
+        np.testing.assert_array_equal(kernels.resample.resample_axis_grad(out, axis, plan),
+                                      upsampling.resample_axis_grad.reference(out, axis, plan))
+    assert kernels.resample.resample_axis(x.astype(np.float16), 3, plan) is NotImplemented
+
+
 def test_docstring_examples():
     result = doctest.testmod(upsampling)
     assert result.attempted >= 3 and result.failed == 0

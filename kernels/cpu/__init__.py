@@ -20,6 +20,8 @@ where it does not apply, and the reference runs. One module per family:
 * ``pooling.py``       -- ``max_pool2d_forward``, ``max_pool2d_backward``;
 * ``activation.py``    -- ``relu_forward``, ``relu_backward``;
 * ``optimizer.py``     -- ``sgd_update``, the SGD step of one parameter in one pass;
+* ``resample.py``      -- ``resample_axis``, ``resample_axis_grad``: interpolation along one axis
+  and its transpose, one pass each;
 * ``lattice.py``       -- the permutohedral lattice, Gaussian filtering in feature
   space for the dense CRF; not a twin (it approximates), so not in ``KERNELS``:
   ``scratchseg.crf.dense_crf(..., filter='lattice')`` imports it by name;
@@ -36,7 +38,7 @@ prepares the process (``kernels/process.py``).
 
 from __future__ import annotations
 
-from . import activation, conv, conv3d, im2col, im2col3d, normalization, optimizer, pooling
+from . import activation, conv, conv3d, im2col, im2col3d, normalization, optimizer, pooling, resample
 
 #: reference function name (in ``scratchseg.functional``) -> the kernel that replaces it
 KERNELS = {
@@ -57,6 +59,8 @@ KERNELS = {
     "relu_forward": activation.relu_forward,
     "relu_backward": activation.relu_backward,
     "sgd_update": optimizer.sgd_update,
+    "resample_axis": resample.resample_axis,
+    "resample_axis_grad": resample.resample_axis_grad,
 }
 
 __all__ = ["KERNELS"]

@@ -47,7 +47,7 @@ from numbers import Integral, Real
 import numpy
 
 from ..autograd import Function
-from ..backend import get_array_module
+from ..backend import get_array_module, replaceable
 
 __all__ = ["interpolate", "upsample", "upsample_nearest", "upsample_bilinear"]
 
@@ -157,7 +157,8 @@ def _along(v, axis, ndim):
     return v.reshape((-1,) + (1,) * (ndim - 1 - axis))
 
 
-def _gather_axis(x, axis, plan):
+@replaceable
+def resample_axis(x, axis, plan):
     """Forward along one axis: out[i] = w0[i] x[lo[i]] + w1[i] x[hi[i]] (nearest: x[lo[i]])."""
     xp = get_array_module(x)
     lo = xp.asarray(plan.lo)
@@ -173,7 +174,8 @@ def _gather_axis(x, axis, plan):
     return out
 
 
-def _scatter_axis(dout, axis, plan):
+@replaceable
+def resample_axis_grad(dout, axis, plan):
     """Backward along one axis: dx = A^T dout, i.e. dx[j] = sum_k weight[j, k] dout[src[j, k]].
 
     Each of the K terms is one gather of an input-sized slab, so the work is
@@ -210,7 +212,7 @@ class Interpolate(Function):
         ctx.plans = plans
         out = x
         for axis, plan in reversed(plans):
-            out = _gather_axis(out, axis, plan)
+            out = resample_axis(out, axis, plan)
         if out is x:  # nothing changes size: torch still returns a new tensor
             out = x.copy()
         return out
@@ -219,7 +221,7 @@ class Interpolate(Function):
     def backward(ctx, dout):
         dx = dout
         for axis, plan in ctx.plans:
-            dx = _scatter_axis(dx, axis, plan)
+            dx = resample_axis_grad(dx, axis, plan)
         return dx, None
 
 
