@@ -178,3 +178,11 @@ def test_split_results_are_the_same_from_call_to_call(two_workers):
     first = conv.conv2d_forward(x, w, None, 1, 1)
     for _ in range(3):
         assert np.array_equal(conv.conv2d_forward(x, w, None, 1, 1), first)
+
+
+def test_no_tuning_turns_placing_off():
+    code = ("import kernels, kernels.cpu.workers as w; "
+            "print(w._getcpu is None, kernels.tuning['worker_placement'], w.Worker('t', 1, 2)._cpus)")
+    env = dict(os.environ, SCRATCHSEG_NO_TUNING="1")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    assert out.returncode == 0 and out.stdout.split() == ["True", "False", "[]"], out.stderr[-2000:]

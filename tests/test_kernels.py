@@ -350,7 +350,7 @@ def test_idle_process_burns_no_cpu_after_a_gemm(first):
 
 def test_process_tuning_switched_off():
     report = _process_report("import scratchseg", no_tuning=True)
-    assert report["tuning"] == {"disabled": True}
+    assert report["tuning"] == {"disabled": True, "worker_placement": False}
     assert report["openblas"] is None and report["layer_env"] is None
 
 

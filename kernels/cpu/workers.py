@@ -15,7 +15,10 @@ it, and the two never share a core. The caller's CPU is read with
 when the caller has changed CPU since the last task.
 
 Where the process may use fewer CPUs than there are threads, or the platform
-lacks ``sched_getcpu`` or ``sched_setaffinity``, workers are not placed.
+lacks ``sched_getcpu`` or ``sched_setaffinity``, workers are not placed;
+``SCRATCHSEG_NO_TUNING=1`` turns placing off too (``kernels/process.py``), and
+``kernels.tuning["worker_placement"]`` says whether it is on. Only these
+worker threads are ever moved, never the caller's.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ from __future__ import annotations
 import ctypes
 import os
 import threading
+
+from .. import process
 
 __all__ = ["Worker"]
 
@@ -38,7 +43,9 @@ def _cpu_reader():
     return fn
 
 
-_getcpu = _cpu_reader()
+_PLACING = os.environ.get("SCRATCHSEG_NO_TUNING", "").strip() in ("", "0")
+_getcpu = _cpu_reader() if _PLACING else None
+process.tuning["worker_placement"] = _getcpu is not None and hasattr(os, "sched_setaffinity")
 
 
 def allowed_cpus():
