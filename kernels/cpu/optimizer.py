@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np  # host-only module: these kernels only ever see NumPy arrays
 from numba import njit
 
+from ..twins import sgd_arrays_fit
 from ._common import _NATIVE
 
 __all__ = ["sgd_update"]
@@ -48,15 +49,9 @@ def sgd_update(p, grad, buf, lr, momentum, dampening, weight_decay, nesterov, ma
         >>> sgd_update(p, g, None, 0.1, 0, 0, 0, False, False, True); p
         array([0.95, 0.95, 0.95])
     """
-    dtype = p.dtype
-    arrays = (p, grad) if buf is None else (p, grad, buf)
-    if dtype not in _NATIVE or any(a.dtype != dtype or a.shape != p.shape for a in arrays):
+    if not sgd_arrays_fit(p, grad, buf, momentum, _NATIVE):
         return NotImplemented
-    if not p.flags.c_contiguous or (buf is not None and not buf.flags.c_contiguous):
-        return NotImplemented
-    if momentum != 0 and buf is None:
-        return NotImplemented
-    T = dtype.type  # the scalars in p's precision, as NumPy rounds a Python float against a float32 array
+    T = p.dtype.type  # the scalars in p's precision, as NumPy rounds a Python float against a float32 array
     flat = p.reshape(-1)
     _sgd(flat, np.ascontiguousarray(grad).reshape(-1), flat if buf is None else buf.reshape(-1), T(lr),
          T(momentum), T(1 - dampening), T(weight_decay), bool(maximize), bool(first), bool(nesterov))

@@ -56,11 +56,20 @@ def _transpose(dout, src, weight, dx):
                 dx[a, j, b] = acc
 
 
-def _as_three_axes(x, axis, n):
-    """x as an (A, n, B) C-contiguous array around ``axis`` (of length n)."""
-    A = int(np.prod(x.shape[:axis], dtype=np.int64))
-    B = int(np.prod(x.shape[axis + 1:], dtype=np.int64))
-    return np.ascontiguousarray(x).reshape(A, n, B)
+def _along(a, axis, n_from, n_to, kernel, per_element, *tables):
+    """``kernel(a3, *tables, out)`` on ``a`` seen as (A, n_from, B) around ``axis``, out (A, n_to, B); reshaped back.
+
+    ``per_element``: the work of one element of ``a`` (what ``_launch`` weighs); NotImplemented for
+    a dtype without a kernel.
+    """
+    if a.dtype not in _NATIVE:
+        return NotImplemented
+    A = int(np.prod(a.shape[:axis], dtype=np.int64))
+    B = int(np.prod(a.shape[axis + 1:], dtype=np.int64))
+    a3 = np.ascontiguousarray(a).reshape(A, n_from, B)
+    out = np.empty((A, n_to, B), a.dtype)
+    _launch(kernel, a3.size * per_element, a3, *tables, out)
+    return out.reshape(a.shape[:axis] + (n_to,) + a.shape[axis + 1:])
 
 
 def resample_axis(x, axis, plan):
@@ -71,16 +80,10 @@ def resample_axis(x, axis, plan):
     Shape:
         x (..., plan.n_in, ...) -> out (..., plan.n_out, ...), x's dtype.
     """
-    if x.dtype not in _NATIVE:
-        return NotImplemented
-    x3 = _as_three_axes(x, axis, plan.n_in)
-    out = np.empty((x3.shape[0], plan.n_out, x3.shape[2]), x.dtype)
     if plan.w0 is None:
-        _launch(_nearest, out.size, x3, np.asarray(plan.lo), out)
-    else:
-        _launch(_linear, out.size, x3, np.asarray(plan.lo), np.asarray(plan.hi),
-                np.asarray(plan.w0, dtype=x.dtype), np.asarray(plan.w1, dtype=x.dtype), out)
-    return out.reshape(x.shape[:axis] + (plan.n_out,) + x.shape[axis + 1:])
+        return _along(x, axis, plan.n_in, plan.n_out, _nearest, 1, np.asarray(plan.lo))
+    return _along(x, axis, plan.n_in, plan.n_out, _linear, 2, np.asarray(plan.lo), np.asarray(plan.hi),
+                  np.asarray(plan.w0, dtype=x.dtype), np.asarray(plan.w1, dtype=x.dtype))
 
 
 def resample_axis_grad(dout, axis, plan):
@@ -91,10 +94,5 @@ def resample_axis_grad(dout, axis, plan):
     Shape:
         dout (..., plan.n_out, ...) -> dx (..., plan.n_in, ...), dout's dtype.
     """
-    if dout.dtype not in _NATIVE:
-        return NotImplemented
-    d3 = _as_three_axes(dout, axis, plan.n_out)
-    dx = np.empty((d3.shape[0], plan.n_in, d3.shape[2]), dout.dtype)
-    _launch(_transpose, d3.size * plan.src.shape[1], d3, np.asarray(plan.src),
-            np.asarray(plan.weight, dtype=dout.dtype), dx)
-    return dx.reshape(dout.shape[:axis] + (plan.n_in,) + dout.shape[axis + 1:])
+    return _along(dout, axis, plan.n_out, plan.n_in, _transpose, plan.src.shape[1], np.asarray(plan.src),
+                  np.asarray(plan.weight, dtype=dout.dtype))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy
 
+from ..twins import sgd_arrays_fit
 from .runtime import _CTYPES, _ints, _kernel, _launch
 
 
@@ -23,14 +24,9 @@ def sgd_update(p, grad, buf, lr, momentum, dampening, weight_decay, nesterov, ma
     """
     import cupy
 
+    if not sgd_arrays_fit(p, grad, buf, momentum, _CTYPES):
+        return NotImplemented
     dtype = numpy.dtype(p.dtype)
-    arrays = (p, grad) if buf is None else (p, grad, buf)
-    if dtype not in _CTYPES or any(a.dtype != dtype or a.shape != p.shape for a in arrays):
-        return NotImplemented
-    if not p.flags.c_contiguous or (buf is not None and not buf.flags.c_contiguous):
-        return NotImplemented
-    if momentum != 0 and buf is None:
-        return NotImplemented
     grad = cupy.ascontiguousarray(grad)
     T = dtype.type
     _launch(_kernel("sgd", dtype), p.size,
