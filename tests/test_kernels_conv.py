@@ -187,7 +187,8 @@ def test_cpu_small_convolutions_run_inline(monkeypatch):
 
 # --------------------------------------------------------- Winograd F(2x2, 3x3)
 _WINOGRAD_THRESHOLDS = ("_WINOGRAD_MIN_CHANNELS", "_WINOGRAD_GRAD_MIN_CHANNELS", "_WINOGRAD_MIN_TILES",
-                        "_WINOGRAD_MIN_CHANNEL_TILES", "_WINOGRAD_GRAD_MIN_CHANNELS_DILATED")
+                        "_WINOGRAD_MIN_CHANNEL_TILES", "_WINOGRAD_GRAD_MIN_CHANNELS_DILATED",
+                        "_WINOGRAD_GRAD_MIN_CHANNEL_TILES")
 
 
 @pytest.fixture
@@ -289,12 +290,15 @@ def test_cpu_winograd_thresholds_choose_the_path_both_ways(winograd_everywhere, 
     y_t, dx_t, dw_t = torch_conv(x, w, b, dout, 1, d, d, 1)
     # min(C, K) = 4 channels; 4x4 = 16 tiles of 2x2 outputs; 4 x 16 channel-tiles
     value = {"_WINOGRAD_MIN_CHANNELS": 4, "_WINOGRAD_GRAD_MIN_CHANNELS": 4, "_WINOGRAD_MIN_TILES": 16,
-             "_WINOGRAD_MIN_CHANNEL_TILES": 64, "_WINOGRAD_GRAD_MIN_CHANNELS_DILATED": 4}[threshold]
+             "_WINOGRAD_MIN_CHANNEL_TILES": 64, "_WINOGRAD_GRAD_MIN_CHANNELS_DILATED": 4,
+             "_WINOGRAD_GRAD_MIN_CHANNEL_TILES": 64}[threshold]
     all_three = ["_winograd_conv", "_winograd_conv", "_winograd_weight_grad"]
     above = {"_WINOGRAD_MIN_CHANNELS": ["_winograd_weight_grad"],  # forward and input gradient
              "_WINOGRAD_GRAD_MIN_CHANNELS": ["_winograd_conv", "_winograd_conv"],  # the weight gradient
              "_WINOGRAD_GRAD_MIN_CHANNELS_DILATED": ["_winograd_conv", "_winograd_conv"],  # a dilated one's
-             "_WINOGRAD_MIN_TILES": [], "_WINOGRAD_MIN_CHANNEL_TILES": []}[threshold]  # all three
+             "_WINOGRAD_GRAD_MIN_CHANNEL_TILES": ["_winograd_conv", "_winograd_conv"],  # the weight gradient
+             "_WINOGRAD_MIN_CHANNEL_TILES": ["_winograd_weight_grad"],  # forward and input gradient
+             "_WINOGRAD_MIN_TILES": []}[threshold]  # all three
     for limit, expected_calls in [(value, all_three), (value + 1, above)]:
         monkeypatch.setattr(winograd, threshold, limit)
         winograd_everywhere.clear()

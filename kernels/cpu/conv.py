@@ -235,7 +235,8 @@ def conv2d_weight_grad(x, dout, weight_shape, stride=1, padding=0, dilation=1, g
     x = np.ascontiguousarray(x, dtype=dtype)
     grad_min_channels = (winograd._WINOGRAD_GRAD_MIN_CHANNELS if dh == dw == 1  # the weight gradient's own
                          else winograd._WINOGRAD_GRAD_MIN_CHANNELS_DILATED)  # thresholds
-    if winograd._winograd_applies(C, K, kh, kw, sh, sw, dh, dw, groups, Ho, Wo, grad_min_channels):
+    if winograd._winograd_applies(C, K, kh, kw, sh, sw, dh, dw, groups, Ho, Wo, grad_min_channels,
+                                  winograd._WINOGRAD_GRAD_MIN_CHANNEL_TILES):
         dwt = winograd._winograd_weight_grad(x, np.ascontiguousarray(dout, dtype=dtype), ph, pw, dh, dw)
         return dwt if given == dtype else dwt.astype(given)
     if taps._taps_apply(C, K, H, W, Ho, Wo, kh, kw, sh, sw, ph, pw, dh, dw, groups):

@@ -52,13 +52,14 @@ _WINOGRAD_MIN_CHANNEL_TILES = 8192
 _WINOGRAD_BLOCK_BYTES = 3 * L2_BYTES // 4
 
 
-def _winograd_applies(C, K, kh, kw, sh, sw, dh, dw, groups, Ho, Wo, min_channels=None):
+def _winograd_applies(C, K, kh, kw, sh, sw, dh, dw, groups, Ho, Wo, min_channels=None, min_channel_tiles=None):
     """Whether a product of this geometry takes the Winograd path (the forward's thresholds by default)."""
     min_channels = _WINOGRAD_MIN_CHANNELS if min_channels is None else min_channels
+    min_channel_tiles = _WINOGRAD_MIN_CHANNEL_TILES if min_channel_tiles is None else min_channel_tiles
     if (kh, kw, sh, sw, groups) != (3, 3, 1, 1, 1) or min(C, K) < min_channels:
         return False
     tiles = -(-(Ho // dh) // 2) * -(-(Wo // dw) // 2)  # tiles of the smallest residue class
-    return tiles >= _WINOGRAD_MIN_TILES and min(C, K) * tiles >= _WINOGRAD_MIN_CHANNEL_TILES
+    return tiles >= _WINOGRAD_MIN_TILES and min(C, K) * tiles >= min_channel_tiles
 
 
 @_parallel_njit()
@@ -285,6 +286,11 @@ _WINOGRAD_GRAD_BLOCK_BYTES = L2_BYTES  # transformed inputs of one weight-gradie
 # former threshold of both (measurements: benchmarks/NOTES.md).
 _WINOGRAD_GRAD_MIN_CHANNELS = 32
 _WINOGRAD_GRAD_MIN_CHANNELS_DILATED = 128
+# and min(C, K) x tiles twice the forward's: at 32 channels on a 32x32 map (8192) im2col + GEMM
+# is 10-25% faster with two threads (8x32 -> 32: 1.51-1.64 against 1.70-1.96 ms; 8x64 -> 32:
+# 2.80-2.96 / 3.43-3.62; 8x32 -> 64: 2.44-2.56 / 3.01-3.36), at 64 channels on it (16384) Winograd
+# is (8x64 -> 128: 5.83-6.71 / 7.48-7.57) (measurements: benchmarks/NOTES.md)
+_WINOGRAD_GRAD_MIN_CHANNEL_TILES = 16384
 
 
 @njit(cache=True, nogil=True)
