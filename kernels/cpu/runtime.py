@@ -10,7 +10,10 @@ than it saves:
   block) hands the cores back and forth between two thread pools hundreds of
   times per layer, and each hand-over costs (idle pools spin or must be woken;
   on a loaded machine a worker that lost its core stalls the whole barrier).
-  Small products run inline instead, their GEMMs on the BLAS's own threads.
+  The workers are threads of our own (``workers.Worker``), each moved off
+  the CPU of the thread that hands it its share. Small products run inline
+  instead, on one thread; one that is large but cannot be split (a single
+  sample) runs its GEMMs on the BLAS's own threads.
 * **``parallel=True`` Numba kernels** (``prange`` over channels or planes:
   batch norm, max pool, ReLU, Winograd's weight transforms), launched by
   ``_launch``, which runs a serial twin of the kernel for small inputs.

@@ -6,8 +6,8 @@ scheduler, a worker woken after the machine idled is often placed on the CPU
 of the thread that woke it, the caller, which is about to compute its own
 share: one of the two is preempted, and the share waits for a time slice
 (about 40 involuntary context switches per 8x3x32x32 U-Net step after 0.3 s
-of idle, against 1-2 back to back; the step 101-121 ms instead of 82-91,
-``benchmarks/NOTES.md``). So before each task a worker is moved, when
+of idle, against 1-2 back to back: the step took 101-121 ms after idle, and
+87-96 ms once the workers were placed, ``benchmarks/NOTES.md``). So before each task a worker is moved, when
 needed, to a CPU other than the caller's current one (worker i to the i-th
 allowed CPU after it): the caller stays free to run where the scheduler puts
 it, and the two never share a core. The caller's CPU is read with
