@@ -18,9 +18,10 @@ is imported (``scratchseg.backend`` imports it before it imports NumPy):
    are reused.
 
 Each is a default only (a value already in the environment wins), and
-``SCRATCHSEG_NO_TUNING=1`` turns all three off, and a fourth made elsewhere: the
-kernels' worker threads kept off the caller's CPU (``kernels/cpu/workers.py``). ``tuning`` records what was
-done (``kernels.tuning`` is the same dict), for benchmarks and bug reports.
+``SCRATCHSEG_NO_TUNING=1`` turns all three off, and a fourth made elsewhere:
+the kernels' worker threads kept off the caller's CPU
+(``kernels/cpu/workers.py``). ``tuning`` records what was done
+(``kernels.tuning`` is the same dict), for benchmarks and bug reports.
 
 When the CPU kernels load (``kernels.cpu``), :func:`prepare_cpu_kernels` does
 three more things, which are not tuning but what the kernels need to run, so
