@@ -242,6 +242,14 @@ def _winograd_gathered(n_lo, n_hi, Ho, Wo, dh, dw, tile_bytes, budget):
         yield segments, used
 
 
+def _gathered_with_workspaces(n_lo, n_hi, Ho, Wo, dh, dw, C, K, dtype, budget):
+    """``_winograd_gathered``'s blocks with their workspaces: (segments, V (16, C, t), M (16, K, t)),
+    V for the transformed inputs, M for the other side of the 16 GEMMs (workspace slots 0 and 1)."""
+    for segments, t in _winograd_gathered(n_lo, n_hi, Ho, Wo, dh, dw, 16 * C * dtype.itemsize, budget):
+        yield (segments, workspace(16 * C * t, dtype, 0).reshape(16, C, t),
+               workspace(16 * K * t, dtype, 1).reshape(16, K, t))
+
+
 def _winograd_conv(x, w, bias, ph, pw, dh, dw, y):
     """y = conv2d(x, w, bias) for a 3x3 kernel, unit stride, one group: Winograd F(2x2, 3x3).
 
@@ -256,10 +264,8 @@ def _winograd_conv(x, w, bias, ph, pw, dh, dw, y):
     b = np.zeros(K, dtype) if bias is None else np.ascontiguousarray(bias, dtype=dtype)
 
     def part(n_lo, n_hi):
-        for segments, t in _winograd_gathered(n_lo, n_hi, Ho, Wo, dh, dw, 16 * C * dtype.itemsize,
-                                              _WINOGRAD_BLOCK_BYTES):
-            V = workspace(16 * C * t, dtype, 0).reshape(16, C, t)
-            M = workspace(16 * K * t, dtype, 1).reshape(16, K, t)
+        for segments, V, M in _gathered_with_workspaces(n_lo, n_hi, Ho, Wo, dh, dw, C, K, dtype,
+                                                        _WINOGRAD_BLOCK_BYTES):
             for n, a, bb, TW, r0, r1, t0, t1 in segments:
                 _winograd_input(x, n, a, bb, dh, dw, ph, pw, r0, r1, TW, V[:, :, t0:t1])
             np.matmul(U, V, out=M)  # 16 GEMMs (K, C) @ (C, t)
@@ -372,10 +378,8 @@ def _winograd_weight_grad(x, dout, ph, pw, dh, dw):
     def part(n_lo, n_hi):  # each worker sums its own samples' share
         S = np.zeros((16, K, C), dtype)
         P = workspace(16 * K * C, dtype, 2).reshape(16, K, C)
-        for segments, t in _winograd_gathered(n_lo, n_hi, Ho, Wo, dh, dw, 16 * C * dtype.itemsize,
-                                              _WINOGRAD_GRAD_BLOCK_BYTES):
-            V = workspace(16 * C * t, dtype, 0).reshape(16, C, t)
-            D = workspace(16 * K * t, dtype, 1).reshape(16, K, t)
+        for segments, V, D in _gathered_with_workspaces(n_lo, n_hi, Ho, Wo, dh, dw, C, K, dtype,
+                                                        _WINOGRAD_GRAD_BLOCK_BYTES):
             for n, a, b, TW, r0, r1, t0, t1 in segments:
                 _winograd_input(x, n, a, b, dh, dw, ph, pw, r0, r1, TW, V[:, :, t0:t1])
                 _winograd_output_grad(dout, n, a, b, dh, dw, r0, r1, TW, D[:, :, t0:t1])
