@@ -276,6 +276,12 @@ def environment_report(device="cpu"):
         f"process tuning: {kernels.tuning}",
     ]
     try:
+        from kernels.cpu import gemm
+
+        lines.append(f"convolution GEMM: {gemm.describe()}")
+    except ImportError:  # no Numba: the reference kernels
+        pass
+    try:
         import numba
 
         lines.append(f"numba {numba.__version__}, {numba.get_num_threads()} threads, layer {numba.config.THREADING_LAYER}")

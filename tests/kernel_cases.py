@@ -28,7 +28,7 @@ def conv_cases(draw):
 
     The plan is a list of (module, name, value) for :func:`patched`.
     """
-    from kernels.cpu import conv, runtime
+    from kernels.cpu import conv, gemm, runtime
 
     (N, C, H, W), kh, kw, stride, padding, dilation = draw(geometries(max_size=12))
     groups = draw(st.sampled_from([g for g in (1, 2, 3) if C % g == 0]))
@@ -43,6 +43,8 @@ def conv_cases(draw):
         (conv, "_DW_DIRECT_MIN_K", draw(st.sampled_from([1, 1 << 30]))),
         # the batch split between worker threads (0), or run inline
         (runtime, "_SPLIT_MIN_MACS", draw(st.sampled_from([0, 1 << 62]))),
+        # float32 products by our own GEMM (where the CPU has it) or by NumPy's BLAS
+        (gemm, "_MODE", draw(st.sampled_from(["auto", "blas"]))),
     ]
     return (N, C, H, W), K, kh, kw, stride, padding, dilation, groups, plan
 

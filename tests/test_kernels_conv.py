@@ -3,7 +3,8 @@
 * the three conv products (forward, input gradient, weight gradient) against
   PyTorch autograd, with every choice of the block plan drawn both ways
   (blocks that split rows and group samples, one wide GEMM or one per sample,
-  both orientations of the weight gradient, the batch split or inline);
+  both orientations of the weight gradient, the batch split or inline, the
+  float32 products by our own GEMM or by the BLAS);
 * the block plan, the banded transpose, float16, the flat-run paths of
   im2col/col2im that a 'same'-width convolution takes;
 * the Winograd path of all three products (thresholds lowered so that small
@@ -28,7 +29,7 @@ from scratchseg.functional.im2col import im2col as ref_im2col
 pytest.importorskip("numba")
 torch = pytest.importorskip("torch")
 import kernels.cpu as kcpu  # noqa: E402
-from kernels.cpu import conv, runtime, winograd  # noqa: E402
+from kernels.cpu import conv, gemm, runtime, winograd  # noqa: E402
 
 
 # ------------------------------------------------------------- blocked conv2d
@@ -230,7 +231,8 @@ def test_cpu_winograd_conv_matches_torch(winograd_everywhere, case, dtype, with_
     dout = rng.standard_normal((x_shape[0], K, Ho, Wo)).astype(dtype)
     y_t, dx_t, dw_t = torch_conv(x, w, b, dout, 1, padding, dilation, 1)
     plan = [(winograd, "_WINOGRAD_BLOCK_BYTES", block), (winograd, "_WINOGRAD_GRAD_BLOCK_BYTES", block),
-            (runtime, "_PARALLEL_MIN_WORK", 0 if parallel else 1 << 62)]  # the weight transforms
+            (runtime, "_PARALLEL_MIN_WORK", 0 if parallel else 1 << 62),  # the weight transforms
+            (gemm, "_MODE", "auto" if parallel else "blas")]  # the 16 GEMMs: ours or the BLAS
     with patched(plan):
         winograd_everywhere.clear()
         y = kcpu.conv.conv2d_forward(x, w, b if with_bias else None, 1, padding, dilation, 1)

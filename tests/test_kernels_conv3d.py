@@ -31,7 +31,7 @@ from kernel_cases import DTYPES, patched
 pytest.importorskip("numba")
 torch = pytest.importorskip("torch")
 import kernels.cpu as kcpu  # noqa: E402
-from kernels.cpu import conv, conv3d, im2col3d, runtime, winograd  # noqa: E402
+from kernels.cpu import conv, conv3d, gemm, im2col3d, runtime, winograd  # noqa: E402
 
 
 def _reference(name):
@@ -66,6 +66,7 @@ def _plans(draw):
         (conv, "_MERGE_BELOW", draw(st.sampled_from([0, 1 << 30]))),
         (conv, "_DW_DIRECT_MIN_K", draw(st.sampled_from([1, 1 << 30]))),
         (runtime, "_SPLIT_MIN_MACS", draw(st.sampled_from([0, 1 << 62]))),
+        (gemm, "_MODE", draw(st.sampled_from(["auto", "blas"]))),  # our GEMM or the BLAS
     ]
     path = draw(st.sampled_from(["winograd", "ring", "blocks"]))
     if path == "winograd":  # Winograd's tiles wherever the geometry allows them, however small

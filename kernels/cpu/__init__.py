@@ -14,6 +14,8 @@ where it does not apply, and the reference runs. One module per family:
   blocked like ``conv.py``, with a ring of unfolded (or Winograd-transformed) depth planes;
 * ``winograd.py``      -- Winograd's F(2x2, 3x3), which ``conv.py`` takes for 3x3
   unit-stride convolutions with enough channels;
+* ``gemm.py``          -- our own float32 GEMM (AVX-512 register tiles written as LLVM IR),
+  which the convolutions' products run on where it applies, else NumPy's BLAS;
 * ``taps.py``          -- convolution tap by tap over the outputs each tap reaches inside
   the image, which ``conv.py`` takes when most products would multiply zero padding;
 * ``normalization.py`` -- ``batch_norm_train_forward``, ``batch_norm_backward``;

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import numpy as np  # host-only module: these kernels only ever see NumPy arrays
 
-from . import taps, winograd
+from . import gemm, taps, winograd
 from ._common import _check_out, _pair, _working_dtype, conv_output_size
 from .im2col import _col2im_block, _im2col_block
 from .runtime import L2_BYTES, _run, workspace
@@ -121,10 +121,10 @@ def conv2d_forward(x, weight, bias=None, stride=1, padding=0, dilation=1, groups
                 y_block = y3[n0:n1, g * Kg:(g + 1) * Kg, ho0 * Wo:ho1 * Wo]  # (nb, Kg, P)
                 if nb > 1 and P < _MERGE_BELOW:
                     m = workspace(Kg * nb * P, dtype, 1).reshape(Kg, nb * P)
-                    np.matmul(w2[g * Kg:(g + 1) * Kg], cols, out=m)  # (Kg, R) @ (R, nb*P)
+                    gemm.matmul(w2[g * Kg:(g + 1) * Kg], cols, m)  # (Kg, R) @ (R, nb*P)
                     y_block[...] = m.reshape(Kg, nb, P).transpose(1, 0, 2)
                 else:  # (Kg, R) @ (nb, R, P) -> (nb, Kg, P), written straight into y
-                    np.matmul(w2[g * Kg:(g + 1) * Kg], cols.reshape(R, nb, P).transpose(1, 0, 2), out=y_block)
+                    gemm.matmul(w2[g * Kg:(g + 1) * Kg], cols.reshape(R, nb, P).transpose(1, 0, 2), y_block)
             if b2 is not None:  # while the block is still in the cache
                 y3[n0:n1, :, ho0 * Wo:ho1 * Wo] += b2
 
@@ -174,9 +174,9 @@ def conv2d_input_grad(dout, weight, x_shape, stride=1, padding=0, dilation=1, gr
             for g in range(groups):
                 d = dout3[n0:n1, g * Kg:(g + 1) * Kg, ho0 * Wo:ho1 * Wo]  # (nb, Kg, P)
                 if nb > 1 and P < _MERGE_BELOW:  # thin: one wide GEMM, (R, Kg) @ (Kg, nb*P)
-                    np.matmul(wT[g * Kg:(g + 1) * Kg].T, _side_by_side(d), out=dcols)
+                    gemm.matmul(wT[g * Kg:(g + 1) * Kg].T, _side_by_side(d), dcols)
                 else:  # (R, Kg) @ (nb, Kg, P) -> (nb, R, P), written as the (R, nb, P) columns
-                    np.matmul(wT[g * Kg:(g + 1) * Kg].T, d, out=dcols.reshape(R, nb, P).transpose(1, 0, 2))
+                    gemm.matmul(wT[g * Kg:(g + 1) * Kg].T, d, dcols.reshape(R, nb, P).transpose(1, 0, 2))
                 _col2im_block(dcols, g * Cg, Cg, n0, n1, ho0, ho1, kh, kw, sh, sw, ph, pw, dh, dw, Wo, dx, True, True)
 
     _run(N, part, N * K * R * Ho * Wo)

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import numpy as np  # host-only module: these kernels only ever see NumPy arrays
 
-from . import conv, winograd
+from . import conv, gemm, winograd
 from ._common import _check_out, _working_dtype
 from .conv import _side_by_side, _transposed
 from .im2col3d import _col2im3d_block, _geometry3d, _im2col3d_block
@@ -157,7 +157,7 @@ def _winograd3d_conv(x, w, bias, pd, ph, pw, dh, dw, y):
             M = workspace(16 * K * t, dtype, 1).reshape(16, K, t)
 
             for do in _winograd_ring(ring, x, n, a, bb, dh, dw, ph, pw, r0, r1, TW, pd, Do):
-                np.matmul(U_ring[do % kd], ring.reshape(16, kd * C, t), out=M)  # 16 GEMMs (K, kd*C) @ (kd*C, t)
+                gemm.matmul(U_ring[do % kd], ring.reshape(16, kd * C, t), M)  # 16 GEMMs (K, kd*C) @ (kd*C, t)
                 winograd._winograd_output(M, n, a, bb, dh, dw, r0, r1, TW, b, y[:, :, do])
 
     _run(len(tasks), part, N * K * C * kd * 9 * Do * Ho * Wo)
@@ -259,7 +259,7 @@ def conv3d_forward(x, weight, bias=None, stride=1, padding=0, dilation=1, groups
                 for do, cols in _ring_columns(x, n, ho0, ho1, kd, kh, kw, sh, sw, pd, ph, pw, dh, dw, Do, Ho, Wo,
                                               dtype):
                     y_band = y4[n, :, do, ho0 * Wo:ho1 * Wo]  # (K, P)
-                    np.matmul(w_ring[do % kd], cols, out=y_band)  # (K, R) @ (R, P)
+                    gemm.matmul(w_ring[do % kd], cols, y_band)  # (K, R) @ (R, P)
                     if b2 is not None:
                         y_band += b2
 
@@ -279,10 +279,10 @@ def conv3d_forward(x, weight, bias=None, stride=1, padding=0, dilation=1, groups
                 y_block = y3[n0:n1, g * Kg:(g + 1) * Kg, t0 * Wo:t1 * Wo]  # (nb, Kg, P)
                 if nb > 1 and P < conv._MERGE_BELOW:  # thin per-sample GEMMs: one wide one, then a copy
                     m = workspace(Kg * nb * P, dtype, 1).reshape(Kg, nb * P)
-                    np.matmul(w2[g * Kg:(g + 1) * Kg], cols, out=m)  # (Kg, R) @ (R, nb*P)
+                    gemm.matmul(w2[g * Kg:(g + 1) * Kg], cols, m)  # (Kg, R) @ (R, nb*P)
                     y_block[...] = m.reshape(Kg, nb, P).transpose(1, 0, 2)
                 else:  # (Kg, R) @ (nb, R, P) -> (nb, Kg, P), written straight into y
-                    np.matmul(w2[g * Kg:(g + 1) * Kg], cols.reshape(R, nb, P).transpose(1, 0, 2), out=y_block)
+                    gemm.matmul(w2[g * Kg:(g + 1) * Kg], cols.reshape(R, nb, P).transpose(1, 0, 2), y_block)
             if b2 is not None:  # while the block is still in the cache
                 y3[n0:n1, :, t0 * Wo:t1 * Wo] += b2
 
@@ -332,9 +332,9 @@ def conv3d_input_grad(dout, weight, x_shape, stride=1, padding=0, dilation=1, gr
             for g in range(groups):
                 d = dout3[n0:n1, g * Kg:(g + 1) * Kg, t0 * Wo:t1 * Wo]  # (nb, Kg, P)
                 if nb > 1 and P < conv._MERGE_BELOW:  # thin: one wide GEMM, (R, Kg) @ (Kg, nb*P)
-                    np.matmul(wT[g * Kg:(g + 1) * Kg].T, _side_by_side(d), out=dcols)
+                    gemm.matmul(wT[g * Kg:(g + 1) * Kg].T, _side_by_side(d), dcols)
                 else:  # (R, Kg) @ (nb, Kg, P) -> (nb, R, P), written as the (R, nb, P) columns
-                    np.matmul(wT[g * Kg:(g + 1) * Kg].T, d, out=dcols.reshape(R, nb, P).transpose(1, 0, 2))
+                    gemm.matmul(wT[g * Kg:(g + 1) * Kg].T, d, dcols.reshape(R, nb, P).transpose(1, 0, 2))
                 _col2im3d_block(dcols, g * Cg, Cg, n0, n1, t0, t1, kd, kh, kw, sd, sh, sw, pd, ph, pw, dd, dh, dw,
                                 Ho, Wo, dx, True, True)
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 import numpy as np  # host-only module: these kernels only ever see NumPy arrays
 from numba import njit, uint64
 
+from . import gemm
 from .runtime import L2_BYTES, _run, workspace
 
 __all__ = ["taps_forward", "taps_input_grad", "taps_weight_grad", "inside_fraction"]
@@ -163,7 +164,7 @@ def taps_forward(x, w, bias, ph, pw, dh, dw, y):
                 rh, rw = o1 - o0, q1 - q0
                 cols = _gather(x, n0, n1, h0, h0 + rh, w0, w0 + rw, 0)  # (C, nb*rh*rw)
                 prod = workspace(K * nb * rh * rw, y.dtype, 1).reshape(K, nb * rh * rw)
-                np.matmul(wt[i, j], cols, out=prod)  # (K, C) @ (C, nb*rh*rw)
+                gemm.matmul(wt[i, j], cols, prod)  # (K, C) @ (C, nb*rh*rw)
                 _add(prod, n0, n1, o0, o1, q0, q1, y)
 
     _run(N, part, N * K * C * sum((t[2][1] - t[2][0]) * (t[3][1] - t[3][0]) for t in taps))
@@ -192,7 +193,7 @@ def taps_input_grad(dout, w, ph, pw, dh, dw, dx):
                 rh, rw = o1 - o0, q1 - q0
                 d = _gather(dout, n0, n1, o0, o1, q0, q1, 0)  # (K, nb*rh*rw)
                 prod = workspace(C * nb * rh * rw, dx.dtype, 1).reshape(C, nb * rh * rw)
-                np.matmul(wt[i, j], d, out=prod)  # (C, K) @ (K, nb*rh*rw)
+                gemm.matmul(wt[i, j], d, prod)  # (C, K) @ (K, nb*rh*rw)
                 _add(prod, n0, n1, h0, h0 + rh, w0, w0 + rw, dx)
 
     _run(N, part, N * K * C * sum((t[2][1] - t[2][0]) * (t[3][1] - t[3][0]) for t in taps))

@@ -38,6 +38,7 @@ from __future__ import annotations
 import numpy as np  # host-only module: these kernels only ever see NumPy arrays
 from numba import njit, prange, uint64
 
+from . import gemm
 from ._common import _valid_range
 from .runtime import L2_BYTES, _launch, _parallel_njit, _run, workspace
 
@@ -268,7 +269,7 @@ def _winograd_conv(x, w, bias, ph, pw, dh, dw, y):
                                                         _WINOGRAD_BLOCK_BYTES):
             for n, a, bb, TW, r0, r1, t0, t1 in segments:
                 _winograd_input(x, n, a, bb, dh, dw, ph, pw, r0, r1, TW, V[:, :, t0:t1])
-            np.matmul(U, V, out=M)  # 16 GEMMs (K, C) @ (C, t)
+            gemm.matmul(U, V, M)  # 16 GEMMs (K, C) @ (C, t)
             for n, a, bb, TW, r0, r1, t0, t1 in segments:
                 _winograd_output(M[:, :, t0:t1], n, a, bb, dh, dw, r0, r1, TW, b, y)
 
