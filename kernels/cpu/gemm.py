@@ -84,28 +84,28 @@ _MODE = _mode()
 #: floats per vector register of the tiles (0: no own GEMM on this host, every product goes to the BLAS)
 VECTOR_WIDTH = _vector_width(_host_features()) if _opaque_pointers() else 0
 _W = 16
-# register tile rows: the full one, then the smaller ones that finish the last rows
+# register tile rows: the full one, then the smaller ones that finish the last rows (tallest first)
 _ROWS = (12, 8, 4, 2, 1)
 _KC = 128  # inner-dimension chunk: its 32-column panel of B is 16 KB, in L1
 
 
-def _tile(rows):
-    """An intrinsic: C[rows, cols] (+)= A[rows, :kc] @ B[:kc, cols], every address and stride in bytes.
+def _make_tile():
+    """The intrinsic: C[rows, cols] (+)= A[rows, :kc] @ B[:kc, cols], every address and stride in bytes.
 
-    ``tile(a, sam, sak, b, ldb, c, ldc, kc, accumulate, ncols)``: A's element
-    (i, k) at ``a + i*sam + k*sak``, B's row k at ``b + k*ldb``, C's row i at
-    ``c + i*ldc``; kc >= 1. ``ncols`` == 2W (W = 16 floats, one AVX-512
-    register): two vectors of columns; 1..W: the first ``ncols`` of one
-    vector, by masked loads and stores. Each of the two
-    is its own loop, chosen once per call.
+    ``tile(a, sam, sak, b, ldb, c, ldc, kc, accumulate, ncols, rows)``: A's
+    element (i, k) at ``a + i*sam + k*sak``, B's row k at ``b + k*ldb``, C's
+    row i at ``c + i*ldc``; kc >= 1; ``rows`` one of ``_ROWS``. ``ncols`` ==
+    2W (W = 16 floats, one AVX-512 register): two vectors of columns; 1..W:
+    the first ``ncols`` of one vector, by masked loads and stores. Each
+    (rows, masked or not) is its own loop, chosen once per call.
     """
 
     @intrinsic
-    def tile(typingctx, a, sam, sak, b, ldb, c, ldc, kc, accumulate, ncols):
-        sig = types.void(*([types.intp] * 10))
+    def tile(typingctx, a, sam, sak, b, ldb, c, ldc, kc, accumulate, ncols, rows):
+        sig = types.void(*([types.intp] * 11))
 
         def codegen(context, builder, signature, args):
-            a, sam, sak, b, ldb, c, ldc, kc, accumulate, ncols = args
+            a, sam, sak, b, ldb, c, ldc, kc, accumulate, ncols, nrows = args
             f32, i32, i64, i1 = ir.FloatType(), ir.IntType(32), ir.IntType(64), ir.IntType(1)
             vec, ptr = ir.VectorType(f32, _W), ir.PointerType()
             module, fn = builder.module, builder.function
@@ -136,11 +136,11 @@ def _tile(rows):
             # lane l is in when l < ncols (used by the masked loop only)
             mask = builder.icmp_unsigned("<", ir.Constant(ir.VectorType(i64, _W), list(range(_W))),
                                          splat(ncols, ir.VectorType(i64, _W)))
-            c_rows = [builder.mul(const(i), ldc) for i in range(rows)]
-            a_rows = [builder.mul(const(i), sam) for i in range(rows)]
             from_c = builder.icmp_signed("!=", accumulate, const(0))
 
-            def variant(masked):
+            def variant(rows, masked):
+                c_rows = [builder.mul(const(i), ldc) for i in range(rows)]
+                a_rows = [builder.mul(const(i), sam) for i in range(rows)]
                 nv = 1 if masked else 2
 
                 def load(p):
@@ -196,14 +196,20 @@ def _tile(rows):
                         else:
                             builder.store(new[i * nv + j], c_ptrs[i][j], align=4)
 
-            full = fn.append_basic_block("tile.full")
-            part = fn.append_basic_block("tile.masked")
             end = fn.append_basic_block("tile.end")
-            builder.cbranch(builder.icmp_signed("==", ncols, const(2 * _W)), full, part)
-            for block, masked in ((full, False), (part, True)):
-                builder.position_at_end(block)
-                variant(masked)
-                builder.branch(end)
+            is_full = builder.icmp_signed("==", ncols, const(2 * _W))
+            switch = builder.switch(nrows, end)  # rows outside _ROWS: nothing
+            for rows in sorted(set(_ROWS)):
+                case = fn.append_basic_block(f"tile.rows{rows}")
+                switch.add_case(const(rows), case)
+                builder.position_at_end(case)
+                full = fn.append_basic_block(f"tile.rows{rows}.full")
+                part = fn.append_basic_block(f"tile.rows{rows}.masked")
+                builder.cbranch(is_full, full, part)
+                for block, masked in ((full, False), (part, True)):
+                    builder.position_at_end(block)
+                    variant(rows, masked)
+                    builder.branch(end)
             builder.position_at_end(end)
             return context.get_dummy_value()
 
@@ -212,28 +218,26 @@ def _tile(rows):
     return tile
 
 
-_T0, _T1, _T2, _T3, _T4 = (_tile(r) for r in _ROWS)
-_R0, _R1, _R2, _R3, _R4 = _ROWS
+_tile = _make_tile()
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _tile_rows(left):
+    """The tallest tile of ``_ROWS`` that fits ``left`` >= 1 rows."""
+    for rows in _ROWS:
+        if rows <= left:
+            return rows
+    return 1
 
 
 @njit(cache=True, nogil=True, inline="always")
 def _panel(a, sam, sak, b, ldb, c, ldc, M, kc, acc, ncols):
     """One panel of columns (2W, or 1..W masked) over all M rows: full tiles, then the smaller ones."""
     m = 0
-    while M - m >= _R0:
-        _T0(a + m * sam, sam, sak, b, ldb, c + m * ldc, ldc, kc, acc, ncols)
-        m += _R0
-    if M - m >= _R1:
-        _T1(a + m * sam, sam, sak, b, ldb, c + m * ldc, ldc, kc, acc, ncols)
-        m += _R1
-    if M - m >= _R2:
-        _T2(a + m * sam, sam, sak, b, ldb, c + m * ldc, ldc, kc, acc, ncols)
-        m += _R2
-    if M - m >= _R3:
-        _T3(a + m * sam, sam, sak, b, ldb, c + m * ldc, ldc, kc, acc, ncols)
-        m += _R3
-    if M - m >= _R4:
-        _T4(a + m * sam, sam, sak, b, ldb, c + m * ldc, ldc, kc, acc, ncols)
+    while m < M:
+        rows = _tile_rows(M - m)
+        _tile(a + m * sam, sam, sak, b, ldb, c + m * ldc, ldc, kc, acc, ncols, rows)
+        m += rows
 
 
 @njit(cache=True, nogil=True)
