@@ -421,3 +421,17 @@ def test_cpu_taps_threshold_chooses_the_path_both_ways(monkeypatch):
         assert_close(y, y_t, rtol=1e-9, atol=1e-9, msg=f"forward, limit {limit}")
         assert_close(dx, dx_t, rtol=1e-9, atol=1e-9, msg=f"input grad, limit {limit}")
         assert_close(dw, dw_t, rtol=1e-9, atol=1e-9, msg=f"weight grad, limit {limit}")
+
+
+@pytest.mark.parametrize("shape", [(0, 3, 6, 6), (2, 3, 6, 6)])
+def test_cpu_conv_weight_grad_of_no_products_is_zero(shape):
+    """A batch of no samples, or a dout of no pixels: each share's sum starts from its first block's
+    product, so a share with no block must still give zeros, not an uninitialised array."""
+    x = np.ones(shape, np.float32)
+    if shape[0]:  # 3x3, no padding, on a 6x6 map with dilation 3: no output pixel
+        dout = np.ones((shape[0], 4, 0, 0), np.float32)
+        dw = kcpu.conv.conv2d_weight_grad(x, dout, (4, 3, 3, 3), 1, 0, 3)
+    else:
+        dout = np.ones((0, 4, 6, 6), np.float32)
+        dw = kcpu.conv.conv2d_weight_grad(x, dout, (4, 3, 3, 3), 1, 1)
+    assert dw.shape == (4, 3, 3, 3) and not dw.any()

@@ -183,6 +183,14 @@ def conv2d_input_grad(dout, weight, x_shape, stride=1, padding=0, dilation=1, gr
     return dx if given == dtype else dx.astype(given)
 
 
+def _sum_product(acc, A, B, first):
+    """acc = A @ B for a sum's first term (no zeroed sum, no temporary), else acc += A @ B."""
+    if first:
+        np.matmul(A, B, out=acc)
+    else:
+        acc += A @ B
+
+
 def _side_by_side(d):
     """A block's (nb, Kg, P) slice of dout as (Kg, nb*P), samples side by side as in the columns.
 
@@ -253,18 +261,20 @@ def conv2d_weight_grad(x, dout, weight_shape, stride=1, padding=0, dilation=1, g
     direct = Kg >= _DW_DIRECT_MIN_K
 
     def part(n_lo, n_hi):  # each worker sums its own samples' share of dw
-        acc = np.zeros((groups, Kg, R) if direct else (groups, R, Kg), dtype=dtype)  # dw or dw^T per group
-        for n0, n1, ho0, ho1 in _blocks(n_lo, n_hi, Ho, Wo, R, dtype.itemsize):
+        shape = (groups, Kg, R) if direct else (groups, R, Kg)  # dw or dw^T per group
+        # each block's first product is written, the rest added; a share with no block is all zero
+        acc = np.zeros(shape, dtype) if n_lo == n_hi or Ho * Wo == 0 else np.empty(shape, dtype)
+        for b, (n0, n1, ho0, ho1) in enumerate(_blocks(n_lo, n_hi, Ho, Wo, R, dtype.itemsize)):
             nb, P = n1 - n0, (ho1 - ho0) * Wo
             cols = workspace(R * nb * P, dtype).reshape(R, nb * P)  # (R, nb*P)
             for g in range(groups):
                 _im2col_block(x, g * Cg, Cg, n0, n1, ho0, ho1, kh, kw, sh, sw, ph, pw, dh, dw, Wo, cols)
                 d = dout3[n0:n1, g * Kg:(g + 1) * Kg, ho0 * Wo:ho1 * Wo]  # (nb, Kg, P)
                 d_wide = _side_by_side(d)  # (Kg, nb*P): the samples' sum is the GEMM's own
-                if direct:
-                    acc[g] += d_wide @ cols.T  # (Kg, nb*P) @ (nb*P, R)
-                else:
-                    acc[g] += cols @ d_wide.T  # (R, nb*P) @ (nb*P, Kg)
+                if direct:  # (Kg, nb*P) @ (nb*P, R)
+                    _sum_product(acc[g], d_wide, cols.T, b == 0)
+                else:  # (R, nb*P) @ (nb*P, Kg)
+                    _sum_product(acc[g], cols, d_wide.T, b == 0)
         return acc
 
     partials = _run(N, part, N * K * R * Ho * Wo)

@@ -35,7 +35,7 @@ import numpy as np  # host-only module: these kernels only ever see NumPy arrays
 
 from . import conv, gemm, winograd
 from ._common import _check_out, _working_dtype
-from .conv import _side_by_side, _transposed
+from .conv import _side_by_side, _sum_product, _transposed
 from .im2col3d import _col2im3d_block, _geometry3d, _im2col3d_block
 from .runtime import L2_BYTES, _launch, _run, workspace
 
@@ -403,18 +403,18 @@ def conv3d_weight_grad(x, dout, weight_shape, stride=1, padding=0, dilation=1, g
     blocks = _blocks3d(0, N, T, Wo, R, dtype.itemsize)
 
     def part(b_lo, b_hi):  # each worker sums its own blocks' share of dw
-        acc = np.zeros((groups, Kg, R) if direct else (groups, R, Kg), dtype=dtype)  # dw or dw^T per group
-        for n0, n1, t0, t1 in blocks[b_lo:b_hi]:
+        acc = np.empty((groups, Kg, R) if direct else (groups, R, Kg), dtype=dtype)  # dw or dw^T per group
+        for b, (n0, n1, t0, t1) in enumerate(blocks[b_lo:b_hi]):  # at least one block per share
             nb, P = n1 - n0, (t1 - t0) * Wo
             cols = workspace(R * nb * P, dtype).reshape(R, nb * P)  # (R, nb*P)
             for g in range(groups):
                 _im2col3d_block(x, g * Cg, Cg, n0, n1, t0, t1, kd, kh, kw, sd, sh, sw, pd, ph, pw, dd, dh, dw, Ho, Wo,
                                 cols)
                 d_wide = _side_by_side(dout3[n0:n1, g * Kg:(g + 1) * Kg, t0 * Wo:t1 * Wo])  # (Kg, nb*P)
-                if direct:
-                    acc[g] += d_wide @ cols.T  # (Kg, nb*P) @ (nb*P, R)
-                else:
-                    acc[g] += cols @ d_wide.T  # (R, nb*P) @ (nb*P, Kg)
+                if direct:  # (Kg, nb*P) @ (nb*P, R)
+                    _sum_product(acc[g], d_wide, cols.T, b == 0)
+                else:  # (R, nb*P) @ (nb*P, Kg)
+                    _sum_product(acc[g], cols, d_wide.T, b == 0)
         return acc
 
     if dout3.size:
