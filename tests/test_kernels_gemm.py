@@ -189,6 +189,12 @@ def test_describe_and_the_compile_check(monkeypatch):
     monkeypatch.setattr(gemm, "_gemm", broken)
     assert not gemm.enabled() and "did not compile" in gemm.describe()
 
+    def wrong(A, B, C, accumulate):  # compiles, but multiplies nothing
+        C[...] = 0
+
+    monkeypatch.setattr(gemm, "_gemm", wrong)
+    assert gemm._check_compiled() is False
+
 
 @needs_tiles
 def test_the_compile_check_passes_here():

@@ -17,9 +17,8 @@ written for the shapes the convolutions have:
   SSA values the register allocator keeps, not a local array in memory.
 * **The loops around it** (``_gemm``): the inner dimension in chunks of
   ``_KC`` (a chunk of B's panel stays in L1 while every row tile reads it),
-  then panels of ``2 x W`` columns, then the rows in tiles of ``MR``; the
-  last rows in smaller tiles (8, 4, 2, 1), the last columns by masked loads
-  and stores.
+  then panels of 32 columns, then the rows in tiles of 12; the last rows in
+  smaller tiles (8, 4, 2, 1), the last columns by masked loads and stores.
 * **The numbers.** Every element of C is one chain of fused multiply-adds
   over the inner dimension in order, from zero (or from C when
   accumulating), whatever the tiling, the chunking or the thread that runs
@@ -115,7 +114,6 @@ def _make_tile():
                 module, ir.FunctionType(vec, [ptr, i32, mvec, vec]), f"llvm.masked.load.v{_W}f32.p0")
             mstore = cgutils.get_or_insert_function(
                 module, ir.FunctionType(ir.VoidType(), [vec, ptr, i32, mvec]), f"llvm.masked.store.v{_W}f32.p0")
-            undef = ir.Constant(vec, ir.Undefined)
             zero = ir.Constant(vec, [0.0] * _W)
             splat0 = ir.Constant(ir.VectorType(i32, _W), [0] * _W)
             align = ir.Constant(i32, 4)
@@ -279,16 +277,19 @@ _compiled_ok = [None]
 
 
 def _check_compiled():
-    """Compile the tiles and check one product of every kind of tile (an LLVM that cannot: the BLAS)."""
+    """Compile the tiles and check a product on every kind of tile (an LLVM that cannot: the BLAS)."""
     rng = np.random.default_rng(0)
-    A = rng.standard_normal((1, 27, 5)).astype(np.float32)  # 27 rows: tiles of 12, 12, 2 and 1
     B = rng.standard_normal((1, 5, 2 * _W + 3)).astype(np.float32)  # a full panel and a masked one
-    C = np.empty((1, 27, 2 * _W + 3), np.float32)
-    try:
-        _gemm(A, B, C, False)
-    except Exception:  # noqa: BLE001 -- any failure to build the tiles means: use the BLAS
-        return False
-    return bool(np.allclose(C, A.astype(np.float64) @ B, rtol=1e-5, atol=1e-5))
+    for M in (23, 16):  # rows in tiles of 12, 8, 2, 1, then of 12 and 4
+        A = rng.standard_normal((1, M, 5)).astype(np.float32)
+        C = np.empty((1, M, 2 * _W + 3), np.float32)
+        try:
+            _gemm(A, B, C, False)
+        except Exception:  # noqa: BLE001 -- any failure to build the tiles means: use the BLAS
+            return False
+        if not np.allclose(C, A.astype(np.float64) @ B, rtol=1e-5, atol=1e-5):
+            return False
+    return True
 
 
 def describe():
