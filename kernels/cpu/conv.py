@@ -183,14 +183,6 @@ def conv2d_input_grad(dout, weight, x_shape, stride=1, padding=0, dilation=1, gr
     return dx if given == dtype else dx.astype(given)
 
 
-def _sum_product(acc, A, B, first):
-    """acc = A @ B for a sum's first term (no zeroed sum, no temporary), else acc += A @ B."""
-    if first:
-        np.matmul(A, B, out=acc)
-    else:
-        acc += A @ B
-
-
 def _side_by_side(d):
     """A block's (nb, Kg, P) slice of dout as (Kg, nb*P), samples side by side as in the columns.
 
@@ -272,9 +264,9 @@ def conv2d_weight_grad(x, dout, weight_shape, stride=1, padding=0, dilation=1, g
                 d = dout3[n0:n1, g * Kg:(g + 1) * Kg, ho0 * Wo:ho1 * Wo]  # (nb, Kg, P)
                 d_wide = _side_by_side(d)  # (Kg, nb*P): the samples' sum is the GEMM's own
                 if direct:  # (Kg, nb*P) @ (nb*P, R)
-                    _sum_product(acc[g], d_wide, cols.T, b == 0)
+                    gemm.matmul(d_wide, cols.T, acc[g], accumulate=b > 0)
                 else:  # (R, nb*P) @ (nb*P, Kg)
-                    _sum_product(acc[g], cols, d_wide.T, b == 0)
+                    gemm.matmul(cols, d_wide.T, acc[g], accumulate=b > 0)
         return acc
 
     partials = _run(N, part, N * K * R * Ho * Wo)

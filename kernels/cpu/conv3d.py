@@ -35,7 +35,7 @@ import numpy as np  # host-only module: these kernels only ever see NumPy arrays
 
 from . import conv, gemm, winograd
 from ._common import _check_out, _working_dtype
-from .conv import _side_by_side, _sum_product, _transposed
+from .conv import _side_by_side, _transposed
 from .im2col3d import _col2im3d_block, _geometry3d, _im2col3d_block
 from .runtime import L2_BYTES, _launch, _run, workspace
 
@@ -412,9 +412,9 @@ def conv3d_weight_grad(x, dout, weight_shape, stride=1, padding=0, dilation=1, g
                                 cols)
                 d_wide = _side_by_side(dout3[n0:n1, g * Kg:(g + 1) * Kg, t0 * Wo:t1 * Wo])  # (Kg, nb*P)
                 if direct:  # (Kg, nb*P) @ (nb*P, R)
-                    _sum_product(acc[g], d_wide, cols.T, b == 0)
+                    gemm.matmul(d_wide, cols.T, acc[g], accumulate=b > 0)
                 else:  # (R, nb*P) @ (nb*P, Kg)
-                    _sum_product(acc[g], cols, d_wide.T, b == 0)
+                    gemm.matmul(cols, d_wide.T, acc[g], accumulate=b > 0)
         return acc
 
     if dout3.size:
