@@ -27,15 +27,19 @@ import numpy as np  # host-only module: these kernels only ever see NumPy arrays
 from . import gemm, taps, winograd
 from ._common import _check_out, _pair, _working_dtype, conv_output_size
 from .im2col import _col2im_block, _im2col_block
+from .balance import FMA_UNITS
 from .runtime import L2_BYTES, _run, workspace
 
 __all__ = ["conv2d_forward", "conv2d_input_grad", "conv2d_weight_grad"]
 
-# The columns of one block: twice a core's L2, as detected at run time (the
-# GEMM streams the columns through its own L2-sized panels). Blocks of 4x the
-# L2 spill into the shared L3 and are read back by the GEMM at memory speed;
-# blocks under the L2 pay for more, smaller GEMMs (measurements: benchmarks/NOTES.md).
-_BLOCK_BYTES = 2 * L2_BYTES
+# The columns of one block, in units of a core's L2 as detected at run time: twice
+# the L2 where one vector FMA unit per core multiplies (blocks of 4x the L2 spill
+# into the shared L3 and are read back at memory speed, blocks under the L2 pay
+# for more, smaller GEMMs); one L2 where two units do (balance.FMA_UNITS): the
+# GEMM, twice as fast, then waits for columns read back from the L3 (8 samples
+# of 32 -> 32 channels on 32x32, forward: 1.07 ms against 1.21 ms; measurements:
+# benchmarks/NOTES.md).
+_BLOCK_BYTES = 2 * L2_BYTES if FMA_UNITS == 1 else L2_BYTES
 
 # A block of several whole samples is multiplied either as one GEMM per sample,
 # (K, R) @ (R, P) written straight into y, or as one wide GEMM over all of
@@ -48,6 +52,8 @@ _MERGE_BELOW = 256
 # Output channels per group from which the weight gradient is computed as
 # dout @ cols^T rather than as its transpose (see conv2d_weight_grad).
 _DW_DIRECT_MIN_K = 256
+# Output channels per group below which dout is copied pixel-major for the own GEMM (_pixels_by_channels).
+_DW_ROWS_BELOW_K = 64
 
 
 def _blocks(n_lo, n_hi, Ho, Wo, rows, itemsize):
@@ -196,6 +202,24 @@ def _side_by_side(d):
     return wide
 
 
+def _pixels_by_channels(d):
+    """A block's (nb, Kg, P) slice of dout as (nb*P, Kg): the samples' pixels down, the channels across.
+
+    Where the own GEMM runs (``gemm.enabled()``) it is copied into workspace
+    slot 1, so that it is a right-hand side whose rows are contiguous: the
+    product cols @ dout^T then runs in the own GEMM instead of the BLAS's
+    transposed one, for Kg below ``_DW_ROWS_BELOW_K`` (32 channels: 0.57 ms
+    against 0.68 for 288 x 4096 @ 4096 x 32, the copy included; from 64 on
+    the two are even; measurements: benchmarks/NOTES.md). Elsewhere it is a view.
+    """
+    nb, Kg, P = d.shape
+    if Kg >= _DW_ROWS_BELOW_K or not gemm.enabled() or d.dtype != np.float32:
+        return _side_by_side(d).T
+    rows = workspace(nb * P * Kg, d.dtype, 1).reshape(nb, P, Kg)
+    rows[...] = d.transpose(0, 2, 1)
+    return rows.reshape(nb * P, Kg)
+
+
 def _transposed(a):
     """A C-contiguous copy of ``a`` with its last two axes swapped: (..., M, L) -> (..., L, M).
 
@@ -262,11 +286,10 @@ def conv2d_weight_grad(x, dout, weight_shape, stride=1, padding=0, dilation=1, g
             for g in range(groups):
                 _im2col_block(x, g * Cg, Cg, n0, n1, ho0, ho1, kh, kw, sh, sw, ph, pw, dh, dw, Wo, cols)
                 d = dout3[n0:n1, g * Kg:(g + 1) * Kg, ho0 * Wo:ho1 * Wo]  # (nb, Kg, P)
-                d_wide = _side_by_side(d)  # (Kg, nb*P): the samples' sum is the GEMM's own
                 if direct:  # (Kg, nb*P) @ (nb*P, R)
-                    gemm.matmul(d_wide, cols.T, acc[g], accumulate=b > 0)
+                    gemm.matmul(_side_by_side(d), cols.T, acc[g], accumulate=b > 0)
                 else:  # (R, nb*P) @ (nb*P, Kg)
-                    gemm.matmul(cols, d_wide.T, acc[g], accumulate=b > 0)
+                    gemm.matmul(cols, _pixels_by_channels(d), acc[g], accumulate=b > 0)
         return acc
 
     partials = _run(N, part, N * K * R * Ho * Wo)

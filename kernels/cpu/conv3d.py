@@ -73,7 +73,7 @@ def _geometry(x_shape, w_shape, stride, padding, dilation):
 # of the oldest plane overwritten by the next; the ring *is* the (kd*C*kh*kw, P)
 # column block, its tap order rotated, and the weights are rotated to match
 # instead of the planes being moved. im2col's work drops kd-fold.
-_WINDOW_BYTES = 2 * L2_BYTES  # the ring (= one GEMM's columns) of a band: as conv._BLOCK_BYTES
+_WINDOW_BYTES = 2 * L2_BYTES  # the ring (= one GEMM's columns) of a band: twice the L2
 
 
 def _window_applies(groups, kd, sd, dd):

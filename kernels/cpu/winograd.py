@@ -40,14 +40,18 @@ from numba import njit, prange, uint64
 
 from . import gemm
 from ._common import _valid_range
+from .balance import FMA_UNITS
 from .runtime import L2_BYTES, _launch, _parallel_njit, _run, workspace
 
 _WINOGRAD_MIN_CHANNELS = 32  # below this the 16 GEMMs are too thin to win
 _WINOGRAD_MIN_TILES = 64  # tiles of one residue class of one sample
 # The transforms cost about the same per tile whatever the channels, the GEMMs
-# save in proportion to them: min(C, K) x tiles must reach this too
-# (measurements of all three thresholds: benchmarks/NOTES.md).
-_WINOGRAD_MIN_CHANNEL_TILES = 8192
+# save in proportion to them: min(C, K) x tiles must reach this too, twice as much
+# where the core has two vector FMA units (balance.FMA_UNITS) and the GEMMs run
+# twice as fast: 8 samples of 32 -> 32 on 32x32 (8192), forward, 1.07 ms by
+# im2col + GEMM against 1.30 by Winograd there, 64 -> 64 on 32x32 (16384) 3.00
+# against 2.81 (measurements of all three thresholds: benchmarks/NOTES.md).
+_WINOGRAD_MIN_CHANNEL_TILES = 8192 * FMA_UNITS
 # transformed inputs of one block: 3/4 of a core's L2 (detected at run time), the rest for the
 # GEMMs' panels and the block's outputs
 _WINOGRAD_BLOCK_BYTES = 3 * L2_BYTES // 4
@@ -290,8 +294,11 @@ _WINOGRAD_GRAD_BLOCK_BYTES = L2_BYTES  # transformed inputs of one weight-gradie
 # forward does (two threads, ms, Winograd against im2col + GEMM: 8x32 on 128x128
 # 16.9 / 21.9, 8x64 on 128x128 60.8 / 80.8, 8x64 on 64x64 14.7 / 16.7); a dilated
 # convolution's only from 128 (8x64 on 128x128 at dilation 2: 80.1 / 69.6), the
-# former threshold of both (measurements: benchmarks/NOTES.md).
-_WINOGRAD_GRAD_MIN_CHANNELS = 32
+# former threshold of both (measurements: benchmarks/NOTES.md). Where the core has
+# two vector FMA units (balance.FMA_UNITS) only from 128 channels too: im2col +
+# the own GEMM there (8x32 on 128x128 15.4 ms against 17.5-22.4, 8x64 on 64x64
+# 11.5-12.0 against 12.2-14.6; 8x128 on 32x32 about even).
+_WINOGRAD_GRAD_MIN_CHANNELS = 32 if FMA_UNITS == 1 else 128
 _WINOGRAD_GRAD_MIN_CHANNELS_DILATED = 128
 # and min(C, K) x tiles twice the forward's: at 32 channels on a 32x32 map (8192) im2col + GEMM
 # is 10-25% faster with two threads (8x32 -> 32: 1.51-1.64 against 1.70-1.96 ms; 8x64 -> 32:
