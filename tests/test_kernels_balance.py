@@ -22,7 +22,8 @@ CHOICES = r"""
 import json
 from kernels.cpu import balance, conv, runtime, winograd
 print(json.dumps({"units": balance.FMA_UNITS, "block": conv._BLOCK_BYTES, "l2": runtime.L2_BYTES,
-                  "tiles": winograd._WINOGRAD_MIN_CHANNEL_TILES, "grad": winograd._WINOGRAD_GRAD_MIN_CHANNELS}))
+                  "tiles": winograd._WINOGRAD_MIN_CHANNEL_TILES, "grad": winograd._WINOGRAD_GRAD_MIN_CHANNELS,
+                  "grad_tiles": winograd._WINOGRAD_GRAD_MIN_CHANNEL_TILES}))
 """
 
 
@@ -61,4 +62,5 @@ def test_the_choices_follow_the_count_both_ways():
     assert (one["units"], two["units"]) == (1, 2)
     assert one["block"] == 2 * one["l2"] and two["block"] == two["l2"]
     assert (one["tiles"], two["tiles"]) == (8192, 16384)
-    assert (one["grad"], two["grad"]) == (32, 128)
+    assert (one["grad"], two["grad"]) == (32, 64)
+    assert (one["grad_tiles"], two["grad_tiles"]) == (16384, 131072)

@@ -295,16 +295,18 @@ _WINOGRAD_GRAD_BLOCK_BYTES = L2_BYTES  # transformed inputs of one weight-gradie
 # 16.9 / 21.9, 8x64 on 128x128 60.8 / 80.8, 8x64 on 64x64 14.7 / 16.7); a dilated
 # convolution's only from 128 (8x64 on 128x128 at dilation 2: 80.1 / 69.6), the
 # former threshold of both (measurements: benchmarks/NOTES.md). Where the core has
-# two vector FMA units (balance.FMA_UNITS) only from 128 channels too: im2col +
-# the own GEMM there (8x32 on 128x128 15.4 ms against 17.5-22.4, 8x64 on 64x64
-# 11.5-12.0 against 12.2-14.6; 8x128 on 32x32 about even).
-_WINOGRAD_GRAD_MIN_CHANNELS = 32 if FMA_UNITS == 1 else 128
+# two vector FMA units (balance.FMA_UNITS) only from 64 channels, and see below.
+_WINOGRAD_GRAD_MIN_CHANNELS = 32 if FMA_UNITS == 1 else 64
 _WINOGRAD_GRAD_MIN_CHANNELS_DILATED = 128
 # and min(C, K) x tiles twice the forward's: at 32 channels on a 32x32 map (8192) im2col + GEMM
 # is 10-25% faster with two threads (8x32 -> 32: 1.51-1.64 against 1.70-1.96 ms; 8x64 -> 32:
 # 2.80-2.96 / 3.43-3.62; 8x32 -> 64: 2.44-2.56 / 3.01-3.36), at 64 channels on it (16384) Winograd
-# is (8x64 -> 128: 5.83-6.71 / 7.48-7.57) (measurements: benchmarks/NOTES.md)
-_WINOGRAD_GRAD_MIN_CHANNEL_TILES = 16384
+# is (8x64 -> 128: 5.83-6.71 / 7.48-7.57) (measurements: benchmarks/NOTES.md). With two vector
+# FMA units per core, from 131072 (eight times): im2col + the own GEMM is faster or even below
+# (8x32 -> 32 on 128x128, 131072: 15.4 against 17.5-22.4 ms; 8x64 -> 64 on 64x64, 65536: 11.5-12.2
+# / 12.2-16.1; 8x128 -> 64 on 64x64 and 8x128 -> 128 on 32x32 even), Winograd above (8x64 -> 64
+# on 128x128, 262144: 43.8 / 48.5).
+_WINOGRAD_GRAD_MIN_CHANNEL_TILES = 16384 if FMA_UNITS == 1 else 131072
 
 
 @njit(cache=True, nogil=True)
