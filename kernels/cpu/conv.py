@@ -26,8 +26,8 @@ import numpy as np  # host-only module: these kernels only ever see NumPy arrays
 
 from . import gemm, taps, winograd
 from ._common import _check_out, _pair, _working_dtype, conv_output_size
-from .im2col import _col2im_block, _im2col_block
 from .balance import FMA_UNITS
+from .im2col import _col2im_block, _im2col_block
 from .runtime import L2_BYTES, _run, workspace
 
 __all__ = ["conv2d_forward", "conv2d_input_grad", "conv2d_weight_grad"]
@@ -52,8 +52,10 @@ _MERGE_BELOW = 256
 # Output channels per group from which the weight gradient is computed as
 # dout @ cols^T rather than as its transpose (see conv2d_weight_grad).
 _DW_DIRECT_MIN_K = 256
-# Output channels per group below which dout is copied pixel-major for the own GEMM (_pixels_by_channels).
-_DW_ROWS_BELOW_K = 64
+# Output channels per group below which dout is copied pixel-major for the own GEMM
+# (_pixels_by_channels); measured where the core has two vector FMA units only, so
+# elsewhere never (0), the product as it was measured there.
+_DW_ROWS_BELOW_K = 64 if FMA_UNITS == 2 else 0
 
 
 def _blocks(n_lo, n_hi, Ho, Wo, rows, itemsize):
