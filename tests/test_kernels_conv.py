@@ -208,6 +208,9 @@ def winograd_cases(draw):
     H, W = draw(st.integers(1, 13)), draw(st.integers(1, 13))
     dilation = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
     padding = (draw(st.integers(0, 2 * dilation[0])), draw(st.integers(0, 2 * dilation[1])))
+    if draw(st.booleans()):  # "same" padding on sides that are multiples of the dilation: classes copied apart
+        padding = dilation
+        H, W = dilation[0] * draw(st.integers(1, 5)), dilation[1] * draw(st.integers(1, 5))
     # every residue class of the output (forward) and of the input (input gradient) has pixels
     Ho, Wo = H + 2 * padding[0] - 2 * dilation[0], W + 2 * padding[1] - 2 * dilation[1]
     assume(min(Ho, H) >= dilation[0] and min(Wo, W) >= dilation[1])
@@ -216,11 +219,11 @@ def winograd_cases(draw):
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(winograd_cases(), st.sampled_from(DTYPES), st.booleans(), st.booleans())
-def test_cpu_winograd_conv_matches_torch(winograd_everywhere, case, dtype, with_bias, parallel):
+@given(winograd_cases(), st.sampled_from(DTYPES), st.booleans(), st.booleans(), st.booleans())
+def test_cpu_winograd_conv_matches_torch(winograd_everywhere, case, dtype, with_bias, parallel, split):
     """Forward, input gradient and weight gradient through Winograd's tiles: every residue class
-    of a dilated kernel, tiles cut by the image edge, padding up to the kernel's span, blocks of
-    one tile row."""
+    of a dilated kernel, read in place or copied apart, tiles cut by the image edge, padding up to
+    the kernel's span, blocks of one tile row."""
     x_shape, K, padding, dilation, block = case
     rng = np.random.default_rng(4)
     x = rng.standard_normal(x_shape).astype(dtype)
@@ -232,7 +235,8 @@ def test_cpu_winograd_conv_matches_torch(winograd_everywhere, case, dtype, with_
     y_t, dx_t, dw_t = torch_conv(x, w, b, dout, 1, padding, dilation, 1)
     plan = [(winograd, "_WINOGRAD_BLOCK_BYTES", block), (winograd, "_WINOGRAD_GRAD_BLOCK_BYTES", block),
             (runtime, "_PARALLEL_MIN_WORK", 0 if parallel else 1 << 62),  # the weight transforms
-            (gemm, "_MODE", "auto" if parallel else "blas")]  # the 16 GEMMs: ours or the BLAS
+            (gemm, "_MODE", "auto" if parallel else "blas"),  # the 16 GEMMs: ours or the BLAS
+            (winograd, "_SPLIT_CLASSES", split)]  # a dilated image's residue classes copied apart or read in place
     with patched(plan):
         winograd_everywhere.clear()
         y = kcpu.conv.conv2d_forward(x, w, b if with_bias else None, 1, padding, dilation, 1)
@@ -254,7 +258,8 @@ def test_cpu_winograd_writes_every_output(winograd_everywhere):
     rng = np.random.default_rng(6)
     # dilation 1, 2 (the loads and stores written with a constant stride) and 3 (a run-time one), odd sizes
     for (H, W), padding, dilation in [((9, 7), (1, 1), (1, 1)), ((10, 11), (2, 1), (2, 3)), ((5, 6), (0, 0), (1, 1)),
-                                      ((13, 11), (2, 2), (2, 2)), ((11, 12), (3, 1), (3, 2))]:
+                                      ((13, 11), (2, 2), (2, 2)), ((11, 12), (3, 1), (3, 2)),
+                                      ((12, 8), (2, 2), (2, 2)), ((9, 8), (3, 2), (3, 2))]:  # classes copied apart
         x = rng.standard_normal((2, 3, H, W)).astype(np.float32)
         w = rng.standard_normal((4, 3, 3, 3)).astype(np.float32)
         Ho = conv_output_size(H, 3, 1, padding[0], dilation[0])
@@ -265,6 +270,30 @@ def test_cpu_winograd_writes_every_output(winograd_everywhere):
         expected = kcpu.conv.conv2d_forward(x.astype(np.float64), w.astype(np.float64), None, 1, padding, dilation, 1)
         assert_close(out, expected, rtol=1e-4, atol=1e-4)
     assert winograd_everywhere
+
+
+def test_cpu_winograd_copies_classes_apart_only_where_they_line_up(winograd_everywhere, monkeypatch):
+    """A dilated image's residue classes are copied apart when the sides and the padding are multiples
+    of the dilation (every class the same size), and the result is the in-place one, bit for bit."""
+    applies = winograd._split_applies
+    assert applies((2, 3, 12, 8), (2, 4, 12, 8), 2, 2, 2, 2)
+    assert applies((2, 3, 12, 9), (2, 4, 12, 9), 2, 3, 2, 3)
+    assert not applies((2, 3, 13, 8), (2, 4, 13, 8), 2, 2, 2, 2)  # an odd side: classes of two sizes
+    assert not applies((2, 3, 12, 8), (2, 4, 10, 6), 1, 1, 2, 2)  # padding 1 at dilation 2
+    assert not applies((2, 3, 12, 8), (2, 4, 12, 8), 1, 1, 1, 1)  # not dilated
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((3, 5, 12, 16)).astype(np.float32)
+    w = rng.standard_normal((6, 5, 3, 3)).astype(np.float32)
+    dout = rng.standard_normal((3, 6, 12, 16)).astype(np.float32)
+    results = {}
+    for split in (False, True):
+        monkeypatch.setattr(winograd, "_SPLIT_CLASSES", split)
+        calls = count_calls(monkeypatch, winograd, ("_split_classes",))
+        results[split] = (kcpu.conv.conv2d_forward(x, w, None, 1, 2, 2, 1),
+                          kcpu.conv.conv2d_input_grad(dout, w, x.shape, 1, 2, 2, 1))
+        assert (len(calls) > 0) == split
+    for a, b in zip(results[False], results[True]):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_cpu_winograd_never_takes_what_it_cannot_compute(winograd_everywhere):
