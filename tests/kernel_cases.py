@@ -43,6 +43,8 @@ def conv_cases(draw):
         (conv, "_DW_DIRECT_MIN_K", draw(st.sampled_from([1, 1 << 30]))),
         # its transposed form with dout copied pixel-major for the own GEMM (1 << 30), or read in place (0)
         (conv, "_DW_ROWS_BELOW_K", draw(st.sampled_from([0, 1 << 30]))),
+        # the input gradient's products by the own GEMM (True) or by the BLAS
+        (conv, "_DX_OWN_GEMM", draw(st.booleans())),
         # the batch split between worker threads (0), or run inline
         (runtime, "_SPLIT_MIN_MACS", draw(st.sampled_from([0, 1 << 62]))),
         # float32 products by our own GEMM (where the CPU has it) or by NumPy's BLAS

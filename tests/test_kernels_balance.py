@@ -22,7 +22,7 @@ CHOICES = r"""
 import json
 from kernels.cpu import balance, conv, runtime, winograd
 print(json.dumps({"units": balance.FMA_UNITS, "block": conv._BLOCK_BYTES, "l2": runtime.L2_BYTES,
-                  "rows_below": conv._DW_ROWS_BELOW_K,
+                  "rows_below": conv._DW_ROWS_BELOW_K, "dx_own": conv._DX_OWN_GEMM,
                   "tiles": winograd._WINOGRAD_MIN_CHANNEL_TILES, "grad": winograd._WINOGRAD_GRAD_MIN_CHANNELS,
                   "grad_tiles": winograd._WINOGRAD_GRAD_MIN_CHANNEL_TILES}))
 """
@@ -66,3 +66,4 @@ def test_the_choices_follow_the_count_both_ways():
     assert (one["grad"], two["grad"]) == (32, 64)
     assert (one["grad_tiles"], two["grad_tiles"]) == (16384, 131072)
     assert (one["rows_below"], two["rows_below"]) == (0, 64)
+    assert (one["dx_own"], two["dx_own"]) == (True, False)

@@ -32,12 +32,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 needs_tiles = pytest.mark.skipif(not gemm.VECTOR_WIDTH, reason="no AVX-512 with FMA on this CPU: the BLAS runs")
 
 
-def _own(A, B, out, accumulate=False):
+def _own(A, B, out, accumulate=False, own=True):
     """gemm.matmul with the BLAS taken to be on one thread, and a count of our GEMM's calls."""
     gemm.enabled()  # its first call checks the tiles with a product of its own: not counted
     with mock.patch.object(gemm, "_one_thread", lambda: True), \
             mock.patch.object(gemm, "_gemm", wraps=gemm._gemm) as spy:
-        gemm.matmul(A, B, out, accumulate)
+        gemm.matmul(A, B, out, accumulate, own)
     return spy.call_count
 
 
@@ -128,6 +128,10 @@ def test_matmul_leaves_to_the_blas_what_does_not_suit(monkeypatch):
         out[...] = 1
         gemm.matmul(A, B, out, accumulate=True)
         assert np.array_equal(out, 1 + A @ B)
+    for accumulate, start in ((False, 0), (True, 1)):  # a product its caller sends to the BLAS
+        out = np.full((20, 40), start, np.float32)
+        assert _own(A, B, out, accumulate=accumulate, own=False) == 0
+        assert np.array_equal(out, start + A @ B)
     monkeypatch.setattr(gemm, "_MODE", "blas")
     out = np.empty((20, 40), np.float32)
     assert _own(A, B, out) == 0 and np.array_equal(out, A @ B)

@@ -52,6 +52,12 @@ _MERGE_BELOW = 256
 # Output channels per group from which the weight gradient is computed as
 # dout @ cols^T rather than as its transpose (see conv2d_weight_grad).
 _DW_DIRECT_MIN_K = 256
+# The input gradient's products by im2col, w^T @ dout, as (R, Kg) @ (Kg, P) with R = Cg*kh*kw
+# rows: on the own GEMM where one vector FMA unit per core multiplies; on the BLAS where two do,
+# whose packed panels keep the tall (R, P) result in cache better (8 samples, ms, own / BLAS:
+# 256 -> 256 on 16x16 at dilation 2 13.6 / 10.0, 128 -> 256 on 16x16 at dilation 2 6.1 / 5.1,
+# 128 -> 128 on 8x8 0.99 / 0.81, 256 -> 256 on 4x4 1.07 / 0.90; measurements: benchmarks/NOTES.md).
+_DX_OWN_GEMM = FMA_UNITS == 1
 # Output channels per group below which dout is copied pixel-major for the own GEMM
 # (_pixels_by_channels); measured where the core has two vector FMA units only, so
 # elsewhere never (0), the product as it was measured there.
@@ -182,9 +188,10 @@ def conv2d_input_grad(dout, weight, x_shape, stride=1, padding=0, dilation=1, gr
             for g in range(groups):
                 d = dout3[n0:n1, g * Kg:(g + 1) * Kg, ho0 * Wo:ho1 * Wo]  # (nb, Kg, P)
                 if nb > 1 and P < _MERGE_BELOW:  # thin: one wide GEMM, (R, Kg) @ (Kg, nb*P)
-                    gemm.matmul(wT[g * Kg:(g + 1) * Kg].T, _side_by_side(d), dcols)
+                    gemm.matmul(wT[g * Kg:(g + 1) * Kg].T, _side_by_side(d), dcols, own=_DX_OWN_GEMM)
                 else:  # (R, Kg) @ (nb, Kg, P) -> (nb, R, P), written as the (R, nb, P) columns
-                    gemm.matmul(wT[g * Kg:(g + 1) * Kg].T, d, dcols.reshape(R, nb, P).transpose(1, 0, 2))
+                    gemm.matmul(wT[g * Kg:(g + 1) * Kg].T, d, dcols.reshape(R, nb, P).transpose(1, 0, 2),
+                                own=_DX_OWN_GEMM)
                 _col2im_block(dcols, g * Cg, Cg, n0, n1, ho0, ho1, kh, kw, sh, sw, ph, pw, dh, dw, Wo, dx, True, True)
 
     _run(N, part, N * K * R * Ho * Wo)

@@ -316,16 +316,17 @@ def _one_thread():
     return blas is not None and blas.get() == 1
 
 
-def matmul(A, B, out, accumulate=False):
+def matmul(A, B, out, accumulate=False, own=True):
     """out = A @ B (or out += A @ B), 2-D, or 3-D batched with A 2-D or 3-D; returns out.
 
     Runs here when the GEMM is ``enabled()``, the arrays suit it (float32,
     B's and out's rows contiguous, no empty side) and NumPy's BLAS is on one
     thread (where it may use several, on a product too large to run inline
-    that cannot be split, it keeps them); else by ``np.matmul``. ``out`` must
-    not overlap A or B.
+    that cannot be split, it keeps them); else, or with ``own=False`` (a
+    product the caller measured faster in the BLAS), by ``np.matmul``.
+    ``out`` must not overlap A or B.
     """
-    if enabled() and _fits(A, B, out) and _one_thread():
+    if own and enabled() and _fits(A, B, out) and _one_thread():
         B3 = B if B.ndim == 3 else B[None]
         C3 = out if out.ndim == 3 else out[None]
         A3 = A if A.ndim == 3 else np.broadcast_to(A, (C3.shape[0],) + A.shape)
