@@ -288,7 +288,7 @@ def test_cpu_winograd_copies_classes_apart_only_where_they_line_up(winograd_ever
     results = {}
     for split in (False, True):
         monkeypatch.setattr(winograd, "_SPLIT_CLASSES", split)
-        calls = count_calls(monkeypatch, winograd, ("_split_classes",))
+        calls = count_calls(monkeypatch, winograd, ("_move_classes",))
         results[split] = (kcpu.conv.conv2d_forward(x, w, None, 1, 2, 2, 1),
                           kcpu.conv.conv2d_input_grad(dout, w, x.shape, 1, 2, 2, 1))
         assert (len(calls) > 0) == split

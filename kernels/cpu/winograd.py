@@ -276,9 +276,9 @@ def _winograd_conv(x, w, bias, ph, pw, dh, dw, y):
             xs = workspace(C * H * W, dtype, 2).reshape(classes, C, H // dh, W // dw)
             ys = workspace(K * Ho * Wo, dtype, 3).reshape(classes, K, Ho // dh, Wo // dw)
             for n in range(n_lo, n_hi):
-                _split_classes(x, n, dh, dw, xs)
+                _move_classes(x, n, dh, dw, xs, True)
                 _tiles(xs, U, b, ph // dh, pw // dw, 1, 1, ys, 0, classes)
-                _join_classes(ys, n, dh, dw, y)
+                _move_classes(y, n, dh, dw, ys, False)
     else:
         def part(n_lo, n_hi):
             _tiles(x, U, b, ph, pw, dh, dw, y, n_lo, n_hi)
@@ -305,8 +305,8 @@ def _tiles(x, U, b, ph, pw, dh, dw, y, n_lo, n_hi):
 # the undilated time (8x64 -> 64 on 128x128 at dilation 2, forward: 42 ms against
 # 31-33 undilated). Where every class has the same size and the padding is a
 # multiple of the dilation ("same" padding, as in DeepLab), each sample's classes
-# are first copied apart into contiguous planes (_split_classes), tiled as an
-# undilated batch, and the outputs copied back (_join_classes): two passes over
+# are first copied apart into contiguous planes (_move_classes), tiled as an
+# undilated batch, and the outputs copied back: two passes over
 # memory that cost less than the strides (measurements: benchmarks/NOTES.md).
 _SPLIT_CLASSES = True
 
@@ -319,37 +319,24 @@ def _split_applies(x_shape, y_shape, ph, pw, dh, dw):
 
 
 @njit(cache=True, nogil=True)
-def _split_classes(x, n, dh, dw, xs):
-    # xs[a*dw + b, c, i, j] = x[n, c, a + dh*i, b + dw*j]: sample n's residue classes, each contiguous
-    C, Hc, Wc = xs.shape[1], xs.shape[2], xs.shape[3]
+def _move_classes(image, n, dh, dw, planes, apart):
+    # apart: planes[a*dw + b, c, i, j] = image[n, c, a + dh*i, b + dw*j], sample n's residue classes
+    # each made contiguous; else the other way round, the classes put back in their places
+    C, Hc, Wc = planes.shape[1], planes.shape[2], planes.shape[3]
     un = uint64(n)
     for c in range(C):
         uc = uint64(c)
         for a in range(dh):
             for i in range(Hc):
-                uh = uint64(a + dh * i)
-                for b in range(dw):
-                    k = uint64(a * dw + b)
-                    for j in range(Wc):
-                        xs[k, uc, uint64(i), uint64(j)] = x[un, uc, uh, uint64(b + dw * j)]
-    return xs
-
-
-@njit(cache=True, nogil=True)
-def _join_classes(ys, n, dh, dw, y):
-    # y[n, k, a + dh*i, b + dw*j] = ys[a*dw + b, k, i, j]: the classes' outputs back in their places
-    K, Hc, Wc = ys.shape[1], ys.shape[2], ys.shape[3]
-    un = uint64(n)
-    for k in range(K):
-        uk = uint64(k)
-        for a in range(dh):
-            for i in range(Hc):
-                uh = uint64(a + dh * i)
+                uh, ui = uint64(a + dh * i), uint64(i)
                 for b in range(dw):
                     cls = uint64(a * dw + b)
-                    for j in range(Wc):
-                        y[un, uk, uh, uint64(b + dw * j)] = ys[cls, uk, uint64(i), uint64(j)]
-    return y
+                    if apart:
+                        for j in range(Wc):
+                            planes[cls, uc, ui, uint64(j)] = image[un, uc, uh, uint64(b + dw * j)]
+                    else:
+                        for j in range(Wc):
+                            image[un, uc, uh, uint64(b + dw * j)] = planes[cls, uc, ui, uint64(j)]
 
 
 # The weight gradient by the same tiles (the transpose of the forward's algorithm):
