@@ -24,7 +24,7 @@ from kernels.cpu import balance, conv, runtime, winograd
 print(json.dumps({"units": balance.FMA_UNITS, "block": conv._BLOCK_BYTES, "l2": runtime.L2_BYTES,
                   "rows_below": conv._DW_ROWS_BELOW_K, "dx_own": conv._DX_OWN_GEMM,
                   "tiles": winograd._WINOGRAD_MIN_CHANNEL_TILES, "grad": winograd._WINOGRAD_GRAD_MIN_CHANNELS,
-                  "grad_tiles": winograd._WINOGRAD_GRAD_MIN_CHANNEL_TILES}))
+                  "grad_tiles": winograd._WINOGRAD_GRAD_MIN_CHANNEL_TILES, "tile": winograd._TILE}))
 """
 
 
@@ -62,8 +62,8 @@ def test_the_choices_follow_the_count_both_ways():
     one, two = _choices("1"), _choices("2")
     assert (one["units"], two["units"]) == (1, 2)
     assert one["block"] == 2 * one["l2"] and two["block"] == two["l2"]
-    assert (one["tiles"], two["tiles"]) == (8192, 16384)
-    assert (one["grad"], two["grad"]) == (32, 64)
-    assert (one["grad_tiles"], two["grad_tiles"]) == (16384, 131072)
+    # Winograd's F(4x4, 3x3) tiles pay from the same sizes with one unit or two
+    assert one["tiles"] == two["tiles"] and one["grad"] == two["grad"] and one["grad_tiles"] == two["grad_tiles"]
+    assert one["tile"] == two["tile"] == 4
     assert (one["rows_below"], two["rows_below"]) == (0, 64)
     assert (one["dx_own"], two["dx_own"]) == (True, False)

@@ -188,8 +188,7 @@ def test_cpu_small_convolutions_run_inline(monkeypatch):
 
 # --------------------------------------------------------- Winograd F(2x2, 3x3)
 _WINOGRAD_THRESHOLDS = ("_WINOGRAD_MIN_CHANNELS", "_WINOGRAD_GRAD_MIN_CHANNELS", "_WINOGRAD_MIN_TILES",
-                        "_WINOGRAD_MIN_CHANNEL_TILES", "_WINOGRAD_GRAD_MIN_CHANNELS_DILATED",
-                        "_WINOGRAD_GRAD_MIN_CHANNEL_TILES")
+                        "_WINOGRAD_MIN_CHANNEL_TILES", "_WINOGRAD_GRAD_MIN_CHANNEL_TILES")
 
 
 @pytest.fixture
@@ -218,12 +217,14 @@ def winograd_cases(draw):
     return (N, C, H, W), K, padding, dilation, block
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(winograd_cases(), st.sampled_from(DTYPES), st.booleans(), st.booleans(), st.booleans())
-def test_cpu_winograd_conv_matches_torch(winograd_everywhere, case, dtype, with_bias, parallel, split):
-    """Forward, input gradient and weight gradient through Winograd's tiles: every residue class
-    of a dilated kernel, read in place or copied apart, tiles cut by the image edge, padding up to
-    the kernel's span, blocks of one tile row."""
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(winograd_cases(), st.sampled_from(DTYPES), st.booleans(), st.booleans(), st.booleans(),
+       st.sampled_from([2, 4]), st.sampled_from([2, 4]))
+def test_cpu_winograd_conv_matches_torch(winograd_everywhere, case, dtype, with_bias, parallel, split, tile,
+                                         tile_grad):
+    """Forward, input gradient and weight gradient through Winograd's tiles, F(2x2, 3x3) and
+    F(4x4, 3x3): every residue class of a dilated kernel, read in place or copied apart, tiles cut
+    by the image edge, padding up to the kernel's span, blocks of one tile row."""
     x_shape, K, padding, dilation, block = case
     rng = np.random.default_rng(4)
     x = rng.standard_normal(x_shape).astype(dtype)
@@ -236,7 +237,8 @@ def test_cpu_winograd_conv_matches_torch(winograd_everywhere, case, dtype, with_
     plan = [(winograd, "_WINOGRAD_BLOCK_BYTES", block), (winograd, "_WINOGRAD_GRAD_BLOCK_BYTES", block),
             (runtime, "_PARALLEL_MIN_WORK", 0 if parallel else 1 << 62),  # the weight transforms
             (gemm, "_MODE", "auto" if parallel else "blas"),  # the 16 GEMMs: ours or the BLAS
-            (winograd, "_SPLIT_CLASSES", split)]  # a dilated image's residue classes copied apart or read in place
+            (winograd, "_SPLIT_CLASSES", split),  # a dilated image's residue classes copied apart or read in place
+            (winograd, "_TILE", tile), (winograd, "_TILE_GRAD", tile_grad)]  # 2x2 or 4x4 output tiles
     with patched(plan):
         winograd_everywhere.clear()
         y = kcpu.conv.conv2d_forward(x, w, b if with_bias else None, 1, padding, dilation, 1)
@@ -296,6 +298,63 @@ def test_cpu_winograd_copies_classes_apart_only_where_they_line_up(winograd_ever
         np.testing.assert_array_equal(a, b)
 
 
+def test_cpu_winograd_4x4_tiles_where_the_classes_hold_them(winograd_everywhere, monkeypatch):
+    """_TILE = 4 runs F(4x4, 3x3)'s transforms (winograd4.py) unless a residue class is 2 pixels or
+    less across; _TILE = 2 never does; both give the float64 result."""
+    from kernels.cpu import winograd4
+
+    side = winograd._tile_side
+    assert side(4, 12, 12, 1, 1) == 4 and side(4, 3, 3, 1, 1) == 4
+    assert side(4, 12, 2, 1, 1) == 2 and side(4, 12, 5, 1, 2) == 2  # a class 2 pixels wide
+    assert side(2, 64, 64, 1, 1) == 2
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal((2, 5, 12, 13)).astype(np.float32)
+    w = rng.standard_normal((6, 5, 3, 3)).astype(np.float32)
+    dout = rng.standard_normal((2, 6, 12, 13)).astype(np.float32)
+    x64, w64, d64 = x.astype(np.float64), w.astype(np.float64), dout.astype(np.float64)
+    expected = (kcpu.conv.conv2d_forward(x64, w64, None, 1, 1, 1, 1),
+                kcpu.conv.conv2d_input_grad(d64, w64, x.shape, 1, 1, 1, 1),
+                kcpu.conv.conv2d_weight_grad(x64, d64, w.shape, 1, 1, 1, 1))
+    for tile in (2, 4):
+        monkeypatch.setattr(winograd, "_TILE", tile)
+        monkeypatch.setattr(winograd, "_TILE_GRAD", tile)
+        calls = count_calls(monkeypatch, winograd4, ("_input4", "_output4", "_output_grad4"))
+        got = (kcpu.conv.conv2d_forward(x, w, None, 1, 1, 1, 1),
+               kcpu.conv.conv2d_input_grad(dout, w, x.shape, 1, 1, 1, 1),
+               kcpu.conv.conv2d_weight_grad(x, dout, w.shape, 1, 1, 1, 1))
+        assert (set(calls) == {"_input4", "_output4", "_output_grad4"}) if tile == 4 else calls == []
+        for a, e in zip(got, expected):
+            assert a.dtype == np.float32
+            assert_close(a, e, rtol=1e-4, atol=1e-4, msg=f"tile {tile}")
+
+
+def test_cpu_winograd_4x4_rounding_stays_small_with_many_channels(monkeypatch):
+    """F(4x4, 3x3) in float32 at the default thresholds (64 channels on 32x32): every output within a
+    few parts in a million of the largest, as the module's docstring says, and F(2x2, 3x3) within
+    less; He-scaled weights, as in training."""
+    rng = np.random.default_rng(10)
+    C = K = 64
+    x = rng.standard_normal((2, C, 32, 32)).astype(np.float32)
+    w = (rng.standard_normal((K, C, 3, 3)) * np.sqrt(2 / (9 * C))).astype(np.float32)
+    dout = rng.standard_normal((2, K, 32, 32)).astype(np.float32)
+    assert winograd._winograd_applies(C, K, 3, 3, 1, 1, 1, 1, 1, 32, 32)
+    x64, w64, d64 = x.astype(np.float64), w.astype(np.float64), dout.astype(np.float64)
+    expected = (kcpu.conv.conv2d_forward(x64, w64, None, 1, 1, 1, 1),
+                kcpu.conv.conv2d_input_grad(d64, w64, x.shape, 1, 1, 1, 1),
+                kcpu.conv.conv2d_weight_grad(x64, d64, w.shape, 1, 1, 1, 1))
+    for tile, bound in ((4, 2e-5), (2, 3e-6)):
+        monkeypatch.setattr(winograd, "_TILE", tile)
+        monkeypatch.setattr(winograd, "_TILE_GRAD", tile)
+        calls = count_calls(monkeypatch, winograd, ("_winograd_conv", "_winograd_weight_grad"))
+        got = (kcpu.conv.conv2d_forward(x, w, None, 1, 1, 1, 1),
+               kcpu.conv.conv2d_input_grad(dout, w, x.shape, 1, 1, 1, 1),
+               kcpu.conv.conv2d_weight_grad(x, dout, w.shape, 1, 1, 1, 1))
+        assert calls == ["_winograd_conv", "_winograd_conv", "_winograd_weight_grad"]
+        for name, a, e in zip(("forward", "input grad", "weight grad"), got, expected):
+            error = np.abs(a - e).max() / np.abs(e).max()
+            assert error < bound, (tile, name, error)
+
+
 def test_cpu_winograd_never_takes_what_it_cannot_compute(winograd_everywhere):
     """With every threshold at its lowest, only 3x3, unit-stride, ungrouped convolutions take Winograd."""
     takes = winograd._winograd_applies
@@ -317,16 +376,14 @@ def test_cpu_winograd_thresholds_choose_the_path_both_ways(winograd_everywhere, 
     w = rng.standard_normal((6, 4, 3, 3))  # K = 6
     b = np.zeros(6)
     dout = rng.standard_normal((2, 6, 8, 8))
-    d = 2 if threshold == "_WINOGRAD_GRAD_MIN_CHANNELS_DILATED" else 1  # padding d: 8x8 out
+    d = 1
     y_t, dx_t, dw_t = torch_conv(x, w, b, dout, 1, d, d, 1)
     # min(C, K) = 4 channels; 4x4 = 16 tiles of 2x2 outputs; 4 x 16 channel-tiles
     value = {"_WINOGRAD_MIN_CHANNELS": 4, "_WINOGRAD_GRAD_MIN_CHANNELS": 4, "_WINOGRAD_MIN_TILES": 16,
-             "_WINOGRAD_MIN_CHANNEL_TILES": 64, "_WINOGRAD_GRAD_MIN_CHANNELS_DILATED": 4,
-             "_WINOGRAD_GRAD_MIN_CHANNEL_TILES": 64}[threshold]
+             "_WINOGRAD_MIN_CHANNEL_TILES": 64, "_WINOGRAD_GRAD_MIN_CHANNEL_TILES": 64}[threshold]
     all_three = ["_winograd_conv", "_winograd_conv", "_winograd_weight_grad"]
     above = {"_WINOGRAD_MIN_CHANNELS": ["_winograd_weight_grad"],  # forward and input gradient
              "_WINOGRAD_GRAD_MIN_CHANNELS": ["_winograd_conv", "_winograd_conv"],  # the weight gradient
-             "_WINOGRAD_GRAD_MIN_CHANNELS_DILATED": ["_winograd_conv", "_winograd_conv"],  # a dilated one's
              "_WINOGRAD_GRAD_MIN_CHANNEL_TILES": ["_winograd_conv", "_winograd_conv"],  # the weight gradient
              "_WINOGRAD_MIN_CHANNEL_TILES": ["_winograd_weight_grad"],  # forward and input gradient
              "_WINOGRAD_MIN_TILES": []}[threshold]  # all three
@@ -352,7 +409,6 @@ def taps_everywhere(monkeypatch):
     monkeypatch.setattr(taps, "_TAPS_MIN_CHANNELS", 1)
     monkeypatch.setattr(winograd, "_WINOGRAD_MIN_CHANNELS", 1 << 30)
     monkeypatch.setattr(winograd, "_WINOGRAD_GRAD_MIN_CHANNELS", 1 << 30)
-    monkeypatch.setattr(winograd, "_WINOGRAD_GRAD_MIN_CHANNELS_DILATED", 1 << 30)
     return count_calls(monkeypatch, taps, ("taps_forward", "taps_input_grad", "taps_weight_grad"))
 
 

@@ -12,8 +12,9 @@ where it does not apply, and the reference runs. One module per family:
 * ``im2col3d.py``      -- ``im2col3d``, ``col2im3d`` and their block kernels (rows of depth planes);
 * ``conv3d.py``        -- ``conv3d_forward``, ``conv3d_input_grad``, ``conv3d_weight_grad``,
   blocked like ``conv.py``, with a ring of unfolded (or Winograd-transformed) depth planes;
-* ``winograd.py``      -- Winograd's F(2x2, 3x3), which ``conv.py`` takes for 3x3
-  unit-stride convolutions with enough channels;
+* ``winograd.py``      -- Winograd's F(2x2, 3x3) and F(4x4, 3x3) (``winograd4.py``: the
+  transforms of its 6x6 tiles), which ``conv.py`` takes for 3x3 unit-stride convolutions
+  with enough channels;
 * ``gemm.py``          -- our own float32 GEMM (AVX-512 register tiles written as LLVM IR),
   which the convolutions' products run on where it applies, else NumPy's BLAS;
 * ``taps.py``          -- convolution tap by tap over the outputs each tap reaches inside

@@ -12,7 +12,7 @@ loops which inline it are compiled afresh.
 from __future__ import annotations
 
 import numpy as np  # host-only module: these kernels only ever see NumPy arrays
-from numba import njit
+from numba import njit, uint64
 
 #: The dtypes with compiled loops; others (float16) run in float32.
 _NATIVE = (np.dtype(np.float32), np.dtype(np.float64))
@@ -72,3 +72,25 @@ def _check_out(out, shape, dtype, what):
             f"got {out.dtype} {out.shape} (contiguous={out.flags.c_contiguous})"
         )
     return out
+
+
+@njit(cache=True, inline="always")
+def _load_row(rows, e, x, n, c, h, off, step, lo, hi):
+    # rows[e, m] = x[n, c, h, off + step*m] for m in [lo, hi), 0 elsewhere: one residue class of
+    # an image row, zero-padded ([lo, hi) from _valid_range). Indexed in place with unsigned
+    # indices: a view per row cost more than the row on a small map, and a signed index is
+    # checked for Python's negative wraparound on every load, which kept LLVM from vectorising
+    # the unit step. A branch with the constant step 2 (atrous rate 2), which used to pay, now
+    # measured slower than this loop (benchmarks/NOTES.md).
+    W = rows.shape[1]
+    for m in range(lo):
+        rows[e, m] = 0
+    un, uc, uh = uint64(n), uint64(c), uint64(h)
+    if step == 1:
+        for m in range(lo, hi):
+            rows[e, m] = x[un, uc, uh, uint64(m + off)]
+    else:
+        for m in range(lo, hi):
+            rows[e, m] = x[un, uc, uh, uint64(off + step * m)]
+    for m in range(hi, W):
+        rows[e, m] = 0

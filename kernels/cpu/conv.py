@@ -15,7 +15,7 @@ allocated or kept from forward to backward, and the workspace is reused
 across calls. The batch is split between worker threads (``runtime._run``),
 each with single-threaded GEMMs on its own samples. The forward and the input
 gradient of a 3x3 unit-stride convolution with enough channels (and the
-weight gradient of a wide one) go to Winograd's F(2x2, 3x3) instead
+weight gradient of a wide one) go to Winograd's F(4x4, 3x3) instead
 (``winograd.py``); unit-stride convolutions whose taps mostly read zero
 padding (large dilations, small maps) go tap by tap (``taps.py``).
 """
@@ -266,10 +266,8 @@ def conv2d_weight_grad(x, dout, weight_shape, stride=1, padding=0, dilation=1, g
     given = np.result_type(x.dtype, dout.dtype)
     dtype = _working_dtype(given)
     x = np.ascontiguousarray(x, dtype=dtype)
-    grad_min_channels = (winograd._WINOGRAD_GRAD_MIN_CHANNELS if dh == dw == 1  # the weight gradient's own
-                         else winograd._WINOGRAD_GRAD_MIN_CHANNELS_DILATED)  # thresholds
-    if winograd._winograd_applies(C, K, kh, kw, sh, sw, dh, dw, groups, Ho, Wo, grad_min_channels,
-                                  winograd._WINOGRAD_GRAD_MIN_CHANNEL_TILES):
+    if winograd._winograd_applies(C, K, kh, kw, sh, sw, dh, dw, groups, Ho, Wo,
+                                  winograd._WINOGRAD_GRAD_MIN_CHANNELS, winograd._WINOGRAD_GRAD_MIN_CHANNEL_TILES):
         dwt = winograd._winograd_weight_grad(x, np.ascontiguousarray(dout, dtype=dtype), ph, pw, dh, dw)
         return dwt if given == dtype else dwt.astype(given)
     if taps._taps_apply(C, K, H, W, Ho, Wo, kh, kw, sh, sw, ph, pw, dh, dw, groups):

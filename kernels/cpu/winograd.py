@@ -27,6 +27,15 @@ pixels of a matching residue class, and each class is tiled on its own. The
 rounding differs from the direct sum by a few units in the last place of the
 largest terms.
 
+The same algorithm on 4x4 tiles of outputs, F(4x4, 3x3), needs 36
+multiplications per tile instead of 144 (2.25 per output against 4 here)
+and its transforms move 44% less memory per output; ``winograd4.py`` holds
+its transforms, and this module tiles, blocks and multiplies both. It is the
+default (``_TILE``): on the measured shapes it took a quarter to a third off
+F(2x2, 3x3)'s time (benchmarks/NOTES.md), for about ten times its rounding
+error (still a few parts in a million of the largest output in float32).
+Where a residue class is too small for 4x4 tiles, 2x2 tiles serve.
+
 ``conv.py`` calls it (when ``_winograd_applies``) for the forward
 (``_winograd_conv``), for the input gradient (the same computation with the
 kernel flipped) and, for wide layers, for the weight gradient
@@ -38,20 +47,23 @@ from __future__ import annotations
 import numpy as np  # host-only module: these kernels only ever see NumPy arrays
 from numba import njit, prange, uint64
 
-from . import gemm
-from ._common import _valid_range
-from .balance import FMA_UNITS
+from . import gemm, winograd4
+from ._common import _load_row, _valid_range
 from .runtime import L2_BYTES, _launch, _parallel_njit, _run, workspace
 
-_WINOGRAD_MIN_CHANNELS = 32  # below this the 16 GEMMs are too thin to win
-_WINOGRAD_MIN_TILES = 64  # tiles of one residue class of one sample
-# The transforms cost about the same per tile whatever the channels, the GEMMs
-# save in proportion to them: min(C, K) x tiles must reach this too, twice as much
-# where the core has two vector FMA units (balance.FMA_UNITS) and the GEMMs run
-# twice as fast: 8 samples of 32 -> 32 on 32x32 (8192), forward, 1.07 ms by
-# im2col + GEMM against 1.30 by Winograd there, 64 -> 64 on 32x32 (16384) 3.00
-# against 2.81 (measurements of all three thresholds: benchmarks/NOTES.md).
-_WINOGRAD_MIN_CHANNEL_TILES = 8192 * FMA_UNITS
+# When the tiles pay, measured with F(4x4, 3x3) tiles (_TILE = 4; 8 samples, two threads, ms,
+# im2col + GEMM against Winograd, forward / weight gradient; benchmarks/NOTES.md). The transforms
+# cost about the same per tile whatever the channels, the GEMMs save in proportion to them, so
+# min(C, K) x tiles (tiles counted 2x2, as in _winograd_applies) decides: at 8192 Winograd wins the
+# forward and input gradient (32 -> 32 on 32x32: 1.63 / 1.36; 128 -> 128 on 16x16: 3.41 / 2.80;
+# 128 -> 128 on 32x32 at dilation 2: 14.05 / 10.94), at 4096 it ties or loses (64 -> 64 on 16x16:
+# 1.32 / 1.30; 64 -> 64 on 32x32 at dilation 2: 4.38 / 4.76). From 8 channels on (8 -> 8 on
+# 128x128: 3.49 / 2.46); a first layer's 3 or 4 channels lose (3 -> 32 on 128x128: 3.11 / 6.18).
+# The F(2x2, 3x3) tiles needed twice the channel-tiles where the core has two FMA units; F(4x4, 3x3)
+# saves more of the products and of the transforms' memory, and wins wherever F(2x2, 3x3) did.
+_WINOGRAD_MIN_CHANNELS = 8
+_WINOGRAD_MIN_TILES = 64  # tiles of one residue class of one sample (a 16x16 class)
+_WINOGRAD_MIN_CHANNEL_TILES = 8192
 # transformed inputs of one block: 3/4 of a core's L2 (detected at run time), the rest for the
 # GEMMs' panels and the block's outputs
 _WINOGRAD_BLOCK_BYTES = 3 * L2_BYTES // 4
@@ -97,28 +109,6 @@ def _g_row(U, i, k, c, t0, t1, t2):
     U[4 * i + 1, k, c] = (t0 + t1 + t2) * 0.5
     U[4 * i + 2, k, c] = (t0 - t1 + t2) * 0.5
     U[4 * i + 3, k, c] = t2
-
-
-@njit(cache=True, inline="always")
-def _load_row(rows, e, x, n, c, h, off, step, lo, hi):
-    # rows[e, m] = x[n, c, h, off + step*m] for m in [lo, hi), 0 elsewhere: one residue class of
-    # an image row, zero-padded ([lo, hi) from _valid_range). Indexed in place with unsigned
-    # indices: a view per row cost more than the row on a small map, and a signed index is
-    # checked for Python's negative wraparound on every load, which kept LLVM from vectorising
-    # the unit step. A branch with the constant step 2 (atrous rate 2), which used to pay, now
-    # measured slower than this loop (benchmarks/NOTES.md).
-    W = rows.shape[1]
-    for m in range(lo):
-        rows[e, m] = 0
-    un, uc, uh = uint64(n), uint64(c), uint64(h)
-    if step == 1:
-        for m in range(lo, hi):
-            rows[e, m] = x[un, uc, uh, uint64(m + off)]
-    else:
-        for m in range(lo, hi):
-            rows[e, m] = x[un, uc, uh, uint64(off + step * m)]
-    for m in range(hi, W):
-        rows[e, m] = 0
 
 
 @njit(cache=True, nogil=True)
@@ -199,18 +189,18 @@ def _winograd_output(M, n, a, b, dh, dw, r0, r1, TW, bias, y):
     return y
 
 
-def _winograd_blocks(Ho, Wo, dh, dw, tile_bytes, budget):
+def _winograd_blocks(Ho, Wo, dh, dw, tile_bytes, budget, m=2):
     """The blocks of one sample: (a, b, TW, r0, r1, T) for tile rows [r0, r1) of residue class (a, b).
 
-    TW is the class's tiles per tile row; T the most tiles a block of this
+    m is the side of the output tiles (2 or 4); TW is the class's tiles per tile row; T the most tiles a block of this
     class holds, about ``budget`` bytes at ``tile_bytes`` per tile (and at
     least ~128 tiles, so that the GEMMs are not too thin). The column classes
     b of one block of rows follow each other, so the input rows they all read
     are still in the cache for the second.
     """
     for a in range(dh):
-        TH = -(-len(range(a, Ho, dh)) // 2)  # tile rows of residue class a
-        TWs = [-(-len(range(b, Wo, dw)) // 2) for b in range(dw)]
+        TH = -(-len(range(a, Ho, dh)) // m)  # tile rows of residue class a
+        TWs = [-(-len(range(b, Wo, dw)) // m) for b in range(dw)]
         if TH == 0 or max(TWs) == 0:  # an output smaller than the dilation: a class with no pixels
             continue
         rows = max(1, min(TH, budget // (tile_bytes * max(TWs))))
@@ -221,7 +211,7 @@ def _winograd_blocks(Ho, Wo, dh, dw, tile_bytes, budget):
                     yield a, b, TW, r0, min(r0 + rows, TH), rows * TW
 
 
-def _winograd_gathered(n_lo, n_hi, Ho, Wo, dh, dw, tile_bytes, budget):
+def _winograd_gathered(n_lo, n_hi, Ho, Wo, dh, dw, tile_bytes, budget, m=2):
     """The blocks of samples [n_lo, n_hi), several samples' tiles per block where they are few.
 
     Yields (segments, t): ``segments`` a list of (n, a, b, TW, r0, r1, t0, t1), the
@@ -236,7 +226,7 @@ def _winograd_gathered(n_lo, n_hi, Ho, Wo, dh, dw, tile_bytes, budget):
     cap = max(budget // tile_bytes, 128)
     segments, used = [], 0
     for n in range(n_lo, n_hi):
-        for a, b, TW, r0, r1, T in _winograd_blocks(Ho, Wo, dh, dw, tile_bytes, budget):
+        for a, b, TW, r0, r1, T in _winograd_blocks(Ho, Wo, dh, dw, tile_bytes, budget, m):
             t = (r1 - r0) * TW
             if segments and used + t > cap:
                 yield segments, used
@@ -247,16 +237,39 @@ def _winograd_gathered(n_lo, n_hi, Ho, Wo, dh, dw, tile_bytes, budget):
         yield segments, used
 
 
-def _gathered_with_workspaces(n_lo, n_hi, Ho, Wo, dh, dw, C, K, dtype, budget):
-    """``_winograd_gathered``'s blocks with their workspaces: (segments, V (16, C, t), M (16, K, t)),
-    V for the transformed inputs, M for the other side of the 16 GEMMs (workspace slots 0 and 1)."""
-    for segments, t in _winograd_gathered(n_lo, n_hi, Ho, Wo, dh, dw, 16 * C * dtype.itemsize, budget):
-        yield (segments, workspace(16 * C * t, dtype, 0).reshape(16, C, t),
-               workspace(16 * K * t, dtype, 1).reshape(16, K, t))
+def _gathered_with_workspaces(n_lo, n_hi, Ho, Wo, dh, dw, C, K, dtype, budget, m=2):
+    """``_winograd_gathered``'s blocks with their workspaces: (segments, V (P, C, t), M (P, K, t)),
+    P = (m + 2)^2 positions of a transformed tile, V for the transformed inputs, M for the other side
+    of the P GEMMs (workspace slots 0 and 1)."""
+    P = (m + 2) ** 2
+    for segments, t in _winograd_gathered(n_lo, n_hi, Ho, Wo, dh, dw, P * C * dtype.itemsize, budget, m):
+        yield (segments, workspace(P * C * t, dtype, 0).reshape(P, C, t),
+               workspace(P * K * t, dtype, 1).reshape(P, K, t))
+
+
+# The side of the output tiles: 2 (F(2x2, 3x3), this module's transforms) or 4 (F(4x4, 3x3),
+# winograd4.py's: 2.25 multiplications per output and input channel instead of 4, and 44% less
+# memory moved by the transforms per output, for ten times the rounding error).
+_TILE = 4
+_TILE_GRAD = 4
+
+
+def _tile_side(m, Ho, Wo, dh, dw):
+    """The tile side for outputs (Ho, Wo) at dilation (dh, dw): ``m``, but 2 where a residue class is
+    so small that 4x4 tiles would mostly be padding (a side of 2 or less)."""
+    return 2 if m == 2 or min(Ho // dh, Wo // dw) <= 2 else 4
+
+
+def _weights(w, dtype, m):
+    """U (P, K, C) = G w G^T at every position of the m x m tiles' transform, w (K, C, 3, 3)."""
+    w = np.ascontiguousarray(w, dtype=dtype)
+    K, C = w.shape[0], w.shape[1]
+    kernel = _winograd_weights if m == 2 else winograd4._weights4
+    return _launch(kernel, (m + 2) ** 2 * K * C, w, np.empty(((m + 2) ** 2, K, C), dtype))
 
 
 def _winograd_conv(x, w, bias, ph, pw, dh, dw, y):
-    """y = conv2d(x, w, bias) for a 3x3 kernel, unit stride, one group: Winograd F(2x2, 3x3).
+    """y = conv2d(x, w, bias) for a 3x3 kernel, unit stride, one group: Winograd F(2x2, 3x3) or F(4x4, 3x3).
 
     Shape:
         x (N, C, H, W), w (K, C, 3, 3) (any strides), bias (K,) or None, y (N, K, Ho, Wo)
@@ -265,7 +278,8 @@ def _winograd_conv(x, w, bias, ph, pw, dh, dw, y):
     N, C = x.shape[0], x.shape[1]
     K, Ho, Wo = y.shape[1], y.shape[2], y.shape[3]
     dtype = y.dtype
-    U = _launch(_winograd_weights, 16 * K * C, np.ascontiguousarray(w, dtype=dtype), np.empty((16, K, C), dtype))
+    m = _tile_side(_TILE, Ho, Wo, dh, dw)
+    U = _weights(w, dtype, m)
     b = np.zeros(K, dtype) if bias is None else np.ascontiguousarray(bias, dtype=dtype)
 
     if _split_applies(x.shape, y.shape, ph, pw, dh, dw):
@@ -277,26 +291,28 @@ def _winograd_conv(x, w, bias, ph, pw, dh, dw, y):
             ys = workspace(K * Ho * Wo, dtype, 3).reshape(classes, K, Ho // dh, Wo // dw)
             for n in range(n_lo, n_hi):
                 _move_classes(x, n, dh, dw, xs, True)
-                _tiles(xs, U, b, ph // dh, pw // dw, 1, 1, ys, 0, classes)
+                _tiles(xs, U, b, ph // dh, pw // dw, 1, 1, ys, 0, classes, m)
                 _move_classes(y, n, dh, dw, ys, False)
     else:
         def part(n_lo, n_hi):
-            _tiles(x, U, b, ph, pw, dh, dw, y, n_lo, n_hi)
+            _tiles(x, U, b, ph, pw, dh, dw, y, n_lo, n_hi, m)
 
     _run(N, part, N * K * C * 9 * Ho * Wo)  # the direct convolution's count
     return y
 
 
-def _tiles(x, U, b, ph, pw, dh, dw, y, n_lo, n_hi):
-    """The tiles of samples [n_lo, n_hi): per block, input transforms, the 16 GEMMs, output transforms."""
+def _tiles(x, U, b, ph, pw, dh, dw, y, n_lo, n_hi, m):
+    """The tiles of samples [n_lo, n_hi): per block, input transforms, the (m+2)^2 GEMMs, output transforms."""
     C, K, Ho, Wo = x.shape[1], y.shape[1], y.shape[2], y.shape[3]
+    transform_in = _winograd_input if m == 2 else winograd4._input4
+    transform_out = _winograd_output if m == 2 else winograd4._output4
     for segments, V, M in _gathered_with_workspaces(n_lo, n_hi, Ho, Wo, dh, dw, C, K, y.dtype,
-                                                    _WINOGRAD_BLOCK_BYTES):
+                                                    _WINOGRAD_BLOCK_BYTES, m):
         for n, a, bb, TW, r0, r1, t0, t1 in segments:
-            _winograd_input(x, n, a, bb, dh, dw, ph, pw, r0, r1, TW, V[:, :, t0:t1])
-        gemm.matmul(U, V, M)  # 16 GEMMs (K, C) @ (C, t)
+            transform_in(x, n, a, bb, dh, dw, ph, pw, r0, r1, TW, V[:, :, t0:t1])
+        gemm.matmul(U, V, M)  # (m+2)^2 GEMMs (K, C) @ (C, t)
         for n, a, bb, TW, r0, r1, t0, t1 in segments:
-            _winograd_output(M[:, :, t0:t1], n, a, bb, dh, dw, r0, r1, TW, b, y)
+            transform_out(M[:, :, t0:t1], n, a, bb, dh, dw, r0, r1, TW, b, y)
 
 
 # A dilated convolution is tiled residue class by residue class (see the module
@@ -343,28 +359,18 @@ def _move_classes(image, n, dh, dw, planes, apart):
 #
 #     dw[k, c] = G^T [ sum over tiles of (A dY A^T) * (B^T d B) ] G
 #
-# with dY the 2x2 tile of dout and d the 4x4 tile of x it came from. The sum
-# over tiles is, for each of the 16 positions, a GEMM whose inner dimension is
-# the number of tiles: D[xi nu] (K, T) @ V[xi nu]^T (T, C).
+# with dY the 2x2 tile of dout and d the 4x4 tile of x it came from (4x4 and 6x6
+# with F(4x4, 3x3), _TILE_GRAD = 4). The sum over tiles is, for each of the 16
+# (or 36) positions, a GEMM whose inner dimension is the number of tiles:
+# D[xi nu] (K, T) @ V[xi nu]^T (T, C).
 _WINOGRAD_GRAD_BLOCK_BYTES = L2_BYTES  # transformed inputs of one weight-gradient block: a core's L2
-# Its transforms move more memory per multiply-add than the forward's. Since they
-# index in place (no views, unsigned indices) it pays from 32 channels on as the
-# forward does (two threads, ms, Winograd against im2col + GEMM: 8x32 on 128x128
-# 16.9 / 21.9, 8x64 on 128x128 60.8 / 80.8, 8x64 on 64x64 14.7 / 16.7); a dilated
-# convolution's only from 128 (8x64 on 128x128 at dilation 2: 80.1 / 69.6), the
-# former threshold of both (measurements: benchmarks/NOTES.md). Where the core has
-# two vector FMA units (balance.FMA_UNITS) only from 64 channels, and see below.
-_WINOGRAD_GRAD_MIN_CHANNELS = 32 if FMA_UNITS == 1 else 64
-_WINOGRAD_GRAD_MIN_CHANNELS_DILATED = 128
-# and min(C, K) x tiles twice the forward's: at 32 channels on a 32x32 map (8192) im2col + GEMM
-# is 10-25% faster with two threads (8x32 -> 32: 1.51-1.64 against 1.70-1.96 ms; 8x64 -> 32:
-# 2.80-2.96 / 3.43-3.62; 8x32 -> 64: 2.44-2.56 / 3.01-3.36), at 64 channels on it (16384) Winograd
-# is (8x64 -> 128: 5.83-6.71 / 7.48-7.57) (measurements: benchmarks/NOTES.md). With two vector
-# FMA units per core, from 131072 (eight times): im2col + the own GEMM is faster or even below
-# (8x32 -> 32 on 128x128, 131072: 15.4 against 17.5-22.4 ms; 8x64 -> 64 on 64x64, 65536: 11.5-12.2
-# / 12.2-16.1; 8x128 -> 64 on 64x64 and 8x128 -> 128 on 32x32 even), Winograd above (8x64 -> 64
-# on 128x128, 262144: 43.8 / 48.5).
-_WINOGRAD_GRAD_MIN_CHANNEL_TILES = 16384 if FMA_UNITS == 1 else 131072
+# Its transforms move more memory per multiply-add than the forward's, and from 8192 channel-tiles
+# it is even with im2col + GEMM (32 -> 32 on 32x32: 1.84 / 1.69, 32 -> 64: 2.26 / 2.69, 64 -> 32:
+# 3.18 / 2.81 ms), from 16384 it wins (64 -> 64 on 32x32: 4.06 / 3.79; 16 -> 16 on 64x64: 2.87 /
+# 2.08; 64 -> 64 on 64x64: 15.50 / 11.77, at dilation 2: 15.98 / 15.04; benchmarks/NOTES.md),
+# dilated or not.
+_WINOGRAD_GRAD_MIN_CHANNELS = 8
+_WINOGRAD_GRAD_MIN_CHANNEL_TILES = 16384
 
 
 @njit(cache=True, nogil=True)
@@ -434,7 +440,7 @@ def _winograd_fold(S, dw):
 
 
 def _winograd_weight_grad(x, dout, ph, pw, dh, dw):
-    """dw of conv2d for a 3x3 kernel, unit stride, one group, by Winograd F(2x2, 3x3)'s tiles.
+    """dw of conv2d for a 3x3 kernel, unit stride, one group, by Winograd F(2x2, 3x3)'s or F(4x4, 3x3)'s tiles.
 
     Shape:
         x (N, C, H, W), dout (N, K, Ho, Wo), contiguous, of one dtype -> dw (K, C, 3, 3).
@@ -442,16 +448,20 @@ def _winograd_weight_grad(x, dout, ph, pw, dh, dw):
     N, C = x.shape[0], x.shape[1]
     K, Ho, Wo = dout.shape[1], dout.shape[2], dout.shape[3]
     dtype = x.dtype
+    m = _tile_side(_TILE_GRAD, Ho, Wo, dh, dw)
+    positions = (m + 2) ** 2
+    transform_in = _winograd_input if m == 2 else winograd4._input4
+    transform_dout = _winograd_output_grad if m == 2 else winograd4._output_grad4
 
     def part(n_lo, n_hi):  # each worker sums its own samples' share
-        S = np.zeros((16, K, C), dtype)
-        P = workspace(16 * K * C, dtype, 2).reshape(16, K, C)
+        S = np.zeros((positions, K, C), dtype)
+        P = workspace(positions * K * C, dtype, 2).reshape(positions, K, C)
         for segments, V, D in _gathered_with_workspaces(n_lo, n_hi, Ho, Wo, dh, dw, C, K, dtype,
-                                                        _WINOGRAD_GRAD_BLOCK_BYTES):
+                                                        _WINOGRAD_GRAD_BLOCK_BYTES, m):
             for n, a, b, TW, r0, r1, t0, t1 in segments:
-                _winograd_input(x, n, a, b, dh, dw, ph, pw, r0, r1, TW, V[:, :, t0:t1])
-                _winograd_output_grad(dout, n, a, b, dh, dw, r0, r1, TW, D[:, :, t0:t1])
-            np.matmul(D, V.transpose(0, 2, 1), out=P)  # 16 GEMMs (K, t) @ (t, C)
+                transform_in(x, n, a, b, dh, dw, ph, pw, r0, r1, TW, V[:, :, t0:t1])
+                transform_dout(dout, n, a, b, dh, dw, r0, r1, TW, D[:, :, t0:t1])
+            np.matmul(D, V.transpose(0, 2, 1), out=P)  # (m+2)^2 GEMMs (K, t) @ (t, C)
             S += P
         return S
 
@@ -459,4 +469,5 @@ def _winograd_weight_grad(x, dout, ph, pw, dh, dw):
     S = partials[0]
     for p in partials[1:]:
         S += p
-    return _launch(_winograd_fold, S.size, S, np.empty((K, C, 3, 3), dtype))
+    fold = _winograd_fold if m == 2 else winograd4._fold4
+    return _launch(fold, S.size, S, np.empty((K, C, 3, 3), dtype))
