@@ -64,6 +64,28 @@ _DX_OWN_GEMM = FMA_UNITS == 1
 _DW_ROWS_BELOW_K = 64 if FMA_UNITS == 2 else 0
 
 
+# The forward's columns, (R, nb*P), are the own GEMM's right-hand side; a chunk of
+# 128 of its rows is read by every row tile of the product, and should stay in
+# L1. Rows a multiple of 4 KiB apart (1024 columns: one 32x32 sample) all fall
+# in the same L1 sets, which hold 12 lines each: the chunk is read back from L2
+# by every tile. Rows padded to an odd number of 64-byte lines spread over all
+# sets (8 samples, two threads, forward, ms, packed / padded: 256 -> 256 on 16x16
+# at dilation 2 13.26 / 12.56, 128 -> 256 at dilation 2 6.39 / 6.06, 256 -> 128
+# at dilation 3 7.59 / 7.24, the rest even; DeepLab v3+ step 273.7 / 268.4;
+# the input and weight gradients, on the BLAS, gained nothing: benchmarks/NOTES.md).
+_PAD_ROWS = True
+
+
+def _row_stride(width):
+    """Elements per row of a block of columns ``width`` wide: ``width``, padded to 16 more than a
+    multiple of 32 (an odd number of 64-byte lines) when ``_PAD_ROWS``.
+
+        >>> _row_stride(1024), _row_stride(16), _row_stride(48)
+        (1040, 16, 48)
+    """
+    return width + (16 - width) % 32 if _PAD_ROWS else width
+
+
 def _blocks(n_lo, n_hi, Ho, Wo, rows, itemsize):
     """Split the output rows (n, ho) of samples [n_lo, n_hi) into blocks whose columns fill about _BLOCK_BYTES.
 
@@ -129,9 +151,11 @@ def conv2d_forward(x, weight, bias=None, stride=1, padding=0, dilation=1, groups
     def part(n_lo, n_hi):
         for n0, n1, ho0, ho1 in _blocks(n_lo, n_hi, Ho, Wo, R, dtype.itemsize):
             nb, P = n1 - n0, (ho1 - ho0) * Wo
-            cols = workspace(R * nb * P, dtype).reshape(R, nb * P)  # (Cg*kh*kw, nb*P)
+            rows = _row_stride(nb * P)
+            full = workspace(R * rows, dtype).reshape(R, rows)
+            cols = full[:, :nb * P]  # (Cg*kh*kw, nb*P)
             for g in range(groups):
-                _im2col_block(x, g * Cg, Cg, n0, n1, ho0, ho1, kh, kw, sh, sw, ph, pw, dh, dw, Wo, cols)
+                _im2col_block(x, g * Cg, Cg, n0, n1, ho0, ho1, kh, kw, sh, sw, ph, pw, dh, dw, Wo, full)
                 y_block = y3[n0:n1, g * Kg:(g + 1) * Kg, ho0 * Wo:ho1 * Wo]  # (nb, Kg, P)
                 if nb > 1 and P < _MERGE_BELOW:
                     m = workspace(Kg * nb * P, dtype, 1).reshape(Kg, nb * P)
