@@ -71,7 +71,10 @@ def _plans(draw):
     path = draw(st.sampled_from(["winograd", "ring", "blocks"]))
     if path == "winograd":  # Winograd's tiles wherever the geometry allows them, however small
         plan += [(conv3d, "_WINOGRAD3D_MIN_CHANNELS", 1), (conv3d, "_WINOGRAD3D_GRAD_MIN_CHANNELS", 1),
-                 (winograd, "_WINOGRAD_MIN_TILES", 1)]
+                 (winograd, "_WINOGRAD_MIN_TILES", 1),
+                 # 2x2 or 4x4 output tiles (F(2x2, 3x3) or F(4x4, 3x3)), each product its own
+                 (winograd, "_TILE", draw(st.sampled_from([2, 4]))),
+                 (winograd, "_TILE_GRAD", draw(st.sampled_from([2, 4])))]
     else:  # never Winograd: the ring of unfolded planes, or (the window off) plain blocks
         plan += [(conv3d, "_WINOGRAD3D_MIN_CHANNELS", 1 << 30), (conv3d, "_WINOGRAD3D_GRAD_MIN_CHANNELS", 1 << 30)]
         if path == "blocks":

@@ -111,17 +111,18 @@ def _ring_columns(x, n, ho0, ho1, kd, kh, kw, sh, sw, pd, ph, pw, dh, dw, Do, Ho
         yield do, ring.reshape(kd * S, P)
 
 
-# ------------------------------------- Winograd F(2x2, 3x3) in (h, w), the ring in depth
+# ---------------------------- Winograd F(2x2, 3x3) or F(4x4, 3x3) in (h, w), the ring in depth
 # A 3x3x3 unit-stride convolution is, per output plane, the sum over the kd depth
 # taps of 2-D 3x3 convolutions of the input planes do-pd+i: Winograd's tiles
-# (winograd.py) do each in 16 multiplications per 2x2 outputs instead of 36.
-# The ring holds the *transformed* planes, V (16, kd, C, tiles): each plane is
-# transformed once for the kd output planes that read it, and the 16 GEMMs of
-# an output plane sum over all kd taps at once, (K, kd*C) @ (kd*C, tiles).
-_WINOGRAD3D_MIN_CHANNELS = 16  # min(C, K); below it the 16 GEMMs are too thin (benchmarks/NOTES.md)
+# (winograd.py; F(4x4, 3x3) by default, as in 2-D) do each in 36 multiplications
+# per 4x4 outputs instead of 144. The ring holds the *transformed* planes, V (P,
+# kd, C, tiles), P = 36 positions (16 with 2x2 tiles): each plane is transformed
+# once for the kd output planes that read it, and the P GEMMs of an output plane
+# sum over all kd taps at once, (K, kd*C) @ (kd*C, tiles).
+_WINOGRAD3D_MIN_CHANNELS = 16  # min(C, K); below it the GEMMs are too thin (benchmarks/NOTES.md)
 
 
-# The weight gradient's own threshold: its 16 GEMMs per plane sum into a (16, K, kd*C) block, a pass
+# The weight gradient's own threshold: its GEMMs per plane sum into a (P, K, kd*C) block, a pass
 # that costs as much as the GEMM saves for narrow layers (benchmarks/NOTES.md).
 _WINOGRAD3D_GRAD_MIN_CHANNELS = 32
 
@@ -141,39 +142,41 @@ def _winograd3d_conv(x, w, bias, pd, ph, pw, dh, dw, y):
     K, kd = w.shape[0], w.shape[2]
     Do, Ho, Wo = y.shape[2], y.shape[3], y.shape[4]
     dtype = y.dtype
-    w = np.asarray(w, dtype=dtype)
-    U = np.concatenate([_launch(winograd._winograd_weights, 16 * K * C, np.ascontiguousarray(w[:, :, i]),
-                                np.empty((16, K, C), dtype)) for i in range(kd)], axis=2)  # (16, K, kd*C), taps i
+    m = winograd._tile_side(winograd._TILE, Ho, Wo, dh, dw)  # F(2x2, 3x3) or F(4x4, 3x3), as in 2-D
+    P = (m + 2) ** 2
+    output = winograd._kernels(m)[2]
+    U = np.concatenate([winograd._weights(w[:, :, i], dtype, m) for i in range(kd)], axis=2)  # (P, K, kd*C), taps i
     U_ring = _rotated(U, kd, 2)  # the ring's tap order at output plane do: U_ring[do % kd]
     b = np.zeros(K, dtype) if bias is None else np.ascontiguousarray(bias, dtype=dtype)
-    blocks = list(winograd._winograd_blocks(Ho, Wo, dh, dw, 16 * kd * C * dtype.itemsize,
-                                            winograd._WINOGRAD_BLOCK_BYTES))
+    blocks = list(winograd._winograd_blocks(Ho, Wo, dh, dw, P * kd * C * dtype.itemsize,
+                                            winograd._WINOGRAD_BLOCK_BYTES, m))
     tasks = [(n, blk) for n in range(N) for blk in blocks]
 
     def part(a_lo, a_hi):  # (sample, tile block) tasks: disjoint tiles of y
         for n, (a, bb, TW, r0, r1, T) in tasks[a_lo:a_hi]:
             t = (r1 - r0) * TW
-            ring = workspace(16 * kd * C * t, dtype, 2).reshape(16, kd, C, t)  # transformed planes
-            M = workspace(16 * K * t, dtype, 1).reshape(16, K, t)
+            ring = workspace(P * kd * C * t, dtype, 2).reshape(P, kd, C, t)  # transformed planes
+            M = workspace(P * K * t, dtype, 1).reshape(P, K, t)
 
-            for do in _winograd_ring(ring, x, n, a, bb, dh, dw, ph, pw, r0, r1, TW, pd, Do):
-                gemm.matmul(U_ring[do % kd], ring.reshape(16, kd * C, t), M)  # 16 GEMMs (K, kd*C) @ (kd*C, t)
-                winograd._winograd_output(M, n, a, bb, dh, dw, r0, r1, TW, b, y[:, :, do])
+            for do in _winograd_ring(ring, x, n, a, bb, dh, dw, ph, pw, r0, r1, TW, pd, Do, m):
+                gemm.matmul(U_ring[do % kd], ring.reshape(P, kd * C, t), M)  # P GEMMs (K, kd*C) @ (kd*C, t)
+                output(M, n, a, bb, dh, dw, r0, r1, TW, b, y[:, :, do])
 
     _run(len(tasks), part, N * K * C * kd * 9 * Do * Ho * Wo)
     return y
 
 
-def _winograd_ring(ring, x, n, a, bb, dh, dw, ph, pw, r0, r1, TW, pd, Do):
-    """Yield each output plane ``do`` once the ring holds the transformed tiles of the ``kd`` input
-    planes it reads: input plane d lives in slot (d + pd) % kd (zeros outside the volume), so each
-    step transforms one new plane and the other kd - 1 are reused."""
+def _winograd_ring(ring, x, n, a, bb, dh, dw, ph, pw, r0, r1, TW, pd, Do, m):
+    """Yield each output plane ``do`` once the ring holds the transformed tiles (m x m outputs each)
+    of the ``kd`` input planes it reads: input plane d lives in slot (d + pd) % kd (zeros outside
+    the volume), so each step transforms one new plane and the other kd - 1 are reused."""
     kd, D = ring.shape[1], x.shape[2]
+    transform_input = winograd._kernels(m)[1]
 
     def transform(d):
         slot = ring[:, (d + pd) % kd]
         if 0 <= d < D:
-            winograd._winograd_input(x[:, :, d], n, a, bb, dh, dw, ph, pw, r0, r1, TW, slot)
+            transform_input(x[:, :, d], n, a, bb, dh, dw, ph, pw, r0, r1, TW, slot)
         else:
             slot[...] = 0
 
@@ -185,26 +188,29 @@ def _winograd_ring(ring, x, n, a, bb, dh, dw, ph, pw, r0, r1, TW, pd, Do):
 
 
 def _winograd3d_weight_grad(x, dout, kd, pd, ph, pw, dh, dw):
-    """dw (K, C, kd, 3, 3) of conv3d by the same tiles: per output plane, 16 GEMMs (K, t) @ (t, kd*C)
+    """dw (K, C, kd, 3, 3) of conv3d by the same tiles: per output plane, P GEMMs (K, t) @ (t, kd*C)
     of its transformed dout against the ring of transformed input planes (winograd.py's weight gradient)."""
     N, C = x.shape[0], x.shape[1]
     K, Do, Ho, Wo = dout.shape[1], dout.shape[2], dout.shape[3], dout.shape[4]
     dtype = x.dtype
-    blocks = list(winograd._winograd_blocks(Ho, Wo, dh, dw, 16 * kd * C * dtype.itemsize,
-                                            winograd._WINOGRAD_GRAD_BLOCK_BYTES))
+    m = winograd._tile_side(winograd._TILE_GRAD, Ho, Wo, dh, dw)
+    Q = (m + 2) ** 2  # positions of a transformed tile
+    output_grad = winograd._kernels(m)[3]
+    blocks = list(winograd._winograd_blocks(Ho, Wo, dh, dw, Q * kd * C * dtype.itemsize,
+                                            winograd._WINOGRAD_GRAD_BLOCK_BYTES, m))
     tasks = [(n, blk) for n in range(N) for blk in blocks]
 
     def part(a_lo, a_hi):  # each worker sums its own tasks' share, one sum per rotation of the ring
-        S = np.zeros((kd, 16, K, kd * C), dtype)
+        S = np.zeros((kd, Q, K, kd * C), dtype)
         for n, (a, bb, TW, r0, r1, T) in tasks[a_lo:a_hi]:
             t = (r1 - r0) * TW
-            ring = workspace(16 * kd * C * t, dtype, 2).reshape(16, kd, C, t)
-            Dt = workspace(16 * K * t, dtype, 1).reshape(16, K, t)
-            P = workspace(16 * K * kd * C, dtype, 0).reshape(16, K, kd * C)
+            ring = workspace(Q * kd * C * t, dtype, 2).reshape(Q, kd, C, t)
+            Dt = workspace(Q * K * t, dtype, 1).reshape(Q, K, t)
+            P = workspace(Q * K * kd * C, dtype, 0).reshape(Q, K, kd * C)
 
-            for do in _winograd_ring(ring, x, n, a, bb, dh, dw, ph, pw, r0, r1, TW, pd, Do):
-                winograd._winograd_output_grad(dout[:, :, do], n, a, bb, dh, dw, r0, r1, TW, Dt)
-                np.matmul(Dt, ring.reshape(16, kd * C, t).transpose(0, 2, 1), out=P)  # (K, t) @ (t, kd*C)
+            for do in _winograd_ring(ring, x, n, a, bb, dh, dw, ph, pw, r0, r1, TW, pd, Do, m):
+                output_grad(dout[:, :, do], n, a, bb, dh, dw, r0, r1, TW, Dt)
+                np.matmul(Dt, ring.reshape(Q, kd * C, t).transpose(0, 2, 1), out=P)  # (K, t) @ (t, kd*C)
                 S[do % kd] += P
         return S
 
@@ -212,11 +218,10 @@ def _winograd3d_weight_grad(x, dout, kd, pd, ph, pw, dh, dw):
     S = partials[0]
     for p in partials[1:]:
         S += p
-    S = sum(np.roll(S[r], -r * C, axis=2) for r in range(kd))  # (16, K, kd*C), taps back in order i
+    S = sum(np.roll(S[r], -r * C, axis=2) for r in range(kd))  # (Q, K, kd*C), taps back in order i
     out = np.empty((K, C, kd, 3, 3), dtype)
     for i in range(kd):
-        out[:, :, i] = _launch(winograd._winograd_fold, 16 * K * C, np.ascontiguousarray(S[:, :, i * C:(i + 1) * C]),
-                               np.empty((K, C, 3, 3), dtype))
+        out[:, :, i] = winograd._fold(S[:, :, i * C:(i + 1) * C], m)
     return out
 
 

@@ -260,12 +260,25 @@ def _tile_side(m, Ho, Wo, dh, dw):
     return 2 if m == 2 or min(Ho // dh, Wo // dw) <= 2 else 4
 
 
+def _kernels(m):
+    """The kernels of F(m x m, 3x3), m = 2 or 4: (weights, input, output, output_grad, fold), each
+    with the arguments of this module's F(2x2, 3x3) kernel of that name."""
+    if m == 2:
+        return _winograd_weights, _winograd_input, _winograd_output, _winograd_output_grad, _winograd_fold
+    return winograd4._weights4, winograd4._input4, winograd4._output4, winograd4._output_grad4, winograd4._fold4
+
+
 def _weights(w, dtype, m):
     """U (P, K, C) = G w G^T at every position of the m x m tiles' transform, w (K, C, 3, 3)."""
     w = np.ascontiguousarray(w, dtype=dtype)
     K, C = w.shape[0], w.shape[1]
-    kernel = _winograd_weights if m == 2 else winograd4._weights4
-    return _launch(kernel, (m + 2) ** 2 * K * C, w, np.empty(((m + 2) ** 2, K, C), dtype))
+    return _launch(_kernels(m)[0], (m + 2) ** 2 * K * C, w, np.empty(((m + 2) ** 2, K, C), dtype))
+
+
+def _fold(S, m):
+    """dw (K, C, 3, 3) = G^T S G at every (k, c), S (P, K, C) summed over the m x m tiles."""
+    K, C = S.shape[1], S.shape[2]
+    return _launch(_kernels(m)[4], S.size, np.ascontiguousarray(S), np.empty((K, C, 3, 3), S.dtype))
 
 
 def _winograd_conv(x, w, bias, ph, pw, dh, dw, y):
@@ -304,8 +317,7 @@ def _winograd_conv(x, w, bias, ph, pw, dh, dw, y):
 def _tiles(x, U, b, ph, pw, dh, dw, y, n_lo, n_hi, m):
     """The tiles of samples [n_lo, n_hi): per block, input transforms, the (m+2)^2 GEMMs, output transforms."""
     C, K, Ho, Wo = x.shape[1], y.shape[1], y.shape[2], y.shape[3]
-    transform_in = _winograd_input if m == 2 else winograd4._input4
-    transform_out = _winograd_output if m == 2 else winograd4._output4
+    _, transform_in, transform_out, _, _ = _kernels(m)
     for segments, V, M in _gathered_with_workspaces(n_lo, n_hi, Ho, Wo, dh, dw, C, K, y.dtype,
                                                     _WINOGRAD_BLOCK_BYTES, m):
         for n, a, bb, TW, r0, r1, t0, t1 in segments:
@@ -450,8 +462,7 @@ def _winograd_weight_grad(x, dout, ph, pw, dh, dw):
     dtype = x.dtype
     m = _tile_side(_TILE_GRAD, Ho, Wo, dh, dw)
     positions = (m + 2) ** 2
-    transform_in = _winograd_input if m == 2 else winograd4._input4
-    transform_dout = _winograd_output_grad if m == 2 else winograd4._output_grad4
+    _, transform_in, _, transform_dout, _ = _kernels(m)
 
     def part(n_lo, n_hi):  # each worker sums its own samples' share
         S = np.zeros((positions, K, C), dtype)
@@ -469,5 +480,4 @@ def _winograd_weight_grad(x, dout, ph, pw, dh, dw):
     S = partials[0]
     for p in partials[1:]:
         S += p
-    fold = _winograd_fold if m == 2 else winograd4._fold4
-    return _launch(fold, S.size, S, np.empty((K, C, 3, 3), dtype))
+    return _fold(S, m)
