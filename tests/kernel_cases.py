@@ -37,6 +37,8 @@ def conv_cases(draw):
         # the whole batch in one block, or blocks of a few hundred bytes, so
         # the loops split rows of one sample and group several samples
         (conv, "_BLOCK_BYTES", draw(st.sampled_from([64 << 20, 1, 300, 2000]))),
+        # blocks of at least 256 columns whatever the budget (whole samples of a small map), or none
+        (conv, "_MIN_BLOCK_COLUMNS", draw(st.sampled_from([0, 0, 256]))),
         # a block of several samples: one GEMM per sample (0) or one wide GEMM (always)
         (conv, "_MERGE_BELOW", draw(st.sampled_from([0, 1 << 30]))),
         # the weight gradient as dout @ cols^T (1) or as its transpose

@@ -60,10 +60,14 @@ def test_cpu_conv2d_kernels_match_torch(case, dtype):
 def test_cpu_conv2d_blocks_cover_every_output_row(monkeypatch):
     """The block plan visits each (n, ho) exactly once, whatever the block size; blocks
     of part of a sample stay within the budget and have equal heights (within a row)."""
-    cases = [(3, 7, 5, 9, 1), (3, 7, 5, 9, 4 * 9 * 5 * 3), (4, 2, 3, 2, 4 * 2 * 3 * 2 * 3), (2, 5, 1, 1, 1 << 30),
-             (2, 128, 128, 576, 2 << 20), (1, 13, 4, 3, 4 * 3 * 4 * 6)]
-    for N, Ho, Wo, R, block in cases:
+    cases = [(3, 7, 5, 9, 1, 0), (3, 7, 5, 9, 4 * 9 * 5 * 3, 0), (4, 2, 3, 2, 4 * 2 * 3 * 2 * 3, 0),
+             (2, 5, 1, 1, 1 << 30, 0), (2, 128, 128, 576, 2 << 20, 0), (1, 13, 4, 3, 4 * 3 * 4 * 6, 0),
+             # at least about this many columns a block, whatever the budget: rows of 5 pixels in blocks
+             # of 2 or 3 rows, whole samples of 7 rows, whole 16x16 samples despite a small budget
+             (3, 7, 5, 9, 1, 12), (3, 7, 5, 9, 1, 35), (2, 16, 16, 2304, 2 << 20, 256)]
+    for N, Ho, Wo, R, block, columns in cases:
         monkeypatch.setattr(conv, "_BLOCK_BYTES", block)
+        monkeypatch.setattr(conv, "_MIN_BLOCK_COLUMNS", columns)
         seen = np.zeros((N, Ho), int)
         heights = []
         for n0, n1, ho0, ho1 in conv._blocks(0, N, Ho, Wo, R, 4):
@@ -71,10 +75,19 @@ def test_cpu_conv2d_blocks_cover_every_output_row(monkeypatch):
             seen[n0:n1, ho0:ho1] += 1
             if (ho0, ho1) != (0, Ho):
                 heights.append(ho1 - ho0)
+            # at least the minimum, or half of it where a sample's rows are cut into equal heights
+            assert 2 * (n1 - n0) * (ho1 - ho0) * Wo >= min(columns, Ho * Wo), (n0, n1, ho0, ho1, columns)
         assert (seen == 1).all()
         if heights:
-            assert max(heights) <= max(block // (R * Wo * 4), 1), (heights, block)
+            budget_rows = max(block // (R * Wo * 4), -(-columns // Wo), 1)
+            assert max(heights) <= budget_rows, (heights, block, columns)
             assert max(heights) - min(heights) <= 1, heights
+    # 256 -> 256 channels on 16x16: one L2 would hold 14 rows; 256 columns make it the whole sample
+    monkeypatch.setattr(conv, "_BLOCK_BYTES", 2 << 20)
+    monkeypatch.setattr(conv, "_MIN_BLOCK_COLUMNS", 256)
+    assert list(conv._blocks(0, 2, 16, 16, 2304, 4)) == [(0, 1, 0, 16), (1, 2, 0, 16)]
+    monkeypatch.setattr(conv, "_MIN_BLOCK_COLUMNS", 0)
+    assert list(conv._blocks(0, 1, 16, 16, 2304, 4)) == [(0, 1, 0, 8), (0, 1, 8, 16)]
 
 
 def test_cpu_transposed_copies_in_bands():
@@ -132,6 +145,7 @@ def test_cpu_conv2d_same_width_fast_path(x_shape, K, kh, kw, padding, dilation, 
     dout = rng.standard_normal((x_shape[0], K, Ho, Wo)).astype(dtype)
     y_t, dx_t, dw_t = torch_conv(x, w, b, dout, 1, padding, dilation, 1)
     monkeypatch.setattr(conv, "_BLOCK_BYTES", block)
+    monkeypatch.setattr(conv, "_MIN_BLOCK_COLUMNS", 0)  # the budget alone cuts the blocks
     y = kcpu.conv.conv2d_forward(x, w, None, 1, padding, dilation, 1)
     dx = kcpu.conv.conv2d_input_grad(dout, w, x_shape, 1, padding, dilation, 1)
     dw = kcpu.conv.conv2d_weight_grad(x, dout, w.shape, 1, padding, dilation, 1)

@@ -86,13 +86,26 @@ def _row_stride(width):
     return width + (16 - width) % 32 if _PAD_ROWS else width
 
 
+# A block's GEMM reads the whole weight matrix, (K, R), once: with wide layers
+# on small maps (256 -> 256 channels on 16x16: R = 2304, 147 KB of columns a
+# row) a block of one L2 holds 128 columns, and the weights, 2.4 MB, are read
+# again from the L3 for every 128. Blocks of at least this many columns
+# (8 samples, two threads, ms, none / 256 / 512: 256 -> 256 on 16x16 at dilation
+# 2, forward 12.75 / 11.57 / 12.21, weight gradient 14.27 / 12.07 / 11.31; 256 ->
+# 128 at dilation 3, input gradient 7.25 / 6.60 / 7.18; 256 -> 256 on 8x8,
+# weight gradient 3.92 / 3.31 / 3.38; the narrow layers even; DeepLab v3+ step
+# 288.1 / 279.3; benchmarks/NOTES.md).
+_MIN_BLOCK_COLUMNS = 256
+
+
 def _blocks(n_lo, n_hi, Ho, Wo, rows, itemsize):
-    """Split the output rows (n, ho) of samples [n_lo, n_hi) into blocks whose columns fill about _BLOCK_BYTES.
+    """Split the output rows (n, ho) of samples [n_lo, n_hi) into blocks whose columns fill about _BLOCK_BYTES
+    (and hold at least _MIN_BLOCK_COLUMNS pixels where the samples have them).
 
     Yields (n0, n1, ho0, ho1): either several whole samples, or some rows of one.
     """
     per_row = max(rows * Wo * itemsize, 1)
-    rows_per_block = max(_BLOCK_BYTES // per_row, 1)
+    rows_per_block = max(_BLOCK_BYTES // per_row, -(-_MIN_BLOCK_COLUMNS // max(Wo, 1)), 1)
     if rows_per_block >= Ho:
         nb = max(rows_per_block // max(Ho, 1), 1)
         for n0 in range(n_lo, n_hi, nb):
