@@ -94,3 +94,17 @@ def _load_row(rows, e, x, n, c, h, off, step, lo, hi):
             rows[e, m] = x[un, uc, uh, uint64(off + step * m)]
     for m in range(hi, W):
         rows[e, m] = 0
+
+
+@njit(cache=True, inline="always")
+def _load_rows(rows, x, n, c, h0, dh, off, step, lo, hi):
+    # rows[e] = _load_row's row e of x[n, c, h0 + dh*e] for every e < rows.shape[0], zero where that
+    # row lies outside the image: the input rows of one tile row of Winograd's transforms
+    H = x.shape[2]
+    for e in range(rows.shape[0]):
+        h = h0 + dh * e
+        if h < 0 or h >= H:
+            for m in range(rows.shape[1]):
+                rows[e, m] = 0
+        else:
+            _load_row(rows, e, x, n, c, h, off, step, lo, hi)

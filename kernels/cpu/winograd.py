@@ -48,7 +48,7 @@ import numpy as np  # host-only module: these kernels only ever see NumPy arrays
 from numba import njit, prange, uint64
 
 from . import gemm, winograd4
-from ._common import _load_row, _valid_range
+from ._common import _load_row, _load_rows, _valid_range
 from .runtime import L2_BYTES, _launch, _parallel_njit, _run, workspace
 
 # When the tiles pay, measured with F(4x4, 3x3) tiles (_TILE = 4; 8 samples, two threads, ms,
@@ -115,7 +115,7 @@ def _g_row(U, i, k, c, t0, t1, t2):
 def _winograd_input(x, n, a, b, dh, dw, ph, pw, r0, r1, TW, V):
     # V[(xi, nu), c, t] = (B^T d B)[xi, nu] for the tiles t of tile rows [r0, r1) of residue
     # class (a, b): tile (r, s) reads the 4x4 pixels x[n, c, a - ph + dh*(2r + e), b - pw + dw*(2s + f)]
-    C, H, W = x.shape[1], x.shape[2], x.shape[3]
+    C, W = x.shape[1], x.shape[3]
     Wp = 2 * TW + 2  # the columns the tiles of a tile row read
     rows = np.empty((4, Wp), dtype=V.dtype)
     q = np.empty((4, Wp), dtype=V.dtype)
@@ -123,13 +123,7 @@ def _winograd_input(x, n, a, b, dh, dw, ph, pw, r0, r1, TW, V):
     for c in range(C):
         uc = uint64(c)
         for r in range(r0, r1):
-            for e in range(4):  # the tile row's 4 input rows, zero outside the image
-                h = a - ph + dh * (2 * r + e)
-                if h < 0 or h >= H:
-                    for m in range(Wp):
-                        rows[e, m] = 0
-                else:
-                    _load_row(rows, e, x, n, c, h, b - pw, dw, m_lo, m_hi)
+            _load_rows(rows, x, n, c, a - ph + dh * 2 * r, dh, b - pw, dw, m_lo, m_hi)  # 4 rows, 0 outside
             for m in range(Wp):  # B^T d: combine the rows, whole rows at a time
                 q[0, m] = rows[0, m] - rows[2, m]
                 q[1, m] = rows[1, m] + rows[2, m]

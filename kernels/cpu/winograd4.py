@@ -31,7 +31,7 @@ from __future__ import annotations
 import numpy as np  # host-only module: these kernels only ever see NumPy arrays
 from numba import njit, prange, uint64
 
-from ._common import _load_row, _valid_range
+from ._common import _load_row, _load_rows, _valid_range
 from .runtime import _parallel_njit
 
 # the transforms' coefficients as float32, so that float32 tiles are transformed in float32 (a
@@ -75,11 +75,22 @@ def _bt(d0, d1, d2, d3, d4, d5):
             (d4 - d2) + _2 * (d3 - d1), (d4 - d2) - _2 * (d3 - d1), _4 * d1 - _5 * d3 + d5)
 
 
+@njit(cache=True, inline="always")
+def _store6(V, p, i, t, v):
+    # V[p + j, i, t] = v[j] for the six values of one row of a transformed tile (unsigned indices)
+    V[p, i, t] = v[0]
+    V[p + 1, i, t] = v[1]
+    V[p + 2, i, t] = v[2]
+    V[p + 3, i, t] = v[3]
+    V[p + 4, i, t] = v[4]
+    V[p + 5, i, t] = v[5]
+
+
 @njit(cache=True, nogil=True)
 def _input4(x, n, a, b, dh, dw, ph, pw, r0, r1, TW, V):
     # V[6 xi + nu, c, t] = (B^T d B)[xi, nu] for the tiles t of tile rows [r0, r1) of residue
     # class (a, b): tile (r, s) reads the 6x6 pixels x[n, c, a - ph + dh*(4r + e), b - pw + dw*(4s + f)]
-    C, H, W = x.shape[1], x.shape[2], x.shape[3]
+    C, W = x.shape[1], x.shape[3]
     Wp = 4 * TW + 2  # the columns the tiles of a tile row read
     rows = np.empty((6, Wp), dtype=V.dtype)
     q = np.empty((6, Wp), dtype=V.dtype)
@@ -87,13 +98,7 @@ def _input4(x, n, a, b, dh, dw, ph, pw, r0, r1, TW, V):
     for c in range(C):
         uc = uint64(c)
         for r in range(r0, r1):
-            for e in range(6):  # the tile row's 6 input rows, zero outside the image
-                h = a - ph + dh * (4 * r + e)
-                if h < 0 or h >= H:
-                    for m in range(Wp):
-                        rows[e, m] = 0
-                else:
-                    _load_row(rows, e, x, n, c, h, b - pw, dw, m_lo, m_hi)
+            _load_rows(rows, x, n, c, a - ph + dh * 4 * r, dh, b - pw, dw, m_lo, m_hi)  # 6 rows, 0 outside
             for m in range(Wp):  # B^T d: combine the rows, whole rows at a time
                 v = _bt(rows[0, m], rows[1, m], rows[2, m], rows[3, m], rows[4, m], rows[5, m])
                 q[0, m], q[1, m], q[2, m], q[3, m], q[4, m], q[5, m] = v
@@ -103,13 +108,7 @@ def _input4(x, n, a, b, dh, dw, ph, pw, r0, r1, TW, V):
                 for s in range(TW):
                     v = _bt(q[e, 4 * s], q[e, 4 * s + 1], q[e, 4 * s + 2], q[e, 4 * s + 3], q[e, 4 * s + 4],
                             q[e, 4 * s + 5])
-                    t = uint64(t0 + s)
-                    V[e6, uc, t] = v[0]
-                    V[e6 + 1, uc, t] = v[1]
-                    V[e6 + 2, uc, t] = v[2]
-                    V[e6 + 3, uc, t] = v[3]
-                    V[e6 + 4, uc, t] = v[4]
-                    V[e6 + 5, uc, t] = v[5]
+                    _store6(V, e6, uc, uint64(t0 + s), v)
     return V
 
 
@@ -195,13 +194,7 @@ def _output_grad4(dout, n, a, b, dh, dw, r0, r1, TW, D):
                 f6 = uint64(6 * f)
                 for s in range(TW):
                     v = _a6(e[f, 4 * s], e[f, 4 * s + 1], e[f, 4 * s + 2], e[f, 4 * s + 3])
-                    t = uint64(t0 + s)
-                    D[f6, uk, t] = v[0]
-                    D[f6 + 1, uk, t] = v[1]
-                    D[f6 + 2, uk, t] = v[2]
-                    D[f6 + 3, uk, t] = v[3]
-                    D[f6 + 4, uk, t] = v[4]
-                    D[f6 + 5, uk, t] = v[5]
+                    _store6(D, f6, uk, uint64(t0 + s), v)
     return D
 
 
