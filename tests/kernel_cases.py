@@ -49,6 +49,8 @@ def conv_cases(draw):
         (conv, "_DX_OWN_GEMM", draw(st.booleans())),
         # the forward's columns in rows padded to an odd number of cache lines, or packed
         (conv, "_PAD_ROWS", draw(st.booleans())),
+        # both gradients at once on two threads (any size) or one after the other
+        (conv, "_TOGETHER_MAX_MACS", draw(st.sampled_from([0, 1 << 62]))),
         # the batch split between worker threads (0), or run inline
         (runtime, "_SPLIT_MIN_MACS", draw(st.sampled_from([0, 1 << 62]))),
         # float32 products by our own GEMM (where the CPU has it) or by NumPy's BLAS

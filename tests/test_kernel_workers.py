@@ -73,6 +73,60 @@ def test_split_covers_the_samples_and_waits_for_every_share_before_raising(two_w
         runtime._split(4, second)
 
 
+def test_together_runs_two_products_at_once_each_inline_and_waits_for_both(two_workers, monkeypatch):
+    """_together: the second on a worker thread, the first on the caller, at the same time; inside, a
+    product is not split again and a parallel kernel runs its serial twin; errors of either side come
+    back once both are done."""
+    from kernels.cpu import activation
+
+    started = threading.Barrier(2, timeout=10)  # each side waits for the other: they must overlap
+    seen = {}
+
+    def side(name):
+        def run():
+            started.wait()
+            seen[name] = (threading.get_ident(), runtime._run(6, lambda a, b: (a, b), 1 << 62),
+                          runtime._blas_threads.get())
+            return name
+        return run
+
+    splits = []
+    monkeypatch.setattr(runtime, "_split", lambda N, part: splits.append(N) or [part(0, N)])
+    assert runtime._together(side("dx"), side("dw")) == ("dx", "dw")
+    assert seen["dx"][0] == threading.get_ident() != seen["dw"][0]
+    assert seen["dx"][1] == seen["dw"][1] == [(0, 6)] and splits == []  # inline, though large enough to split
+    assert seen["dx"][2] == seen["dw"][2] == 1  # the BLAS on one thread on each side
+    assert runtime._inline == [0]
+    serial = []
+    monkeypatch.setitem(runtime._SERIAL, activation._relu_forward, lambda *a: serial.append(1))
+    x = np.ones(4, np.float32)
+    runtime._together(lambda: runtime._launch(activation._relu_forward, 1 << 40, x, x.copy()), lambda: None)
+    assert serial == [1]  # huge work, yet the serial twin: the other core is taken
+
+    done = []
+
+    def slow():
+        threading.Event().wait(0.05)
+        done.append(1)
+
+    def fail():
+        raise ValueError("first side")
+
+    with pytest.raises(ValueError, match="first side"):
+        runtime._together(fail, slow)
+    assert done == [1] and runtime._inline == [0]
+    with pytest.raises(KeyError, match="second side"):
+        runtime._together(lambda: 1, lambda: {}["second side"])
+
+
+def test_together_with_one_thread_runs_one_after_the_other(monkeypatch):
+    monkeypatch.setenv("SCRATCHSEG_NUM_THREADS", "1")
+    order = []
+    assert runtime._together(lambda: order.append(threading.get_ident()) or 1,
+                             lambda: order.append(threading.get_ident()) or 2) == (1, 2)
+    assert order == [threading.get_ident()] * 2
+
+
 class _Recorder:
     def __init__(self, refuse=False):
         self.calls, self.refuse = [], refuse

@@ -50,11 +50,39 @@ def test_cpu_conv2d_kernels_match_torch(case, dtype):
         y = kcpu.conv.conv2d_forward(x, w, b, stride, padding, dilation, groups)
         dx = kcpu.conv.conv2d_input_grad(dout, w, x_shape, stride, padding, dilation, groups)
         dw = kcpu.conv.conv2d_weight_grad(x, dout, w.shape, stride, padding, dilation, groups)
+        dx2, dw2 = kcpu.conv.conv2d_backward(x, w, dout, stride, padding, dilation, groups)  # together or in turn
     tol = dict(rtol=1e-7, atol=1e-10) if dtype == np.float64 else dict(rtol=1e-4, atol=1e-4)
-    assert y.dtype == dx.dtype == dw.dtype == dtype
+    assert y.dtype == dx.dtype == dw.dtype == dx2.dtype == dw2.dtype == dtype
     assert_close(y, y_t, **tol, msg="forward")
     assert_close(dx, dx_t, **tol, msg="input grad")
     assert_close(dw, dw_t, **tol, msg="weight grad")
+    assert_close(dx2, dx_t, **tol, msg="input grad, both gradients at once")
+    assert_close(dw2, dw_t, **tol, msg="weight grad, both gradients at once")
+
+
+def test_cpu_conv2d_backward_runs_small_gradients_together(monkeypatch):
+    """Both gradients of a product under _TOGETHER_MAX_MACS go to runtime._together, larger ones and a
+    single gradient do not; each way gives the separate products' values."""
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((4, 6, 9, 9)).astype(np.float32)
+    w = rng.standard_normal((5, 6, 3, 3)).astype(np.float32)
+    dout = rng.standard_normal((4, 5, 9, 9)).astype(np.float32)
+    dx = kcpu.conv.conv2d_input_grad(dout, w, x.shape, 1, 1, 1, 1)
+    dw = kcpu.conv.conv2d_weight_grad(x, dout, w.shape, 1, 1, 1, 1)
+    macs = 4 * 5 * 6 * 9 * 9 * 9
+    calls = count_calls(monkeypatch, conv, ("_together",))
+    for limit, together in [(macs + 1, True), (macs, False)]:
+        monkeypatch.setattr(conv, "_TOGETHER_MAX_MACS", limit)
+        calls.clear()
+        got = kcpu.conv.conv2d_backward(x, w, dout, 1, 1, 1, 1)
+        assert calls == (["_together"] if together else [])
+        assert_close(got[0], dx, rtol=1e-5, atol=1e-5)
+        assert_close(got[1], dw, rtol=1e-5, atol=1e-5)
+    monkeypatch.setattr(conv, "_TOGETHER_MAX_MACS", macs + 1)
+    calls.clear()
+    assert kcpu.conv.conv2d_backward(x, w, dout, 1, 1, 1, 1, True, False)[1] is None
+    assert kcpu.conv.conv2d_backward(x, w, dout, 1, 1, 1, 1, False, True)[0] is None
+    assert calls == []
 
 
 def test_cpu_conv2d_blocks_cover_every_output_row(monkeypatch):

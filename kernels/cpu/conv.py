@@ -28,9 +28,9 @@ from . import gemm, taps, winograd
 from ._common import _check_out, _pair, _working_dtype, conv_output_size
 from .balance import FMA_UNITS
 from .im2col import _col2im_block, _im2col_block
-from .runtime import L2_BYTES, _run, workspace
+from .runtime import L2_BYTES, _run, _together, workspace
 
-__all__ = ["conv2d_forward", "conv2d_input_grad", "conv2d_weight_grad"]
+__all__ = ["conv2d_forward", "conv2d_input_grad", "conv2d_weight_grad", "conv2d_backward"]
 
 # The columns of one block, in units of a core's L2 as detected at run time: twice
 # the L2 where one vector FMA unit per core multiplies (blocks of 4x the L2 spill
@@ -343,3 +343,41 @@ def conv2d_weight_grad(x, dout, weight_shape, stride=1, padding=0, dilation=1, g
     # not named dw: that is the dilation, which part() reads
     grad = (acc if direct else _transposed(acc)).reshape(K, Cg, kh, kw)  # (G, K/G, R) -> (K, Cg, kh, kw)
     return grad if given == dtype else grad.astype(given)
+
+
+# The two gradients of a small convolution side by side, one per core, each over
+# the whole batch (runtime._together), rather than each split by samples in
+# turn: one hand-over between the threads instead of two, and GEMMs twice as
+# wide. Below this many multiply-adds a product (8 samples, ms, split in turn /
+# side by side: 128 -> 128 on 8x8 2.37 / 2.06, 256 -> 256 on 4x4 2.52 / 1.95,
+# 64 -> 64 on 16x16 2.41 / 2.20; at 151M, 64 -> 32 on 32x32: 4.68 / 4.87;
+# benchmarks/NOTES.md).
+_TOGETHER_MAX_MACS = 100_000_000
+
+
+def conv2d_backward(x, weight, dout, stride=1, padding=0, dilation=1, groups=1, need_input_grad=True,
+                    need_weight_grad=True):
+    """Both gradients of conv2d: (dx or None, dw or None), as conv2d_input_grad and conv2d_weight_grad.
+
+    Where both are asked for and each is a product of fewer than
+    ``_TOGETHER_MAX_MACS`` multiply-adds, the two run at the same time on two
+    threads (``runtime._together``); otherwise one after the other, each split
+    by samples as usual.
+
+        >>> dx, dw = conv2d_backward(np.ones((2, 4, 5, 5)), np.ones((6, 2, 3, 3)), np.ones((2, 6, 5, 5)), 1, 1, 1, 2)
+        >>> dx.shape, dw.shape
+        ((2, 4, 5, 5), (6, 2, 3, 3))
+    """
+    def input_grad():
+        return conv2d_input_grad(dout, weight, x.shape, stride, padding, dilation, groups)
+
+    def weight_grad():
+        return conv2d_weight_grad(x, dout, weight.shape, stride, padding, dilation, groups)
+
+    if need_input_grad and need_weight_grad:
+        N, K = dout.shape[0], dout.shape[1]
+        macs = N * K * int(np.prod(weight.shape[1:])) * dout.shape[2] * dout.shape[3]
+        if macs < _TOGETHER_MAX_MACS:
+            return _together(input_grad, weight_grad)
+        return input_grad(), weight_grad()
+    return (input_grad() if need_input_grad else None), (weight_grad() if need_weight_grad else None)

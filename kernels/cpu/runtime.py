@@ -83,14 +83,19 @@ def _workers(N):
     return min(_threads(), N)
 
 
+def _start_workers(T):
+    """Start worker threads until T - 1 run (the caller is the T-th); hold _split_lock."""
+    while len(_workers_started) < T - 1:
+        i = len(_workers_started) + 1
+        _workers_started.append(workers.Worker(f"scratchseg-kernel-{i}", i, _threads()))
+
+
 def _split(N, part):
     """Run ``part(n0, n1)`` on contiguous sample ranges covering [0, N), one per worker thread."""
     T = _workers(N)
     bounds = [N * t // T for t in range(T + 1)]
     with _split_lock:  # one split at a time: callers in several threads queue here
-        while len(_workers_started) < T - 1:
-            i = len(_workers_started) + 1
-            _workers_started.append(workers.Worker(f"scratchseg-kernel-{i}", i, _threads()))
+        _start_workers(T)
         previous = _blas_threads.get()
         _blas_threads.set(1)  # each worker's GEMM runs on its own core (NumPy's BLAS is process-wide)
         try:
@@ -105,6 +110,41 @@ def _split(N, part):
                     raise error
             return [first] + [value for value, _ in rest]
         finally:
+            _blas_threads.set(previous)
+
+
+# While two products run side by side (_together), each runs inline on its own
+# thread: its samples are not split again, its parallel kernels run serially.
+_inline = [0]
+
+
+def _together(first, second):
+    """``first()`` on the calling thread and ``second()`` on a worker at the same time; (first(), second()).
+
+    Two independent products (a convolution's input and weight gradients), each
+    on one core over the whole batch, instead of each split in turn between the
+    cores: one hand-over between threads instead of two, and GEMMs twice as wide.
+    With one thread (or a BLAS whose threads cannot be capped), one after the other.
+    """
+    if _workers(2) < 2:
+        return first(), second()
+    with _split_lock:
+        _start_workers(2)
+        worker = _workers_started[0]
+        previous = _blas_threads.get()
+        _blas_threads.set(1)
+        _inline[0] += 1
+        try:
+            worker.post(second)
+            try:
+                a = first()
+            finally:  # the worker's product is finished before its arrays go back to the caller
+                b, error = _result(worker)
+            if error is not None:
+                raise error
+            return a, b
+        finally:
+            _inline[0] -= 1
             _blas_threads.set(previous)
 
 
@@ -142,6 +182,8 @@ def _run(N, part, macs):
     Inline, a product too small to split runs its GEMMs on one thread; a large
     one that cannot be split (one sample) keeps the BLAS's threads.
     """
+    if _inline[0]:  # one of two products side by side (_together): this thread alone, BLAS on one thread
+        return [part(0, N)]
     if _workers(N) > 1 and macs >= _SPLIT_MIN_MACS:
         return _split(N, part)
     if macs >= _SPLIT_MIN_MACS or _blas_threads is None:
@@ -193,7 +235,7 @@ def _parallel_njit(**options):
 
 def _launch(kernel, work, *args):
     """``kernel(*args)``: in parallel, or by its serial twin when ``work`` elements are too few to pay for it."""
-    if work < _PARALLEL_MIN_WORK:
+    if work < _PARALLEL_MIN_WORK or _inline[0]:  # (beside another product, the cores are taken)
         return _SERIAL[kernel](*args)
     with _PARALLEL_LOCK:
         return kernel(*args)

@@ -104,6 +104,18 @@ def conv2d_weight_grad(x, dout, weight_shape, stride, padding, dilation, groups)
     return dw.reshape(K, CG, kh, kw)  # (K, C/G, kh, kw)
 
 
+@replaceable
+def conv2d_backward(x, weight, dout, stride, padding, dilation, groups, need_input_grad=True, need_weight_grad=True):
+    """Both gradients of ``conv2d_forward`` at once: (dx or None, dw or None).
+
+    ``conv2d_input_grad`` and ``conv2d_weight_grad``, each where asked for. Here
+    one after the other; a kernel may compute the two side by side.
+    """
+    dx = conv2d_input_grad(dout, weight, x.shape, stride, padding, dilation, groups) if need_input_grad else None
+    dw = conv2d_weight_grad(x, dout, weight.shape, stride, padding, dilation, groups) if need_weight_grad else None
+    return dx, dw
+
+
 def _fit_output(dout, x_shape, w_shape, geometry):
     """Zero-pad ``dout`` (N, K, h, w) at the bottom/right up to the (Ho, Wo) of the geometry.
 
@@ -144,10 +156,9 @@ class Conv2d(Function):
     def backward(ctx, dout):
         x, w, geometry = ctx.x, ctx.w, ctx.geometry
         dx = dw = db = None
-        if ctx.needs_input_grad[0]:
-            dx = conv2d_input_grad(dout, w, x.shape, **geometry)
-        if ctx.needs_input_grad[1]:
-            dw = conv2d_weight_grad(x, dout, w.shape, **geometry)
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+            dx, dw = conv2d_backward(x, w, dout, geometry["stride"], geometry["padding"], geometry["dilation"],
+                                     geometry["groups"], ctx.needs_input_grad[0], ctx.needs_input_grad[1])
         if ctx.needs_input_grad[2]:
             db = dout.sum(axis=(0, 2, 3))  # (K,)
         return dx, dw, db
