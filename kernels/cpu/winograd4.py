@@ -124,28 +124,30 @@ def _at(m0, m1, m2, m3, m4, m5):
 def _output4(M, n, a, b, dh, dw, r0, r1, TW, bias, y):
     # y[n, k, a + dh*(4r + i), b + dw*(4s + j)] = (A^T M[:, k, t] A)[i, j] + bias[k], inside y only
     K, Ho, Wo = y.shape[1], y.shape[2], y.shape[3]
-    u = np.empty((4, 6, TW), dtype=M.dtype)
+    T = (r1 - r0) * TW
+    u = np.empty((4, 6, T), dtype=M.dtype)
     z = np.empty(4 * TW, dtype=M.dtype)
     n_out = _valid_range(b, dw, Wo, 4 * TW)[1]  # the outputs of residue class b along a row
     un = uint64(n)
     for k in range(K):
         uk = uint64(k)
         bk = bias[k]
+        for f in range(6):  # A^T m: combine the 6 rows of each tile, all the tile rows at once (long loops)
+            uf = uint64(f)
+            for t in range(T):
+                ut = uint64(t)
+                v = _at(M[uf, uk, ut], M[uf + 6, uk, ut], M[uf + 12, uk, ut], M[uf + 18, uk, ut],
+                        M[uf + 24, uk, ut], M[uf + 30, uk, ut])
+                u[0, f, t], u[1, f, t], u[2, f, t], u[3, f, t] = v
         for r in range(r0, r1):
             t0 = (r - r0) * TW
-            for f in range(6):  # A^T m: combine the 6 rows of each tile
-                uf = uint64(f)
-                for s in range(TW):
-                    t = uint64(t0 + s)
-                    v = _at(M[uf, uk, t], M[uf + 6, uk, t], M[uf + 12, uk, t], M[uf + 18, uk, t],
-                            M[uf + 24, uk, t], M[uf + 30, uk, t])
-                    u[0, f, s], u[1, f, s], u[2, f, s], u[3, f, s] = v
             for i in range(4):  # (A^T m) A: 4 outputs per tile along the row
                 oh = a + dh * (4 * r + i)
                 if oh >= Ho:
                     continue
                 for s in range(TW):
-                    v = _at(u[i, 0, s], u[i, 1, s], u[i, 2, s], u[i, 3, s], u[i, 4, s], u[i, 5, s])
+                    t = t0 + s
+                    v = _at(u[i, 0, t], u[i, 1, t], u[i, 2, t], u[i, 3, t], u[i, 4, t], u[i, 5, t])
                     z[4 * s] = v[0] + bk
                     z[4 * s + 1] = v[1] + bk
                     z[4 * s + 2] = v[2] + bk
