@@ -175,8 +175,9 @@ def _output_grad4(dout, n, a, b, dh, dw, r0, r1, TW, D):
     # D[6 xi + nu, k, t] = (A g A^T)[xi, nu] for the 4x4 tile g of dout at tile (r, s) of residue
     # class (a, b): g[i, j] = dout[n, k, a + dh*(4r + i), b + dw*(4s + j)], zero outside dout
     K, Ho, Wo = dout.shape[1], dout.shape[2], dout.shape[3]
+    T = (r1 - r0) * TW
     z = np.empty((4, 4 * TW), dtype=D.dtype)
-    e = np.empty((6, 4 * TW), dtype=D.dtype)
+    e = np.empty((6, 4 * T), dtype=D.dtype)  # A g of every tile row, row after row: tile t's columns at 4t
     n_out = _valid_range(b, dw, Wo, 4 * TW)[1]
     for k in range(K):
         uk = uint64(k)
@@ -188,15 +189,15 @@ def _output_grad4(dout, n, a, b, dh, dw, r0, r1, TW, D):
                         z[i, m] = 0
                     continue
                 _load_row(z, i, dout, n, k, oh, b, dw, 0, n_out)
+            m0 = 4 * (r - r0) * TW
             for m in range(4 * TW):  # A g: combine the 4 rows
                 v = _a6(z[0, m], z[1, m], z[2, m], z[3, m])
-                e[0, m], e[1, m], e[2, m], e[3, m], e[4, m], e[5, m] = v
-            t0 = (r - r0) * TW
-            for f in range(6):  # (A g) A^T: tile s combines columns 4s .. 4s+3
-                f6 = uint64(6 * f)
-                for s in range(TW):
-                    v = _a6(e[f, 4 * s], e[f, 4 * s + 1], e[f, 4 * s + 2], e[f, 4 * s + 3])
-                    _store6(D, f6, uk, uint64(t0 + s), v)
+                e[0, m0 + m], e[1, m0 + m], e[2, m0 + m], e[3, m0 + m], e[4, m0 + m], e[5, m0 + m] = v
+        for f in range(6):  # (A g) A^T: tile t combines columns 4t .. 4t+3, all the tile rows in one loop
+            f6 = uint64(6 * f)
+            for t in range(T):
+                v = _a6(e[f, 4 * t], e[f, 4 * t + 1], e[f, 4 * t + 2], e[f, 4 * t + 3])
+                _store6(D, f6, uk, uint64(t), v)
     return D
 
 
