@@ -317,27 +317,43 @@ def test_cpu_winograd_writes_every_output(winograd_everywhere):
 
 
 def test_cpu_winograd_copies_classes_apart_only_where_they_line_up(winograd_everywhere, monkeypatch):
-    """A dilated image's residue classes are copied apart when the sides and the padding are multiples
-    of the dilation (every class the same size), and the result is the in-place one, bit for bit."""
+    """A dilated image's residue classes are copied into one undilated image when the sides and the
+    padding are multiples of the dilation (every class the same size), for all three products, and
+    the results are the in-place ones (up to rounding: the tiles fall elsewhere)."""
     applies = winograd._split_applies
     assert applies((2, 3, 12, 8), (2, 4, 12, 8), 2, 2, 2, 2)
     assert applies((2, 3, 12, 9), (2, 4, 12, 9), 2, 3, 2, 3)
+    assert applies((2, 3, 12, 8), (2, 4, 8, 4), 0, 0, 2, 2)  # no padding: "valid" classes
     assert not applies((2, 3, 13, 8), (2, 4, 13, 8), 2, 2, 2, 2)  # an odd side: classes of two sizes
     assert not applies((2, 3, 12, 8), (2, 4, 10, 6), 1, 1, 2, 2)  # padding 1 at dilation 2
     assert not applies((2, 3, 12, 8), (2, 4, 12, 8), 1, 1, 1, 1)  # not dilated
+    # classes 6x4 (3x3 at dilation (2, 3)... here (2, 2)), each padded by 2/2 = 1: 2 zero rows and
+    # columns between two, the same offsets in the output image
+    assert winograd._class_planes((2, 3, 12, 8), (2, 4, 12, 8), 2, 2, 2, 2) == ((8, 6), (14, 10), (14, 10))
+    # padding 2 per class in rows: 4 zero rows between the two row classes; outputs 8 rows a class
+    assert winograd._class_planes((2, 3, 12, 9), (2, 4, 16, 9), 4, 3, 2, 3) == ((10, 5), (16, 13), (18, 13))
+    assert winograd._class_planes((2, 3, 12, 8), (2, 4, 8, 4), 0, 0, 2, 2) == ((6, 4), (12, 8), (10, 6))
     rng = np.random.default_rng(8)
-    x = rng.standard_normal((3, 5, 12, 16)).astype(np.float32)
-    w = rng.standard_normal((6, 5, 3, 3)).astype(np.float32)
-    dout = rng.standard_normal((3, 6, 12, 16)).astype(np.float32)
-    results = {}
-    for split in (False, True):
-        monkeypatch.setattr(winograd, "_SPLIT_CLASSES", split)
-        calls = count_calls(monkeypatch, winograd, ("_move_classes",))
-        results[split] = (kcpu.conv.conv2d_forward(x, w, None, 1, 2, 2, 1),
-                          kcpu.conv.conv2d_input_grad(dout, w, x.shape, 1, 2, 2, 1))
-        assert (len(calls) > 0) == split
-    for a, b in zip(results[False], results[True]):
-        np.testing.assert_array_equal(a, b)
+    for padding, dilation, width in [((2, 2), (2, 2), 16), ((4, 3), (2, 3), 15), ((0, 0), (2, 2), 16)]:
+        x = rng.standard_normal((3, 5, 12, width)).astype(np.float32)
+        w = rng.standard_normal((6, 5, 3, 3)).astype(np.float32)
+        out = (conv_output_size(12, 3, 1, padding[0], dilation[0]),
+               conv_output_size(width, 3, 1, padding[1], dilation[1]))
+        dout = rng.standard_normal((3, 6) + out).astype(np.float32)
+        results = {}
+        for split in (False, True):
+            monkeypatch.setattr(winograd, "_SPLIT_CLASSES", split)
+            calls = count_calls(monkeypatch, winograd, ("_move_classes",))
+            results[split] = (kcpu.conv.conv2d_forward(x, w, None, 1, padding, dilation, 1),
+                              kcpu.conv.conv2d_input_grad(dout, w, x.shape, 1, padding, dilation, 1),
+                              kcpu.conv.conv2d_weight_grad(x, dout, w.shape, 1, padding, dilation, 1))
+            # forward: in and out; input gradient: in and out; weight gradient: x and dout
+            assert len(calls) == (3 * 6 if split else 0), (padding, dilation, len(calls))
+        for name, a, b in zip(("forward", "input grad", "weight grad"), results[False], results[True]):
+            assert a.shape == b.shape
+            # F(4x4, 3x3)'s rounding is a few parts in a million of the largest output
+            assert_close(b, a, rtol=0, atol=2e-5 * np.abs(a).max(), msg=f"{name}, padding {padding}, "
+                                                                         f"dilation {dilation}")
 
 
 def test_cpu_winograd_4x4_tiles_where_the_classes_hold_them(winograd_everywhere, monkeypatch):

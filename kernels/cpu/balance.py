@@ -3,10 +3,11 @@
 Some choices of the convolutions depend on the balance between the core's
 arithmetic and its memory: a block of unfolded columns that the GEMM reads
 once per row tile is worth more cache when the GEMM is faster, and which
-GEMM runs a product best (ours or the BLAS's) changes with it. On an AMD EPYC (Zen 4) a 512-bit fused multiply-add takes both of
-the core's 256-bit pipes, one per cycle; an Intel Xeon (Sapphire Rapids and
-most AVX-512 Xeons) has two 512-bit units, two per cycle: the same products
-run twice as fast there, while the transforms do not, and the crossovers
+GEMM runs a product best (ours or the BLAS's) changes with it. On an AMD
+EPYC (Zen 4) a 512-bit fused multiply-add takes both of the core's 256-bit
+pipes, one per cycle; an Intel Xeon (Sapphire Rapids and most AVX-512 Xeons)
+has two 512-bit units, two per cycle: the same products run twice as fast
+there, while the passes over memory around them do not, and the crossovers
 move (measurements of both: ``benchmarks/NOTES.md``).
 
 The count is measured, not looked up by CPU model: a chain of dependent

@@ -290,16 +290,15 @@ def _winograd_conv(x, w, bias, ph, pw, dh, dw, y):
     b = np.zeros(K, dtype) if bias is None else np.ascontiguousarray(bias, dtype=dtype)
 
     if _split_applies(x.shape, y.shape, ph, pw, dh, dw):
-        H, W = x.shape[2], x.shape[3]
-        classes = dh * dw
+        (sh, sw), (Hm, Wm), (Hom, Wom) = _class_planes(x.shape, y.shape, ph, pw, dh, dw)
 
-        def part(n_lo, n_hi):  # sample by sample: its residue classes as a batch of undilated images
-            xs = workspace(C * H * W, dtype, 2).reshape(classes, C, H // dh, W // dw)
-            ys = workspace(K * Ho * Wo, dtype, 3).reshape(classes, K, Ho // dh, Wo // dw)
+        def part(n_lo, n_hi):  # sample by sample: its residue classes side by side in one undilated image
+            xs = workspace(C * Hm * Wm, dtype, 2).reshape(1, C, Hm, Wm)
+            ys = workspace(K * Hom * Wom, dtype, 3).reshape(1, K, Hom, Wom)
             for n in range(n_lo, n_hi):
-                _move_classes(x, n, dh, dw, xs, True)
-                _tiles(xs, U, b, ph // dh, pw // dw, 1, 1, ys, 0, classes, m)
-                _move_classes(y, n, dh, dw, ys, False)
+                _move_classes(x, n, dh, dw, sh, sw, xs[0], True)
+                _tiles(xs, U, b, ph // dh, pw // dw, 1, 1, ys, 0, 1, m)
+                _move_classes(y, n, dh, dw, sh, sw, ys[0], False)
     else:
         def part(n_lo, n_hi):
             _tiles(x, U, b, ph, pw, dh, dw, y, n_lo, n_hi, m)
@@ -327,9 +326,15 @@ def _tiles(x, U, b, ph, pw, dh, dw, y, n_lo, n_hi, m):
 # the undilated time (8x64 -> 64 on 128x128 at dilation 2, forward: 42 ms against
 # 31-33 undilated). Where every class has the same size and the padding is a
 # multiple of the dilation ("same" padding, as in DeepLab), each sample's classes
-# are first copied apart into contiguous planes (_move_classes), tiled as an
-# undilated batch, and the outputs copied back: two passes over
-# memory that cost less than the strides (measurements: benchmarks/NOTES.md).
+# are first copied into one undilated image (_move_classes): the classes side by
+# side, row classes down and column classes across, with 2p zero rows or columns
+# between two (p = padding / dilation: each class's own padding). That image is
+# tiled as an undilated one, and the outputs (the class's at the same places,
+# whatever the tiles compute between them) copied back: two passes over memory
+# that cost less than the strides, and one wide image whose tile rows are as
+# long as the undilated image's (separate planes of each class, half as wide at
+# dilation 2, made the transforms' short loops cost 20-40% more per pixel;
+# measurements: benchmarks/NOTES.md).
 _SPLIT_CLASSES = True
 
 
@@ -340,25 +345,43 @@ def _split_applies(x_shape, y_shape, ph, pw, dh, dw):
             and Wo % dw == 0 and ph % dh == 0 and pw % dw == 0)
 
 
+def _class_planes(x_shape, y_shape, ph, pw, dh, dw):
+    """The image of the classes side by side: ((sh, sw) the offset from one class to the next, (Hm, Wm)
+    the input image, (Hom, Wom) the output image); class (a, b)'s pixels start at (a sh, b sw) in both."""
+    Hc, Wc, Hoc, Woc = x_shape[2] // dh, x_shape[3] // dw, y_shape[2] // dh, y_shape[3] // dw
+    sh, sw = Hc + 2 * (ph // dh), Wc + 2 * (pw // dw)
+    return (sh, sw), ((dh - 1) * sh + Hc, (dw - 1) * sw + Wc), ((dh - 1) * sh + Hoc, (dw - 1) * sw + Woc)
+
+
 @njit(cache=True, nogil=True)
-def _move_classes(image, n, dh, dw, planes, apart):
-    # apart: planes[a*dw + b, c, i, j] = image[n, c, a + dh*i, b + dw*j], sample n's residue classes
-    # each made contiguous; else the other way round, the classes put back in their places
-    C, Hc, Wc = planes.shape[1], planes.shape[2], planes.shape[3]
+def _move_classes(image, n, dh, dw, sh, sw, plane, apart):
+    # apart: plane[c, a*sh + i, b*sw + j] = image[n, c, a + dh*i, b + dw*j], sample n's residue
+    # classes side by side, and every other pixel of the plane zero; else the other way round, the
+    # classes put back in their places (the plane's pixels between them unread)
+    C, Hc, Wc = image.shape[1], image.shape[2] // dh, image.shape[3] // dw
+    Hm, Wm = plane.shape[1], plane.shape[2]
     un = uint64(n)
     for c in range(C):
         uc = uint64(c)
-        for a in range(dh):
-            for i in range(Hc):
-                uh, ui = uint64(a + dh * i), uint64(i)
-                for b in range(dw):
-                    cls = uint64(a * dw + b)
-                    if apart:
-                        for j in range(Wc):
-                            planes[cls, uc, ui, uint64(j)] = image[un, uc, uh, uint64(b + dw * j)]
-                    else:
-                        for j in range(Wc):
-                            image[un, uc, uh, uint64(b + dw * j)] = planes[cls, uc, ui, uint64(j)]
+        for R in range(Hm):
+            a, i = R // sh, R % sh
+            uR = uint64(R)
+            if i >= Hc:  # a row between two row classes
+                if apart:
+                    for j in range(Wm):
+                        plane[uc, uR, uint64(j)] = 0
+                continue
+            uh = uint64(a + dh * i)
+            for b in range(dw):
+                base = b * sw
+                if apart:
+                    for j in range(Wc):
+                        plane[uc, uR, uint64(base + j)] = image[un, uc, uh, uint64(b + dw * j)]
+                    for j in range(base + Wc, min(base + sw, Wm)):  # the columns up to the next class
+                        plane[uc, uR, uint64(j)] = 0
+                else:
+                    for j in range(Wc):
+                        image[un, uc, uh, uint64(b + dw * j)] = plane[uc, uR, uint64(base + j)]
 
 
 # The weight gradient by the same tiles (the transpose of the forward's algorithm):
@@ -458,17 +481,32 @@ def _winograd_weight_grad(x, dout, ph, pw, dh, dw):
     positions = (m + 2) ** 2
     _, transform_in, _, transform_dout, _ = _kernels(m)
 
-    def part(n_lo, n_hi):  # each worker sums its own samples' share
-        S = np.zeros((positions, K, C), dtype)
+    def add_tiles(xs, ds, n_lo, n_hi, ph, pw, dh, dw, S):  # S += the tiles of samples [n_lo, n_hi)
         P = workspace(positions * K * C, dtype, 2).reshape(positions, K, C)
-        for segments, V, D in _gathered_with_workspaces(n_lo, n_hi, Ho, Wo, dh, dw, C, K, dtype,
-                                                        _WINOGRAD_GRAD_BLOCK_BYTES, m):
+        for segments, V, D in _gathered_with_workspaces(n_lo, n_hi, ds.shape[2], ds.shape[3], dh, dw, C, K,
+                                                        dtype, _WINOGRAD_GRAD_BLOCK_BYTES, m):
             for n, a, b, TW, r0, r1, t0, t1 in segments:
-                transform_in(x, n, a, b, dh, dw, ph, pw, r0, r1, TW, V[:, :, t0:t1])
-                transform_dout(dout, n, a, b, dh, dw, r0, r1, TW, D[:, :, t0:t1])
+                transform_in(xs, n, a, b, dh, dw, ph, pw, r0, r1, TW, V[:, :, t0:t1])
+                transform_dout(ds, n, a, b, dh, dw, r0, r1, TW, D[:, :, t0:t1])
             np.matmul(D, V.transpose(0, 2, 1), out=P)  # (m+2)^2 GEMMs (K, t) @ (t, C)
             S += P
         return S
+
+    if _split_applies(x.shape, dout.shape, ph, pw, dh, dw):  # the classes side by side, as the forward's
+        (sh, sw), (Hm, Wm), (Hom, Wom) = _class_planes(x.shape, dout.shape, ph, pw, dh, dw)
+
+        def part(n_lo, n_hi):  # dout's plane is zero between the classes: those outputs add nothing
+            S = np.zeros((positions, K, C), dtype)
+            xs = workspace(C * Hm * Wm, dtype, 3).reshape(1, C, Hm, Wm)
+            ds = workspace(K * Hom * Wom, dtype, 4).reshape(1, K, Hom, Wom)
+            for n in range(n_lo, n_hi):
+                _move_classes(x, n, dh, dw, sh, sw, xs[0], True)
+                _move_classes(dout, n, dh, dw, sh, sw, ds[0], True)
+                add_tiles(xs, ds, 0, 1, ph // dh, pw // dw, 1, 1, S)
+            return S
+    else:
+        def part(n_lo, n_hi):  # each worker sums its own samples' share
+            return add_tiles(x, dout, n_lo, n_hi, ph, pw, dh, dw, np.zeros((positions, K, C), dtype))
 
     partials = _run(N, part, N * K * C * 9 * Ho * Wo)
     S = partials[0]

@@ -27,6 +27,9 @@ for an 8x64x128x128 input and a 3x3 kernel they take 288 MiB in float32.
 Each core computation is a plain array function marked ``@replaceable``: a
 faster twin of the same name (``kernels/``) may compute the same result.
 The code below is the reference, and the tests hold the twins to it.
+``Conv2d.backward`` asks for both gradients through ``conv2d_backward``,
+which here calls the two in turn, so that a twin may compute them together
+(the CPU kernels run a small convolution's two side by side, one per core).
 """
 
 from __future__ import annotations
