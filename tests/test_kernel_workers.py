@@ -90,11 +90,11 @@ def test_together_runs_two_products_at_once_each_inline_and_waits_for_both(two_w
             return name
         return run
 
-    splits = []
-    monkeypatch.setattr(runtime, "_split", lambda N, part: splits.append(N) or [part(0, N)])
     assert runtime._together(side("dx"), side("dw")) == ("dx", "dw")
     assert seen["dx"][0] == threading.get_ident() != seen["dw"][0]
-    assert seen["dx"][1] == seen["dw"][1] == [(0, 6)] and splits == []  # inline, though large enough to split
+    # one share of all 6 samples, though the product is large enough to split (outside: 2 shares)
+    assert seen["dx"][1] == seen["dw"][1] == [(0, 6)]
+    assert runtime._run(6, lambda a, b: (a, b), 1 << 62) == [(0, 3), (3, 6)]
     assert seen["dx"][2] == seen["dw"][2] == 1  # the BLAS on one thread on each side
     assert runtime._inline == [0]
     serial = []

@@ -90,6 +90,11 @@ def _start_workers(T):
         _workers_started.append(workers.Worker(f"scratchseg-kernel-{i}", i, _threads()))
 
 
+# Inside a split every core is taken: a product a share runs (_together's) is not
+# split again, and a parallel kernel it launches runs its serial twin.
+_inline = [0]
+
+
 def _split(N, part):
     """Run ``part(n0, n1)`` on contiguous sample ranges covering [0, N), one per worker thread."""
     T = _workers(N)
@@ -98,6 +103,7 @@ def _split(N, part):
         _start_workers(T)
         previous = _blas_threads.get()
         _blas_threads.set(1)  # each worker's GEMM runs on its own core (NumPy's BLAS is process-wide)
+        _inline[0] += 1
         try:
             for t in range(1, T):
                 _workers_started[t - 1].post(part, bounds[t], bounds[t + 1])
@@ -110,12 +116,8 @@ def _split(N, part):
                     raise error
             return [first] + [value for value, _ in rest]
         finally:
+            _inline[0] -= 1
             _blas_threads.set(previous)
-
-
-# While two products run side by side (_together), each runs inline on its own
-# thread: its samples are not split again, its parallel kernels run serially.
-_inline = [0]
 
 
 def _together(first, second):
@@ -124,28 +126,13 @@ def _together(first, second):
     Two independent products (a convolution's input and weight gradients), each
     on one core over the whole batch, instead of each split in turn between the
     cores: one hand-over between threads instead of two, and GEMMs twice as wide.
+    It is a split of two "samples", the two products (inside, each runs inline).
     With one thread (or a BLAS whose threads cannot be capped), one after the other.
     """
     if _workers(2) < 2:
         return first(), second()
-    with _split_lock:
-        _start_workers(2)
-        worker = _workers_started[0]
-        previous = _blas_threads.get()
-        _blas_threads.set(1)
-        _inline[0] += 1
-        try:
-            worker.post(second)
-            try:
-                a = first()
-            finally:  # the worker's product is finished before its arrays go back to the caller
-                b, error = _result(worker)
-            if error is not None:
-                raise error
-            return a, b
-        finally:
-            _inline[0] -= 1
-            _blas_threads.set(previous)
+    a, b = _split(2, lambda lo, hi: (first, second)[lo]())
+    return a, b
 
 
 def _result(worker):
@@ -182,7 +169,7 @@ def _run(N, part, macs):
     Inline, a product too small to split runs its GEMMs on one thread; a large
     one that cannot be split (one sample) keeps the BLAS's threads.
     """
-    if _inline[0]:  # one of two products side by side (_together): this thread alone, BLAS on one thread
+    if _inline[0]:  # inside a split (a product of _together's): this thread alone, the BLAS on one thread
         return [part(0, N)]
     if _workers(N) > 1 and macs >= _SPLIT_MIN_MACS:
         return _split(N, part)
@@ -235,7 +222,7 @@ def _parallel_njit(**options):
 
 def _launch(kernel, work, *args):
     """``kernel(*args)``: in parallel, or by its serial twin when ``work`` elements are too few to pay for it."""
-    if work < _PARALLEL_MIN_WORK or _inline[0]:  # (beside another product, the cores are taken)
+    if work < _PARALLEL_MIN_WORK or _inline[0]:  # (inside a split the cores are taken)
         return _SERIAL[kernel](*args)
     with _PARALLEL_LOCK:
         return kernel(*args)
