@@ -181,7 +181,9 @@ def test_focal_matches_the_formula_in_torch(mode, data):
         alpha = data.draw(st.sampled_from([None, "weights"]))
         alpha = None if alpha is None else rng.uniform(0.2, 2.0, x.shape[1])
     if reduction == "mean" and not (t != ii).any():
-        t[(0,) * t.ndim] = 1  # 'mean' of nothing is nan on both sides; checked separately below
+        # 'mean' of nothing is nan on both sides (checked separately below): one position labelled 0,
+        # a class in both modes and never the ignore_index (C - 1 >= 1, or -100, 255, -1)
+        t[(0,) * t.ndim] = 0
     check_against_torch(
         lambda x, t: losses.focal_loss(x, t, mode, gamma, alpha, reduction, ignore_index=ii),
         lambda x, t: t_focal(x, t, mode, gamma, alpha, ii, reduction), [x, t], seed=rng, **TOL)
