@@ -16,10 +16,11 @@ U-Net runs (one group, unit stride and dilation in depth):
 * the depth ring (``_ring_columns``): each input plane is unfolded once, not
   kd times, into a ring of kd slots that *is* the column block of the next
   output plane, the weights rotated to the ring's order;
-* Winograd's F(2x2, 3x3) in (h, w) with the same ring in depth
+* Winograd's tiles in (h, w) with the same ring in depth
   (``_winograd3d_conv``, ``_winograd3d_weight_grad``, on ``winograd.py``'s
-  transforms) for 3x3 taps in the plane: 16 multiplications per 2x2 outputs
-  instead of 36, each plane transformed once for the kd output planes.
+  transforms) for 3x3 taps in the plane: F(4x4, 3x3) by default, 36
+  multiplications per 4x4 outputs instead of 144, each plane transformed
+  once for the kd output planes.
 
 The input gradient of a unit-stride convolution is the forward of the flipped
 kernel, so it takes the same paths (no col2im). The forward and the weight

@@ -1,4 +1,4 @@
-"""Winograd's minimal filtering F(2x2, 3x3): 3x3 unit-stride convolutions with 16 multiplications per 2x2 tile, not 36.
+"""Winograd's minimal filtering: 3x3 unit-stride convolutions in 16 multiplications per 2x2 tile, not 36.
 
 A 3x3 convolution with unit stride computes each 2x2 tile of outputs from a
 4x4 tile of inputs d. Winograd's minimal filtering algorithm F(2x2, 3x3)
