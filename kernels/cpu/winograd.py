@@ -48,7 +48,7 @@ import numpy as np  # host-only module: these kernels only ever see NumPy arrays
 from numba import njit, prange, uint64
 
 from . import gemm, winograd4
-from ._common import _load_row, _load_rows, _valid_range
+from ._common import _load_rows, _valid_range
 from .runtime import L2_BYTES, _launch, _parallel_njit, _run, workspace
 
 # When the tiles pay, measured with F(4x4, 3x3) tiles (_TILE = 4; 8 samples, two threads, ms,
@@ -407,20 +407,14 @@ def _winograd_output_grad(dout, n, a, b, dh, dw, r0, r1, TW, D):
     # D[(xi, nu), k, t] = (A g A^T)[xi, nu] for the 2x2 tile g of dout at tile (r, s) of residue
     # class (a, b): g[i, j] = dout[n, k, a + dh*(2r + i), b + dw*(2s + j)], zero outside dout.
     # A = [[1, 0], [1, 1], [1, -1], [0, -1]] (the forward's A^T, transposed).
-    K, Ho, Wo = dout.shape[1], dout.shape[2], dout.shape[3]
+    K, Wo = dout.shape[1], dout.shape[3]
     z = np.empty((2, 2 * TW), dtype=D.dtype)
     e = np.empty((4, 2 * TW), dtype=D.dtype)
     n_out = _valid_range(b, dw, Wo, 2 * TW)[1]  # the outputs of residue class b along a row
     for k in range(K):
         uk = uint64(k)
         for r in range(r0, r1):
-            for i in range(2):  # the tile row's 2 rows of dout, zero outside
-                oh = a + dh * (2 * r + i)
-                if oh >= Ho:
-                    for m in range(2 * TW):
-                        z[i, m] = 0
-                    continue
-                _load_row(z, i, dout, n, k, oh, b, dw, 0, n_out)
+            _load_rows(z, dout, n, k, a + dh * 2 * r, dh, b, dw, 0, n_out)  # the tile row's 2 rows, 0 outside
             for m in range(2 * TW):  # A g: combine the 2 rows
                 e[0, m] = z[0, m]
                 e[1, m] = z[0, m] + z[1, m]

@@ -31,7 +31,7 @@ from __future__ import annotations
 import numpy as np  # host-only module: these kernels only ever see NumPy arrays
 from numba import njit, prange, uint64
 
-from ._common import _load_row, _load_rows, _valid_range
+from ._common import _load_rows, _valid_range
 from .runtime import _parallel_njit
 
 # the transforms' coefficients as float32, so that float32 tiles are transformed in float32 (a
@@ -174,7 +174,7 @@ def _a6(g0, g1, g2, g3):
 def _output_grad4(dout, n, a, b, dh, dw, r0, r1, TW, D):
     # D[6 xi + nu, k, t] = (A g A^T)[xi, nu] for the 4x4 tile g of dout at tile (r, s) of residue
     # class (a, b): g[i, j] = dout[n, k, a + dh*(4r + i), b + dw*(4s + j)], zero outside dout
-    K, Ho, Wo = dout.shape[1], dout.shape[2], dout.shape[3]
+    K, Wo = dout.shape[1], dout.shape[3]
     T = (r1 - r0) * TW
     z = np.empty((4, 4 * TW), dtype=D.dtype)
     e = np.empty((6, 4 * T), dtype=D.dtype)  # A g of every tile row, row after row: tile t's columns at 4t
@@ -182,13 +182,7 @@ def _output_grad4(dout, n, a, b, dh, dw, r0, r1, TW, D):
     for k in range(K):
         uk = uint64(k)
         for r in range(r0, r1):
-            for i in range(4):  # the tile row's 4 rows of dout, zero outside
-                oh = a + dh * (4 * r + i)
-                if oh >= Ho:
-                    for m in range(4 * TW):
-                        z[i, m] = 0
-                    continue
-                _load_row(z, i, dout, n, k, oh, b, dw, 0, n_out)
+            _load_rows(z, dout, n, k, a + dh * 4 * r, dh, b, dw, 0, n_out)  # the tile row's 4 rows, 0 outside
             m0 = 4 * (r - r0) * TW
             for m in range(4 * TW):  # A g: combine the 4 rows
                 v = _a6(z[0, m], z[1, m], z[2, m], z[3, m])
