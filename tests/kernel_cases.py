@@ -28,7 +28,7 @@ def conv_cases(draw):
 
     The plan is a list of (module, name, value) for :func:`patched`.
     """
-    from kernels.cpu import conv, gemm, runtime
+    from kernels.cpu import conv, gemm, runtime, shifted
 
     (N, C, H, W), kh, kw, stride, padding, dilation = draw(geometries(max_size=12))
     groups = draw(st.sampled_from([g for g in (1, 2, 3) if C % g == 0]))
@@ -55,6 +55,10 @@ def conv_cases(draw):
         (runtime, "_SPLIT_MIN_MACS", draw(st.sampled_from([0, 1 << 62]))),
         # float32 products by our own GEMM (where the CPU has it) or by NumPy's BLAS
         (gemm, "_MODE", draw(st.sampled_from(["auto", "blas"]))),
+        # unit-stride float32 products over shifted rows wherever they fit (inf), as they are set, or never
+        (shifted, "_MAX_WASTE", draw(st.sampled_from([float("inf"), shifted._MAX_WASTE]))),
+        (shifted, "_MIN_DEPTH", draw(st.sampled_from([1, shifted._MIN_DEPTH]))),
+        (shifted, "_ENABLED", draw(st.booleans())),
     ]
     return (N, C, H, W), K, kh, kw, stride, padding, dilation, groups, plan
 

@@ -29,7 +29,7 @@ from scratchseg.functional.im2col import im2col as ref_im2col
 pytest.importorskip("numba")
 torch = pytest.importorskip("torch")
 import kernels.cpu as kcpu  # noqa: E402
-from kernels.cpu import conv, gemm, runtime, winograd  # noqa: E402
+from kernels.cpu import conv, gemm, runtime, shifted, winograd  # noqa: E402
 
 
 # ------------------------------------------------------------- blocked conv2d
@@ -238,6 +238,7 @@ def winograd_everywhere(monkeypatch):
     """Lower the thresholds so small test shapes take the Winograd path; count its uses."""
     for name in _WINOGRAD_THRESHOLDS:
         monkeypatch.setattr(winograd, name, 1)
+    monkeypatch.setattr(shifted, "_ENABLED", False)  # it would take the small float32 maps first
     monkeypatch.setattr(runtime, "_SPLIT_MIN_MACS", 0)  # the tiles of each worker's samples
     return count_calls(monkeypatch, winograd, ("_winograd_conv", "_winograd_weight_grad"))
 
@@ -396,6 +397,7 @@ def test_cpu_winograd_4x4_rounding_stays_small_with_many_channels(monkeypatch):
     w = (rng.standard_normal((K, C, 3, 3)) * np.sqrt(2 / (9 * C))).astype(np.float32)
     dout = rng.standard_normal((2, K, 32, 32)).astype(np.float32)
     assert winograd._winograd_applies(C, K, 3, 3, 1, 1, 1, 1, 1, 32, 32)
+    monkeypatch.setattr(shifted, "_ENABLED", False)  # which takes 64 channels on 32x32 first
     x64, w64, d64 = x.astype(np.float64), w.astype(np.float64), dout.astype(np.float64)
     expected = (kcpu.conv.conv2d_forward(x64, w64, None, 1, 1, 1, 1),
                 kcpu.conv.conv2d_input_grad(d64, w64, x.shape, 1, 1, 1, 1),
@@ -467,6 +469,7 @@ def taps_everywhere(monkeypatch):
     monkeypatch.setattr(taps, "_TAPS_MIN_CHANNELS", 1)
     monkeypatch.setattr(winograd, "_WINOGRAD_MIN_CHANNELS", 1 << 30)
     monkeypatch.setattr(winograd, "_WINOGRAD_GRAD_MIN_CHANNELS", 1 << 30)
+    monkeypatch.setattr(shifted, "_ENABLED", False)
     return count_calls(monkeypatch, taps, ("taps_forward", "taps_input_grad", "taps_weight_grad"))
 
 

@@ -17,6 +17,8 @@ where it does not apply, and the reference runs. One module per family:
   with enough channels;
 * ``gemm.py``          -- our own float32 GEMM (AVX-512 register tiles written as LLVM IR),
   which the convolutions' products run on where it applies, else NumPy's BLAS;
+* ``shifted.py``       -- unit-stride convolutions of small maps as one GEMM over the image's
+  shifted rows (no unfolded columns), blocks handed out to whichever thread asks;
 * ``taps.py``          -- convolution tap by tap over the outputs each tap reaches inside
   the image, which ``conv.py`` takes when most products would multiply zero padding;
 * ``normalization.py`` -- ``batch_norm_train_forward``, ``batch_norm_backward``;

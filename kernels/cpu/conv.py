@@ -16,15 +16,17 @@ across calls. The batch is split between worker threads (``runtime._run``),
 each with single-threaded GEMMs on its own samples. The forward and the input
 gradient of a 3x3 unit-stride convolution with enough channels (and the
 weight gradient of a wide one) go to Winograd's F(4x4, 3x3) instead
-(``winograd.py``); unit-stride convolutions whose taps mostly read zero
-padding (large dilations, small maps) go tap by tap (``taps.py``).
+(``winograd.py``), but those of small maps where one side has few channels
+to one GEMM over the image's shifted rows (``shifted.py``); unit-stride
+convolutions whose taps mostly read zero padding (large dilations, small
+maps) go tap by tap (``taps.py``).
 """
 
 from __future__ import annotations
 
 import numpy as np  # host-only module: these kernels only ever see NumPy arrays
 
-from . import gemm, taps, winograd
+from . import gemm, shifted, taps, winograd
 from ._common import _check_out, _pair, _working_dtype, conv_output_size
 from .balance import FMA_UNITS
 from .im2col import _col2im_block, _im2col_block
@@ -150,6 +152,9 @@ def conv2d_forward(x, weight, bias=None, stride=1, padding=0, dilation=1, groups
     dtype = _working_dtype(given)  # float16 runs in float32
     x = np.ascontiguousarray(x, dtype=dtype)
     y = _check_out(out, (N, K, Ho, Wo), dtype, "conv2d_forward")
+    if shifted.shifted_applies(C, K, H, W, Ho, Wo, kh, kw, sh, sw, ph, pw, dh, dw, groups, dtype):
+        shifted.shifted_conv(x, weight, bias, ph, pw, dh, dw, y)
+        return y if given == dtype else y.astype(given)
     if winograd._winograd_applies(C, K, kh, kw, sh, sw, dh, dw, groups, Ho, Wo):
         winograd._winograd_conv(x, np.asarray(weight, dtype=dtype), bias, ph, pw, dh, dw, y)
         return y if given == dtype else y.astype(given)
@@ -206,6 +211,9 @@ def conv2d_input_grad(dout, weight, x_shape, stride=1, padding=0, dilation=1, gr
     # unit stride: dx is the convolution of dout with the flipped, transposed kernel,
     # padded by d*(k-1) - p (the "full" correlation), which Winograd's tiles can compute
     qh, qw = dh * (kh - 1) - ph, dw * (kw - 1) - pw
+    if shifted.shifted_applies(K, C, Ho, Wo, H, W, kh, kw, sh, sw, qh, qw, dh, dw, groups, dtype):
+        shifted.shifted_conv(np.ascontiguousarray(dout, dtype=dtype), weight, None, qh, qw, dh, dw, dx, True)
+        return dx if given == dtype else dx.astype(given)
     if qh >= 0 and qw >= 0 and winograd._winograd_applies(K, C, kh, kw, sh, sw, dh, dw, groups, H, W):
         flipped = np.asarray(weight, dtype=dtype).transpose(1, 0, 2, 3)[:, :, ::-1, ::-1]  # (C, K, kh, kw)
         winograd._winograd_conv(np.ascontiguousarray(dout, dtype=dtype), flipped, None, qh, qw, dh, dw, dx)
@@ -303,6 +311,8 @@ def conv2d_weight_grad(x, dout, weight_shape, stride=1, padding=0, dilation=1, g
     given = np.result_type(x.dtype, dout.dtype)
     dtype = _working_dtype(given)
     x = np.ascontiguousarray(x, dtype=dtype)
+    if shifted.shifted_applies(C, K, H, W, Ho, Wo, kh, kw, sh, sw, ph, pw, dh, dw, groups, dtype):
+        return shifted.shifted_weight_grad(x, dout, kh, kw, ph, pw, dh, dw)
     if winograd._winograd_applies(C, K, kh, kw, sh, sw, dh, dw, groups, Ho, Wo,
                                   winograd._WINOGRAD_GRAD_MIN_CHANNELS, winograd._WINOGRAD_GRAD_MIN_CHANNEL_TILES):
         dwt = winograd._winograd_weight_grad(x, np.ascontiguousarray(dout, dtype=dtype), ph, pw, dh, dw)

@@ -88,7 +88,7 @@ _ROWS = (12, 8, 4, 2, 1)
 _KC = 128  # inner-dimension chunk: its 32-column panel of B is 16 KB, in L1
 
 
-def _make_tile():
+def _make_tile(gather="none"):
     """The intrinsic: C[rows, cols] (+)= A[rows, :kc] @ B[:kc, cols], every address and stride in bytes.
 
     ``tile(a, sam, sak, b, ldb, c, ldc, kc, accumulate, ncols, rows)``: A's
@@ -97,6 +97,11 @@ def _make_tile():
     2W (W = 16 floats, one AVX-512 register): two vectors of columns; 1..W:
     the first ``ncols`` of one vector, by masked loads and stores. Each
     (rows, masked or not) is its own loop, chosen once per call.
+
+    ``gather`` "b": B's rows are not evenly spaced, ``ldb`` is the address of
+    a table of int64 byte offsets, row k at ``b + table[k]``; "a": A's rows
+    are not, ``sam`` is the address of such a table, element (i, k) at ``a +
+    table[i] + k*sak`` (the shifted rows of an image, ``shifted.py``).
     """
 
     @intrinsic
@@ -138,7 +143,10 @@ def _make_tile():
 
             def variant(rows, masked):
                 c_rows = [builder.mul(const(i), ldc) for i in range(rows)]
-                a_rows = [builder.mul(const(i), sam) for i in range(rows)]
+                if gather == "a":
+                    a_rows = [builder.load(address(sam, const(8 * i)), typ=i64, align=8) for i in range(rows)]
+                else:
+                    a_rows = [builder.mul(const(i), sam) for i in range(rows)]
                 nv = 1 if masked else 2
 
                 def load(p):
@@ -174,7 +182,10 @@ def _make_tile():
                     phi = builder.phi(vec)
                     phi.add_incoming(v, start)
                     acc.append(phi)
-                b_row = builder.mul(k, ldb)
+                if gather == "b":
+                    b_row = builder.load(address(ldb, builder.mul(k, const(8))), typ=i64, align=8)
+                else:
+                    b_row = builder.mul(k, ldb)
                 bv = [load(address(b, b_row, const(4 * _W * j))) for j in range(nv)]
                 a_k = builder.mul(k, sak)
                 new = []
@@ -217,6 +228,8 @@ def _make_tile():
 
 
 _tile = _make_tile()
+_tile_gather_b = _make_tile(gather="b")
+_tile_gather_a = _make_tile(gather="a")
 
 
 @njit(cache=True, nogil=True, inline="always")

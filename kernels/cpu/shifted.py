@@ -1,0 +1,356 @@
+"""Unit-stride convolutions as one GEMM over shifted rows of the image: no unfolded columns.
+
+The columns of im2col repeat every input pixel kh*kw times; for small maps
+writing them and reading them back costs a good part of the product. Here
+the image is laid out so that every tap's row of the column matrix is a
+contiguous run of the image itself, shifted:
+
+* **The wide image** (``_widen_rows``). Each channel of the batch is one
+  long row: the samples' rows one after another, each ``W`` pixels followed
+  by ``pw`` zeros, each sample preceded by ``ph`` zero rows (and ``ph`` after
+  the last). A pixel (n, y, x) sits at ``(n*Hs + ph + y)*Wp + x`` with
+  ``Wp = W + pw``, ``Hs = H + ph``; the zero padding of one row's right end
+  is the next row's left padding.
+* **The output on the same grid.** Output pixel (n, yo, xo) is computed at
+  the same position q; tap (i, j) of channel c reads position
+  ``q + (dh*i - ph)*Wp + (dw*j - pw)`` of channel c, a fixed offset for the
+  tap. So B's row (c, i, j) of the product is the wide image at a fixed
+  offset, and the product is the own GEMM's tile with B's rows looked up in
+  a table of offsets (``gemm._tile_gather_b``). Positions that are no output
+  pixel (the zero columns and rows) are computed and dropped: 6% of the work
+  on 32x32 maps, 27% on 8x8 (``_MAX_WASTE``).
+* **Blocks handed out, not assigned.** The wide positions are cut into blocks
+  of whole register panels (``_BLOCKS`` of them, at least
+  ``_MIN_BLOCK_COLUMNS`` wide, their output in half the L2). Every thread
+  takes the next block from an atomic counter (``_take``) until none is left,
+  widens the input rows that block reads into its own buffer, multiplies, and
+  copies the block's pixels into ``y`` (with the bias). A thread that starts
+  late takes fewer blocks instead of holding the others up; each output pixel
+  is one chain of products whichever thread computes it, so the results are
+  the same from run to run.
+
+The input gradient of a 'same' convolution is the forward of the flipped,
+transposed kernel over dout (``_flip``), with the same padding: the same
+product. The weight gradient is dw^T = (the shifted rows of x) @ (dout at
+the same wide positions, pixel-major, zero elsewhere): the tile with A's
+rows looked up in the table (``gemm._tile_gather_a``), blocks of input
+channels handed out the same way, each row of dw^T one chain over every
+position.
+"""
+
+from __future__ import annotations
+
+import numpy as np  # host-only module: these kernels only ever see NumPy arrays
+from llvmlite import ir
+from numba import njit, types, uint64
+from numba.extending import intrinsic
+
+from . import gemm
+from .runtime import L2_BYTES, _run, workspace
+
+__all__ = ["shifted_applies", "shifted_conv", "shifted_weight_grad"]
+
+_LEAD = 16  # zeros before the first row of each channel (at least pw; a whole vector keeps rows aligned)
+
+
+# Where the products run here rather than on Winograd's tiles or unfolded columns
+# (8 samples, two threads, ms, here / elsewhere, forward, input gradient, weight
+# gradient: 32 -> 32 on 32x32 1.05 / 1.44, 1.09 / 1.40, 1.0 / 1.6; 64 -> 64 on 16x16
+# 0.96 / 1.35, 1.04 / 1.34; 128 -> 64 on 16x16 1.63 / 2.09; but 64 -> 64 on 64x64
+# 11.5 / 8.3, 128 -> 128 on 32x32 10.8 / 6.6, 256 -> 128 on 8x8 even or behind;
+# benchmarks/NOTES.md): Winograd's tiles need four times fewer multiplications,
+# and their transforms cost less per product the more channels share them, so
+# this path takes small maps where one side has few channels:
+_MAX_PIXELS = 1024  # input (or output) pixels per sample, at most
+_MAX_NARROW = 64  # channels of the narrower side (input or output), at most
+_MIN_DEPTH = 72  # the product's inner dimension (C*kh*kw), at least: with less, the tiles' set-up dominates
+_MAX_WASTE = 1.3  # wide positions per output pixel, at most (8x8 maps: 81 / 64; 4x4: 25 / 16 is too many)
+_ENABLED = True
+
+
+def shifted_applies(C, K, H, W, Ho, Wo, kh, kw, sh, sw, ph, pw, dh, dw, groups, dtype):
+    """Whether a convolution of C -> K channels runs here: unit stride, one group, float32, an output no
+    larger than the input (``2p <= d*(k-1)``: 'same', 'valid' and between), a small map whose wide rows
+    waste little, a narrow side, a deep enough product, and the own GEMM on this CPU."""
+    if not (_ENABLED and sh == 1 and sw == 1 and groups == 1 and dtype == np.float32
+            and 0 <= 2 * ph <= dh * (kh - 1) and 0 <= 2 * pw <= dw * (kw - 1) and pw < _LEAD
+            and Ho > 0 and Wo > 0 and C > 0 and K > 0):
+        return False
+    waste = (H + ph) * (W + pw) / (Ho * Wo)
+    return (max(H * W, Ho * Wo) <= _MAX_PIXELS and min(C, K) <= _MAX_NARROW and C * kh * kw >= _MIN_DEPTH
+            and waste <= _MAX_WASTE and gemm.enabled())
+
+
+@intrinsic
+def _take(typingctx, address):
+    """Atomically add 1 to the int64 at ``address``; its value before (a block number nobody else gets)."""
+    def codegen(context, builder, signature, args):
+        ptr = builder.inttoptr(args[0], ir.PointerType(ir.IntType(64)))
+        return builder.atomic_rmw("add", ptr, ir.Constant(ir.IntType(64), 1), "monotonic")
+
+    return types.int64(types.intp), codegen
+
+
+@njit(cache=True, nogil=True)
+def _widen_rows(x, g0, g1, Hs, ph, Wp, xw):
+    """Write the wide rows [g0, g1) of x (N, C, H, W), zero rows and columns included, into xw (C, cs) from
+    its element _LEAD on (xw's first _LEAD elements and everything after the rows are zeroed too)."""
+    N, C, H, W = x.shape
+    cs = xw.shape[1]
+    for c in range(C):
+        row = xw[c]
+        row[:_LEAD] = 0.0
+        o = _LEAD
+        for g in range(g0, g1):
+            n, y = g // Hs, g % Hs - ph
+            if n < N and 0 <= y < H:
+                for j in range(W):
+                    row[o + j] = x[n, c, y, j]
+                for j in range(W, Wp):
+                    row[o + j] = 0.0
+            else:
+                row[o:o + Wp] = 0.0
+            o += Wp
+        row[o:cs] = 0.0
+
+
+@njit(cache=True, nogil=True)
+def _drain(x, w2, offs, bias, has_bias, counter, per_block, blocks, q_end, Hs, ph, reach, Wp, xw, out, y):
+    """Take blocks of ``per_block`` wide output positions (``_take`` on ``counter``) until none is left:
+    each widened, multiplied and copied into y here. Returns how many blocks this thread took."""
+    done = 0
+    while True:
+        b = _take(counter.ctypes.data)
+        if b >= blocks:
+            return done
+        q0 = ph * Wp + b * per_block
+        q1 = min(q0 + per_block, q_end)
+        g0 = q0 // Wp - ph  # the input rows the block reads
+        _widen_rows(x, g0, (q1 - 1) // Wp - ph + reach + 1, Hs, ph, Wp, xw)
+        o = out[:, :q1 - q0]
+        _product(w2, offs, xw, q0 - g0 * Wp, o)
+        _narrow(o, q0, q1, Wp, Hs, ph, bias, has_bias, y)
+        done += 1
+
+
+@njit(cache=True, nogil=True)
+def _narrow(out, q0, q1, Wp, Hs, ph, bias, has_bias, y):
+    """Copy the output pixels among wide positions [q0, q1) (out: (K, q1 - q0)) into y (N, K, Ho, Wo)."""
+    K, Ho, Wo = y.shape[1], y.shape[2], y.shape[3]
+    for r in range(q0 // Wp, (q1 - 1) // Wp + 1):
+        n, yo = r // Hs, r % Hs - ph
+        if yo < 0 or yo >= Ho:
+            continue
+        j0, j1 = max(q0 - r * Wp, 0), min(q1 - r * Wp, Wo)
+        o = r * Wp - q0
+        for k in range(K):
+            b = bias[k] if has_bias else np.float32(0.0)
+            for j in range(j0, j1):
+                y[n, k, yo, j] = out[k, o + j] + b
+
+
+@njit(cache=True, nogil=True)
+def _gathered(gather_a, pa, sa, sak, pb, sb, pc, ldc, M, N, inner):
+    """C (M, N) = A @ B over ``inner``, C's rows ``ldc`` bytes apart at ``pc``, by the gathered tiles.
+
+    ``gather_a``: A's row m at ``pa + table[m]`` (``sa``: the table's address), element k ``sak`` bytes
+    on; B's row k at ``pb + k*sb``. Otherwise A's rows ``sa`` bytes apart, and B's row k at ``pb +
+    table[k]`` (``sb``: the table's address).
+    """
+    full = 2 * gemm._W
+    for k0 in range(0, inner, gemm._KC):
+        kc = min(gemm._KC, inner - k0)
+        acc = 1 if k0 > 0 else 0
+        n = 0
+        while n < N:
+            cols = full if N - n >= full else min(gemm._W, N - n)
+            m = 0
+            while m < M:
+                rows = gemm._tile_rows(M - m)
+                c = pc + m * ldc + 4 * n
+                if gather_a:
+                    gemm._tile_gather_a(pa + k0 * sak, sa + 8 * m, sak, pb + k0 * sb + 4 * n, sb, c, ldc, kc, acc,
+                                        cols, rows)
+                else:
+                    gemm._tile_gather_b(pa + k0 * sak + m * sa, sa, sak, pb + 4 * n, sb + 8 * k0, c, ldc, kc, acc,
+                                        cols, rows)
+                m += rows
+            n += cols
+
+
+@njit(cache=True, nogil=True)
+def _product(w2, offs, xw, q0, out):
+    """out (M, Q) = w2 (M, R) by the shifted rows of xw (row r at ``offs[r]`` bytes from the output
+    position) over the wide positions [q0, q0 + Q)."""
+    M, Q = out.shape
+    _gathered(False, w2.ctypes.data, w2.strides[0], w2.strides[1], xw.ctypes.data + 4 * (_LEAD + q0),
+              offs.ctypes.data, out.ctypes.data, out.strides[0], M, Q, offs.shape[0])
+
+
+@njit(cache=True, nogil=True)
+def _flip(weight, out):
+    """out (C, K*kh*kw) = the kernel (K, C, kh, kw) transposed and flipped: the input gradient's weights.
+
+    In blocks of 16 x 16 (k, c): a row of the result is K*kh*kw floats long, and writing one element of
+    each row in turn would touch a new page with every element.
+    """
+    K, C, kh, kw = weight.shape
+    T = kh * kw
+    w = weight.reshape(K * C * T)
+    o = out.reshape(C * K * T)
+    for k0 in range(0, K, 16):
+        for c0 in range(0, C, 16):
+            for k in range(k0, min(k0 + 16, K)):
+                for c in range(c0, min(c0 + 16, C)):
+                    src = uint64((k * C + c) * T + T - 1)
+                    dst = uint64((c * K + k) * T)
+                    for t in range(T):
+                        o[dst + uint64(t)] = w[src - uint64(t)]
+
+
+def _offsets(C, kh, kw, ph, pw, dh, dw, Wp, cs):
+    """The byte offset of B's row (c, i, j) from the output position: tap (i, j) of channel c."""
+    c = np.arange(C, dtype=np.int64).reshape(C, 1, 1)
+    i = np.arange(kh, dtype=np.int64).reshape(1, kh, 1)
+    j = np.arange(kw, dtype=np.int64).reshape(1, 1, kw)
+    return (4 * (c * cs + (dh * i - ph) * Wp + (dw * j - pw))).reshape(-1)
+
+
+def _channel_stride(rows, Wp):
+    """Elements per channel of a block's wide image of ``rows`` rows: the rows, the zeros before them and
+    room for the last panel's overrun, padded to an odd number of 64-byte lines (the channels spread
+    over the L1's sets)."""
+    used = _LEAD + rows * Wp + 2 * gemm._W + _LEAD
+    return used + (16 - used) % 32
+
+
+# Blocks per product: enough that the thread woken last still finds some (the caller
+# starts at once and takes more), few enough that each keeps a GEMM of several panels.
+_BLOCKS = 16
+_MIN_BLOCK_COLUMNS = 96
+
+
+def shifted_conv(x, weight, bias, ph, pw, dh, dw, y, flipped=False):
+    """y (N, M, Ho, Wo) = conv2d(x, weight) + bias at unit stride, float32, as one GEMM over shifted rows.
+
+    ``flipped``: the convolution with the kernel flipped and transposed, weight (C, M, kh, kw) read as
+    (M, C, kh, kw) (the input gradient's product, without a copy of the kernel).
+    """
+    N, C, H, W = x.shape
+    kh, kw = weight.shape[2], weight.shape[3]
+    weight = np.ascontiguousarray(weight, dtype=np.float32)
+    M = weight.shape[1] if flipped else weight.shape[0]
+    if flipped:  # in workspace slot 2: 0 and 1 are the caller's share's
+        w2 = workspace(weight.size, np.float32, 2).reshape(M, C * kh * kw)
+        _flip(weight, w2)
+    else:
+        w2 = weight.reshape(M, C * kh * kw)
+    Ho, Wo = y.shape[2], y.shape[3]
+    Wp, Hs, reach = W + pw, H + ph, dh * (kh - 1)
+    q_end = ((N - 1) * Hs + ph + Ho) * Wp  # the wide positions [ph*Wp, q_end) hold every output pixel
+    Q = q_end - ph * Wp
+    per_block = max(-(-Q // _BLOCKS), _MIN_BLOCK_COLUMNS)
+    per_block = min(per_block, max((L2_BYTES // 2) // (4 * M), _MIN_BLOCK_COLUMNS))
+    per_block = -(-per_block // 32) * 32  # whole panels
+    blocks = -(-Q // per_block)
+    cs = _channel_stride(-(-per_block // Wp) + 1 + reach, Wp)
+    offs = _offsets(C, kh, kw, ph, pw, dh, dw, Wp, cs)
+    has_bias = bias is not None
+    b = np.asarray(bias, dtype=np.float32) if has_bias else np.zeros(1, np.float32)
+    counter = np.zeros(1, np.int64)
+
+    def part(lo, hi):
+        xw = workspace(C * cs, np.float32).reshape(C, cs)
+        out = workspace(M * per_block, np.float32, 1).reshape(M, per_block)
+        return _drain(x, w2, offs, b, has_bias, counter, per_block, blocks, q_end, Hs, ph, reach, Wp, xw, out, y)
+
+    _run(blocks, part, N * M * C * kh * kw * Ho * Wo)  # one share per thread, each taking blocks until none is left
+    return y
+
+
+# ------------------------------------------------------------------ the weight gradient
+@njit(cache=True, nogil=True)
+def _dout_rows(dout, r_lo, r_hi, Hs, ph, Wp, dT):
+    """dT ((r_hi - r_lo)*Wp, K): dout (N, K, Ho, Wo) at the wide positions of rows [r_lo, r_hi), pixel-major,
+    zero where no output pixel is."""
+    N, K, Ho, Wo = dout.shape
+    for r in range(r_lo, r_hi):
+        n, yo = r // Hs, r % Hs - ph
+        o = (r - r_lo) * Wp
+        if n < N and 0 <= yo < Ho:
+            for k in range(K):
+                for j in range(Wo):
+                    dT[o + j, k] = dout[n, k, yo, j]
+            dT[o + Wo:o + Wp, :] = 0.0
+        else:
+            dT[o:o + Wp, :] = 0.0
+
+
+@njit(cache=True, nogil=True)
+def _product_t(base, table, dT, out):
+    """out (M, K) = the shifted rows of the image at ``base`` (row m at ``base + table[m]``), over dT's Q
+    positions, by dT (Q, K)."""
+    M, K = out.shape
+    _gathered(True, base, table.ctypes.data, 4, dT.ctypes.data, dT.strides[0], out.ctypes.data, out.strides[0],
+              M, K, dT.shape[0])
+
+
+@njit(cache=True, nogil=True)
+def _drain_weight_grad(x, dT, table, counter, per_block, blocks, g_end, Hs, ph, Wp, taps, xw, dwT):
+    """Take blocks of ``per_block`` input channels until none is left: each widened (all samples) and
+    multiplied by dT into its rows of dwT (C*taps, K)."""
+    C = x.shape[1]
+    done = 0
+    while True:
+        b = _take(counter.ctypes.data)
+        if b >= blocks:
+            return done
+        c0 = b * per_block
+        c1 = min(c0 + per_block, C)
+        _widen_rows(x[:, c0:c1], 0, g_end, Hs, ph, Wp, xw)
+        _product_t(xw.ctypes.data + 4 * (_LEAD + ph * Wp), table, dT, dwT[c0 * taps:c1 * taps])
+        done += 1
+
+
+# Input channels per block of the weight gradient: 36 rows of a 3x3 kernel's
+# gradient, three full register tiles, and 8 or more blocks from 32 channels on.
+_GRAD_CHANNELS = 4
+
+
+def shifted_weight_grad(x, dout, kh, kw, ph, pw, dh, dw):
+    """dw (K, C, kh, kw) of conv2d at unit stride, float32: dw^T = the shifted rows of x by dout^T."""
+    N, C, H, W = x.shape
+    K, Ho, Wo = dout.shape[1], dout.shape[2], dout.shape[3]
+    Wp, Hs, reach = W + pw, H + ph, dh * (kh - 1)
+    r_end = (N - 1) * Hs + ph + Ho
+    dT = workspace((r_end - ph) * Wp * K, np.float32, 2).reshape((r_end - ph) * Wp, K)  # slot 2: the caller's
+    _dout_rows(np.ascontiguousarray(dout, dtype=np.float32), ph, r_end, Hs, ph, Wp, dT)
+    per_block = min(_GRAD_CHANNELS, C)
+    blocks = -(-C // per_block)
+    g_end = r_end - ph + reach  # the wide rows the products read
+    cs = _channel_stride(g_end, Wp)
+    table = _offsets(per_block, kh, kw, ph, pw, dh, dw, Wp, cs)
+    taps = kh * kw
+    dwT = workspace(C * taps * K, np.float32, 3).reshape(C * taps, K)
+    counter = np.zeros(1, np.int64)
+
+    def part(lo, hi):
+        xw = workspace(per_block * cs, np.float32).reshape(per_block, cs)
+        return _drain_weight_grad(x, dT, table, counter, per_block, blocks, g_end, Hs, ph, Wp, taps, xw, dwT)
+
+    _run(blocks, part, N * K * C * taps * Ho * Wo)
+    grad = np.empty((K, C * taps), np.float32)
+    _transpose(dwT, grad)
+    return grad.reshape(K, C, kh, kw)
+
+
+@njit(cache=True, nogil=True)
+def _transpose(a, out):
+    """out (L, M) = a (M, L) transposed, in blocks of 16 x 16: a row of either may be a multiple of 4 KiB
+    long, and reading or writing one element of each row in turn would keep missing the L1."""
+    M, L = a.shape
+    for i0 in range(0, M, 16):
+        for j0 in range(0, L, 16):
+            for j in range(j0, min(j0 + 16, L)):
+                for i in range(i0, min(i0 + 16, M)):
+                    out[j, i] = a[i, j]
