@@ -171,7 +171,7 @@ def test_worker_is_not_placed_with_fewer_cpus_than_threads_or_when_the_move_is_r
     w, rec = _placed_worker(monkeypatch, 1, 2, [0, 1], [0, 0])
     rec.refuse = True
     w.post(lambda: 2)
-    assert w.result() == 2 and w._cpus == []  # refused once: no more tries
+    assert w.result() == 2 and w._placement._cpus == []  # refused once: no more tries
     w, rec = _placed_worker(monkeypatch, 1, 2, [0, 1], [5])  # the caller runs on a CPU not in the set
     w.post(lambda: 3)
     assert w.result() == 3 and rec.calls == []
@@ -236,7 +236,7 @@ def test_split_results_are_the_same_from_call_to_call(two_workers):
 
 def test_no_tuning_turns_placing_off():
     code = ("import kernels, kernels.cpu.workers as w; "
-            "print(w._getcpu is None, kernels.tuning['worker_placement'], w.Worker('t', 1, 2)._cpus)")
+            "print(w._getcpu is None, kernels.tuning['worker_placement'], w.Worker('t', 1, 2)._placement._cpus)")
     env = dict(os.environ, SCRATCHSEG_NO_TUNING="1")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
     assert out.returncode == 0 and out.stdout.split() == ["True", "False", "[]"], out.stderr[-2000:]

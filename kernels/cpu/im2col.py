@@ -335,7 +335,8 @@ def col2im(cols, x_shape, kh, kw, stride, padding, dilation, out=None):
         L = Ho * Wo
 
         def part(n0, n1):  # samples [n0, n1): their own planes of dx, their own columns
-            _col2im_block(cols[:, n0 * L:n1 * L], 0, C, n0, n1, 0, Ho, kh, kw, sh, sw, ph, pw, dh, dw, Wo, dx, False, False)
+            _col2im_block(cols[:, n0 * L:n1 * L], 0, C, n0, n1, 0, Ho, kh, kw, sh, sw, ph, pw, dh, dw, Wo, dx,
+                          False, False)
 
         if _workers(N) > 1:
             _split(N, part)

@@ -40,13 +40,15 @@ position.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np  # host-only module: these kernels only ever see NumPy arrays
 from llvmlite import ir
-from numba import njit, types, uint64
+from numba import carray, njit, types, uint64
 from numba.extending import intrinsic
 
-from . import gemm
-from .runtime import L2_BYTES, _run, workspace
+from . import gemm, native, runtime
+from .runtime import L2_BYTES, workspace
 
 __all__ = ["shifted_applies", "shifted_conv", "shifted_weight_grad"]
 
@@ -92,26 +94,37 @@ def _take(typingctx, address):
 
 
 @njit(cache=True, nogil=True)
-def _widen_rows(x, g0, g1, Hs, ph, Wp, xw):
-    """Write the wide rows [g0, g1) of x (N, C, H, W), zero rows and columns included, into xw (C, cs) from
-    its element _LEAD on (xw's first _LEAD elements and everything after the rows are zeroed too)."""
+def _widen_rows(x, c0, c1, g0, g1, Hs, ph, Wp, xw):
+    """Write the wide rows [g0, g1) of channels [c0, c1) of x (N, C, H, W, C-contiguous), zero rows and
+    columns included, into xw (c1 - c0, cs) from its element _LEAD on (xw's first _LEAD elements and
+    everything after the rows zeroed too).
+
+    Flat, unsigned indices: the rows are short (4 to 32 pixels), and per-row views or signed indices
+    (checked for Python's negative wraparound) cost more than the copy.
+    """
     N, C, H, W = x.shape
     cs = xw.shape[1]
-    for c in range(C):
-        row = xw[c]
-        row[:_LEAD] = 0.0
-        o = _LEAD
+    xf, wf = x.reshape(N * C * H * W), xw.reshape(xw.shape[0] * cs)
+    zero = np.float32(0.0)
+    for c in range(c0, c1):
+        base = uint64((c - c0) * cs)
+        for e in range(_LEAD):
+            wf[base + uint64(e)] = zero
+        o = base + uint64(_LEAD)
         for g in range(g0, g1):
-            n, y = g // Hs, g % Hs - ph
-            if n < N and 0 <= y < H:
+            n, yy = g // Hs, g % Hs - ph
+            if n < N and 0 <= yy < H:
+                src = uint64(((n * C + c) * H + yy) * W)
                 for j in range(W):
-                    row[o + j] = x[n, c, y, j]
+                    wf[o + uint64(j)] = xf[src + uint64(j)]
                 for j in range(W, Wp):
-                    row[o + j] = 0.0
+                    wf[o + uint64(j)] = zero
             else:
-                row[o:o + Wp] = 0.0
-            o += Wp
-        row[o:cs] = 0.0
+                for j in range(Wp):
+                    wf[o + uint64(j)] = zero
+            o += uint64(Wp)
+        for e in range(o, base + uint64(cs)):
+            wf[e] = zero
 
 
 @njit(cache=True, nogil=True)
@@ -126,27 +139,32 @@ def _drain(x, w2, offs, bias, has_bias, counter, per_block, blocks, q_end, Hs, p
         q0 = ph * Wp + b * per_block
         q1 = min(q0 + per_block, q_end)
         g0 = q0 // Wp - ph  # the input rows the block reads
-        _widen_rows(x, g0, (q1 - 1) // Wp - ph + reach + 1, Hs, ph, Wp, xw)
+        _widen_rows(x, 0, x.shape[1], g0, (q1 - 1) // Wp - ph + reach + 1, Hs, ph, Wp, xw)
         o = out[:, :q1 - q0]
         _product(w2, offs, xw, q0 - g0 * Wp, o)
-        _narrow(o, q0, q1, Wp, Hs, ph, bias, has_bias, y)
+        _narrow(out, q0, q1, Wp, Hs, ph, bias, has_bias, y)
         done += 1
 
 
 @njit(cache=True, nogil=True)
 def _narrow(out, q0, q1, Wp, Hs, ph, bias, has_bias, y):
-    """Copy the output pixels among wide positions [q0, q1) (out: (K, q1 - q0)) into y (N, K, Ho, Wo)."""
-    K, Ho, Wo = y.shape[1], y.shape[2], y.shape[3]
+    """Copy the output pixels among wide positions [q0, q1) (out: (K, L), C-contiguous, L >= q1 - q0) into
+    y (N, K, Ho, Wo, C-contiguous), adding the bias; flat unsigned indices, as in _widen_rows."""
+    N, K, Ho, Wo = y.shape
+    yf = y.reshape(N * K * Ho * Wo)
+    ld = out.shape[1]
+    of = out.reshape(K * ld)
     for r in range(q0 // Wp, (q1 - 1) // Wp + 1):
         n, yo = r // Hs, r % Hs - ph
         if yo < 0 or yo >= Ho:
             continue
         j0, j1 = max(q0 - r * Wp, 0), min(q1 - r * Wp, Wo)
-        o = r * Wp - q0
         for k in range(K):
             b = bias[k] if has_bias else np.float32(0.0)
+            dst = uint64(((n * K + k) * Ho + yo) * Wo)
+            src = uint64(k * ld + r * Wp - q0)
             for j in range(j0, j1):
-                y[n, k, yo, j] = out[k, o + j] + b
+                yf[dst + uint64(j)] = of[src + uint64(j)] + b
 
 
 @njit(cache=True, nogil=True)
@@ -230,6 +248,22 @@ _BLOCKS = 16
 _MIN_BLOCK_COLUMNS = 96
 
 
+@functools.lru_cache(maxsize=256)
+def _plan(N, C, H, W, M, kh, kw, ph, pw, dh, dw, Ho, blocks, min_columns):
+    """The blocks of a product (computed once per geometry: a layer's calls repeat it every step):
+    (q_end, per_block, blocks, cs, offsets), for ``blocks`` blocks of at least ``min_columns``."""
+    Wp, Hs, reach = W + pw, H + ph, dh * (kh - 1)
+    q_end = ((N - 1) * Hs + ph + Ho) * Wp  # the wide positions [ph*Wp, q_end) hold every output pixel
+    Q = q_end - ph * Wp
+    per_block = max(-(-Q // blocks), min_columns)
+    per_block = min(per_block, max((L2_BYTES // 2) // (4 * M), min_columns))
+    per_block = -(-per_block // 32) * 32  # whole panels
+    cs = _channel_stride(-(-per_block // Wp) + 1 + reach, Wp)
+    offs = _offsets(C, kh, kw, ph, pw, dh, dw, Wp, cs)
+    offs.flags.writeable = False
+    return q_end, per_block, -(-Q // per_block), cs, offs
+
+
 def shifted_conv(x, weight, bias, ph, pw, dh, dw, y, flipped=False):
     """y (N, M, Ho, Wo) = conv2d(x, weight) + bias at unit stride, float32, as one GEMM over shifted rows.
 
@@ -247,25 +281,78 @@ def shifted_conv(x, weight, bias, ph, pw, dh, dw, y, flipped=False):
         w2 = weight.reshape(M, C * kh * kw)
     Ho, Wo = y.shape[2], y.shape[3]
     Wp, Hs, reach = W + pw, H + ph, dh * (kh - 1)
-    q_end = ((N - 1) * Hs + ph + Ho) * Wp  # the wide positions [ph*Wp, q_end) hold every output pixel
-    Q = q_end - ph * Wp
-    per_block = max(-(-Q // _BLOCKS), _MIN_BLOCK_COLUMNS)
-    per_block = min(per_block, max((L2_BYTES // 2) // (4 * M), _MIN_BLOCK_COLUMNS))
-    per_block = -(-per_block // 32) * 32  # whole panels
-    blocks = -(-Q // per_block)
-    cs = _channel_stride(-(-per_block // Wp) + 1 + reach, Wp)
-    offs = _offsets(C, kh, kw, ph, pw, dh, dw, Wp, cs)
+    q_end, per_block, blocks, cs, offs = _plan(N, C, H, W, M, kh, kw, ph, pw, dh, dw, Ho, _BLOCKS, _MIN_BLOCK_COLUMNS)
     has_bias = bias is not None
-    b = np.asarray(bias, dtype=np.float32) if has_bias else np.zeros(1, np.float32)
+    b = np.ascontiguousarray(bias, dtype=np.float32) if has_bias else np.zeros(1, np.float32)
     counter = np.zeros(1, np.int64)
 
-    def part(lo, hi):
+    def part(lo=0, hi=0):
         xw = workspace(C * cs, np.float32).reshape(C, cs)
         out = workspace(M * per_block, np.float32, 1).reshape(M, per_block)
         return _drain(x, w2, offs, b, has_bias, counter, per_block, blocks, q_end, Hs, ph, reach, Wp, xw, out, y)
 
-    _run(blocks, part, N * M * C * kh * kw * Ho * Wo)  # one share per thread, each taking blocks until none is left
+    def fill(task, threads):  # the same drain for the native workers, each with buffers of its own
+        xw, out = _worker_buffers(threads, C * cs, M * per_block)
+        task[:27] = (_CONV, counter.ctypes.data, x.ctypes.data, N, C, H, W, w2.ctypes.data, M, w2.shape[1],
+                     offs.ctypes.data, b.ctypes.data, has_bias, per_block, blocks, q_end, Hs, ph, reach, Wp,
+                     xw.ctypes.data, cs, out.ctypes.data, y.ctypes.data, Ho, Wo, b.size)
+
+    _share(blocks, part, fill, N * M * C * kh * kw * Ho * Wo)
     return y
+
+
+_CONV, _WEIGHT_GRAD = 1, 2
+
+
+def _worker_buffers(threads, xw_size, out_size):
+    """The native workers' own scratch arrays (workspace slots 4 and 5 of the caller, one slice each),
+    and the elements from one worker's to the next's: xw, out."""
+    n = threads - 1
+    return workspace(n * xw_size, np.float32, 4), workspace(n * max(out_size, 1), np.float32, 5)
+
+
+def _share(blocks, part, fill, macs):
+    """Run ``part`` on every thread, each taking blocks until none is left: on the native workers where
+    they run (``native.run``: no hand-over through the interpreter), else by ``runtime._run``."""
+    threads = runtime._workers(blocks)
+    if threads < 2 or not native.available() or runtime._inline[0] or macs < runtime._SPLIT_MIN_MACS:
+        runtime._run(blocks, part, macs)
+        return
+    with runtime._split_lock:
+        fill(native.task(), threads)
+        native.run(threads, _serve, part)
+
+
+@njit(cache=True, nogil=True)
+def _serve(words, task):
+    """A native worker's loop (it never returns): run each task posted to it, sleep in between."""
+    while True:
+        seq = native._claim(words)
+        if seq >= 0:
+            _run_task(task, words[native._INDEX])
+            native._done(words, seq)
+        else:
+            native._sleep(words)
+
+
+@njit(cache=True, nogil=True)
+def _run_task(t, index):
+    """Worker ``index``'s share of the task row ``t`` (see ``fill`` in shifted_conv and shifted_weight_grad)."""
+    f32, i64 = native._f32, native._i64
+    counter = carray(i64(t[1]), (1,))
+    x = carray(f32(t[2]), (t[3], t[4], t[5], t[6]))
+    if t[0] == _CONV:
+        M, R, per_block = t[8], t[9], t[13]
+        xw = carray(f32(t[20] + 4 * (index - 1) * t[4] * t[21]), (t[4], t[21]))
+        out = carray(f32(t[22] + 4 * (index - 1) * M * per_block), (M, per_block))
+        _drain(x, carray(f32(t[7]), (M, R)), carray(i64(t[10]), (R,)), carray(f32(t[11]), (t[26],)), t[12] != 0,
+               counter, per_block, t[14], t[15], t[16], t[17], t[18], t[19], xw, out,
+               carray(f32(t[23]), (t[3], M, t[24], t[25])))
+    elif t[0] == _WEIGHT_GRAD:
+        per_block, cs, taps, K = t[12], t[20], t[18], t[9]
+        xw = carray(f32(t[19] + 4 * (index - 1) * per_block * cs), (per_block, cs))
+        _drain_weight_grad(x, carray(f32(t[7]), (t[8], K)), carray(i64(t[10]), (t[11],)), counter, per_block,
+                           t[13], t[14], t[15], t[16], t[17], taps, xw, carray(f32(t[21]), (t[4] * taps, K)))
 
 
 # ------------------------------------------------------------------ the weight gradient
@@ -307,7 +394,7 @@ def _drain_weight_grad(x, dT, table, counter, per_block, blocks, g_end, Hs, ph, 
             return done
         c0 = b * per_block
         c1 = min(c0 + per_block, C)
-        _widen_rows(x[:, c0:c1], 0, g_end, Hs, ph, Wp, xw)
+        _widen_rows(x, c0, c1, 0, g_end, Hs, ph, Wp, xw)
         _product_t(xw.ctypes.data + 4 * (_LEAD + ph * Wp), table, dT, dwT[c0 * taps:c1 * taps])
         done += 1
 
@@ -315,6 +402,14 @@ def _drain_weight_grad(x, dT, table, counter, per_block, blocks, g_end, Hs, ph, 
 # Input channels per block of the weight gradient: 36 rows of a 3x3 kernel's
 # gradient, three full register tiles, and 8 or more blocks from 32 channels on.
 _GRAD_CHANNELS = 4
+
+
+@functools.lru_cache(maxsize=256)
+def _grad_offsets(*args):
+    """_offsets, computed once per geometry (read-only)."""
+    table = _offsets(*args)
+    table.flags.writeable = False
+    return table
 
 
 def shifted_weight_grad(x, dout, kh, kw, ph, pw, dh, dw):
@@ -329,16 +424,22 @@ def shifted_weight_grad(x, dout, kh, kw, ph, pw, dh, dw):
     blocks = -(-C // per_block)
     g_end = r_end - ph + reach  # the wide rows the products read
     cs = _channel_stride(g_end, Wp)
-    table = _offsets(per_block, kh, kw, ph, pw, dh, dw, Wp, cs)
+    table = _grad_offsets(per_block, kh, kw, ph, pw, dh, dw, Wp, cs)
     taps = kh * kw
     dwT = workspace(C * taps * K, np.float32, 3).reshape(C * taps, K)
     counter = np.zeros(1, np.int64)
 
-    def part(lo, hi):
+    def part(lo=0, hi=0):
         xw = workspace(per_block * cs, np.float32).reshape(per_block, cs)
         return _drain_weight_grad(x, dT, table, counter, per_block, blocks, g_end, Hs, ph, Wp, taps, xw, dwT)
 
-    _run(blocks, part, N * K * C * taps * Ho * Wo)
+    def fill(task, threads):
+        xw, _ = _worker_buffers(threads, per_block * cs, 0)
+        task[:22] = (_WEIGHT_GRAD, counter.ctypes.data, x.ctypes.data, N, C, H, W, dT.ctypes.data, dT.shape[0], K,
+                     table.ctypes.data, table.size, per_block, blocks, g_end, Hs, ph, Wp, taps, xw.ctypes.data, cs,
+                     dwT.ctypes.data)
+
+    _share(blocks, part, fill, N * K * C * taps * Ho * Wo)
     grad = np.empty((K, C * taps), np.float32)
     _transpose(dwT, grad)
     return grad.reshape(K, C, kh, kw)

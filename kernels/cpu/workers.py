@@ -29,7 +29,7 @@ import threading
 
 from .. import process
 
-__all__ = ["Worker"]
+__all__ = ["Worker", "Placement"]
 
 
 def _cpu_reader():
@@ -56,6 +56,34 @@ def allowed_cpus():
         return []
 
 
+class Placement:
+    """Where a worker thread runs: the ``index``-th allowed CPU after its caller's (see the module docstring).
+
+    ``place(tid)`` moves the thread ``tid`` there, when the caller has changed CPU since the last move.
+    """
+
+    def __init__(self, index, threads):
+        self._index = index
+        cpus = allowed_cpus()
+        self._cpus = cpus if _getcpu is not None and len(cpus) >= threads > 1 else []
+        self._cpu = None  # where the worker was last placed
+
+    def place(self, tid):
+        if not self._cpus:
+            return
+        here = _getcpu()
+        if here not in self._cpus:
+            return
+        cpu = self._cpus[(self._cpus.index(here) + self._index) % len(self._cpus)]
+        if cpu == self._cpu:
+            return
+        try:
+            os.sched_setaffinity(tid, {cpu})
+            self._cpu = cpu
+        except OSError:  # the allowed CPUs changed under us: stop placing
+            self._cpus = []
+
+
 class Worker:
     """A thread that runs what it is given, ``post(fn, *args)`` then ``result()``, one task at a time.
 
@@ -68,10 +96,7 @@ class Worker:
         self._cond = threading.Condition()
         self._posted = self._done = 0
         self._task = self._outcome = None
-        self._index = index
-        cpus = allowed_cpus()
-        self._cpus = cpus if _getcpu is not None and len(cpus) >= threads > 1 else []
-        self._cpu = None  # where the worker was last placed
+        self._placement = Placement(index, threads)
         started = threading.Event()
         self.thread = threading.Thread(target=self._loop, args=(started,), name=name, daemon=True)
         self.thread.start()
@@ -79,8 +104,7 @@ class Worker:
 
     def post(self, fn, *args):
         """Hand ``fn(*args)`` to the thread (which must be done with its previous task)."""
-        if self._cpus:
-            self._place()
+        self._placement.place(self._tid)
         with self._cond:
             self._task = (fn, args)
             self._posted += 1
@@ -95,20 +119,6 @@ class Worker:
         if error is not None:
             raise error
         return value
-
-    def _place(self):
-        """Move the worker to the index-th allowed CPU after the caller's, if it is not there."""
-        here = _getcpu()
-        if here not in self._cpus:
-            return
-        cpu = self._cpus[(self._cpus.index(here) + self._index) % len(self._cpus)]
-        if cpu == self._cpu:
-            return
-        try:
-            os.sched_setaffinity(self._tid, {cpu})
-            self._cpu = cpu
-        except OSError:  # the allowed CPUs changed under us: stop placing
-            self._cpus = []
 
     def _loop(self, started):
         self._tid = threading.get_native_id()
