@@ -63,24 +63,24 @@ def _count_serve(words, task):
 
 @needs_native
 def test_every_task_runs_once_by_the_worker_or_by_the_caller(monkeypatch):
-    """A worker of its own (the task row and workers are the module's: saved and restored)."""
-    monkeypatch.setattr(native, "_workers", [])
-    monkeypatch.setattr(native, "_task", np.zeros(native._TASK, np.int64))
+    """A worker of its own, serving a task row of its own."""
+    task = np.zeros(native._TASK, np.int64)
     done_by_worker = np.zeros(1, np.int64)
     done_by_caller = [0]
-    native.task()[0] = done_by_worker.ctypes.data
+    task[0] = done_by_worker.ctypes.data
     took = []
     for i in range(300):
         if i % 50 == 0:
             time.sleep(0.01)  # the worker asleep at the next post
         before = done_by_worker[0]
         # the caller's own share: none (the worker rarely claims the task in time) or 0.3 ms (it does)
-        took.append(native.run(2, _count_serve, (lambda: None) if i % 2 else (lambda: time.sleep(0.0003))))
+        took.append(native.run(2, _count_serve, (lambda: None) if i % 2 else (lambda: time.sleep(0.0003)), task))
         done_by_caller[0] += int(done_by_worker[0] == before)
         assert done_by_worker[0] - before == took[-1]  # counted once, and only where the worker claimed it
     assert done_by_worker[0] + done_by_caller[0] == 300
     assert sum(took) == done_by_worker[0]
     assert 0 < sum(took) < 300  # both ways happened
+    assert len(native._workers[_count_serve]) == 1
 
 
 def _product_args(rng):
@@ -138,11 +138,11 @@ rng = np.random.default_rng(0)
 x = rng.standard_normal((4, 32, 16, 16)).astype(np.float32)
 w = rng.standard_normal((32, 32, 3, 3)).astype(np.float32)
 before = conv.conv2d_forward(x, w, None, 1, 1)
-assert len(native._workers) == 1, native._workers
+assert [len(v) for v in native._workers.values()] == [1], native._workers
 pid = os.fork()
 if pid == 0:  # the child has no worker thread: its first product starts its own
     again = conv.conv2d_forward(x, w, None, 1, 1)
-    os._exit(0 if np.array_equal(again, before) and len(native._workers) == 1 else 3)
+    os._exit(0 if np.array_equal(again, before) and [len(v) for v in native._workers.values()] == [1] else 3)
 _, status = os.waitpid(pid, 0)
 print(os.waitstatus_to_exitcode(status))
 """

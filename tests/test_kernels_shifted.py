@@ -116,6 +116,7 @@ def test_cpu_shifted_results_do_not_depend_on_which_thread_takes_a_block(shifted
     ({"ph": 2}, False),  # output larger than the input: 2p > d(k - 1)
     ({"H": 64, "W": 64, "Ho": 64, "Wo": 64}, False),  # a large map: Winograd's
     ({"C": 128, "K": 128}, False),  # many channels on both sides: Winograd's or the columns'
+    ({"C": 256, "K": 256, "H": 8, "W": 8, "Ho": 8, "Wo": 8}, True),  # but any on the smallest maps
     ({"C": 128}, True),  # one narrow side is enough
     ({"C": 7}, False),  # too shallow a product: 63 < 72
     ({"H": 4, "W": 4, "Ho": 4, "Wo": 4}, False),  # 25 wide positions for 16 pixels

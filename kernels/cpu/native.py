@@ -34,13 +34,14 @@ import os
 import platform
 import threading
 
+import numba
 import numpy as np  # host-only module: these kernels only ever see NumPy arrays
 from llvmlite import ir
 from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from . import workers
+from . import runtime, workers
 
 __all__ = ["available", "run"]
 
@@ -60,6 +61,16 @@ def _load(typingctx, address):
     def codegen(context, builder, signature, args):
         ptr = builder.inttoptr(args[0], ir.PointerType(ir.IntType(64)))
         return builder.load_atomic(ptr, "seq_cst", 8)
+
+    return types.int64(types.intp), codegen
+
+
+@intrinsic
+def _take(typingctx, address):
+    """Atomically add 1 to the int64 at ``address``; its value before (a block number nobody else gets)."""
+    def codegen(context, builder, signature, args):
+        ptr = builder.inttoptr(args[0], ir.PointerType(ir.IntType(64)))
+        return builder.atomic_rmw("add", ptr, ir.Constant(ir.IntType(64), 1), "monotonic")
 
     return types.int64(types.intp), codegen
 
@@ -190,34 +201,46 @@ class Worker:
         self.words = np.zeros(_WORDS, np.int64)
         self.words[_INDEX] = index
         self.seq = 0
+        row = numba.typeof(self.words)
+        serve.compile((row, row))  # here, not in the thread: a worker compiling its loop would claim nothing
         self.thread = threading.Thread(target=serve, args=(self.words, task), name=name, daemon=True)
         self.thread.start()
 
 
-_workers = []
-_task = np.zeros(_TASK, np.int64)
+_workers = {}  # serve function -> its workers (each kernel module serves its own kinds of task)
+_tasks = {}  # serve function -> its task row
 _PLATFORM_OK = platform.system() == "Linux" and platform.machine() in ("x86_64", "AMD64")
 _ENABLED = os.environ.get("SCRATCHSEG_NO_TUNING", "").strip() in ("", "0")
 
 
 def available():
-    """Whether products may run their shares on native workers here (Linux on x86-64, tuning on)."""
+    """Whether kernels may run their shares on native workers here (Linux on x86-64, tuning on)."""
     return _PLATFORM_OK and _ENABLED
 
 
-def task():
-    """The task row the next ``run`` posts: filled by its caller, who holds ``runtime._split_lock``."""
-    return _task
+def share(serve, blocks, own, fill):
+    """Run a kernel's blocks on the caller (``own()``) and on native workers serving with ``serve``: the
+    task row filled by ``fill(task, threads)``, each worker with its own buffers. False (nothing run)
+    where native workers do not run: one thread, another platform, or inside another split's share."""
+    threads = runtime._workers(blocks)
+    if threads < 2 or not available() or runtime._inline[0]:
+        return False
+    with runtime._split_lock:  # one split at a time, as runtime._split
+        task = _tasks.setdefault(serve, np.zeros(_TASK, np.int64))
+        fill(task, threads)
+        run(threads, serve, own, task)
+    return True
 
 
-def run(threads, serve, own):
-    """Post ``_task`` to ``threads - 1`` native workers (started as needed, each serving with ``serve``),
+def run(threads, serve, own, task):
+    """Post ``task`` to ``threads - 1`` native workers (started as needed, each serving with ``serve``),
     run ``own()`` (the caller's share, which takes blocks until none is left), then cancel the task where a
     worker has not claimed it, or wait for the worker. Returns how many workers took part."""
-    while len(_workers) < threads - 1:
-        i = len(_workers) + 1
-        _workers.append(Worker(f"scratchseg-native-{i}", i, threads, serve, _task))
-    used = _workers[:threads - 1]
+    pool = _workers.setdefault(serve, [])
+    while len(pool) < threads - 1:
+        i = len(pool) + 1
+        pool.append(Worker(f"scratchseg-{serve.__name__.strip('_')}-{i}", i, threads, serve, task))
+    used = pool[:threads - 1]
     for worker in used:
         worker.placement.place(worker.thread.native_id)
         worker.seq += 1

@@ -22,7 +22,7 @@ contiguous run of the image itself, shifted:
 * **Blocks handed out, not assigned.** The wide positions are cut into blocks
   of whole register panels (``_BLOCKS`` of them, at least
   ``_MIN_BLOCK_COLUMNS`` wide, their output in half the L2). Every thread
-  takes the next block from an atomic counter (``_take``) until none is left,
+  takes the next block from an atomic counter (``native._take``) until none is left,
   widens the input rows that block reads into its own buffer, multiplies, and
   copies the block's pixels into ``y`` (with the bias). A thread that starts
   late takes fewer blocks instead of holding the others up; each output pixel
@@ -43,9 +43,7 @@ from __future__ import annotations
 import functools
 
 import numpy as np  # host-only module: these kernels only ever see NumPy arrays
-from llvmlite import ir
-from numba import carray, njit, types, uint64
-from numba.extending import intrinsic
+from numba import carray, njit, uint64
 
 from . import gemm, native, runtime
 from .runtime import L2_BYTES, workspace
@@ -58,13 +56,16 @@ _LEAD = 16  # zeros before the first row of each channel (at least pw; a whole v
 # Where the products run here rather than on Winograd's tiles or unfolded columns
 # (8 samples, two threads, ms, here / elsewhere, forward, input gradient, weight
 # gradient: 32 -> 32 on 32x32 1.05 / 1.44, 1.09 / 1.40, 1.0 / 1.6; 64 -> 64 on 16x16
-# 0.96 / 1.35, 1.04 / 1.34; 128 -> 64 on 16x16 1.63 / 2.09; but 64 -> 64 on 64x64
-# 11.5 / 8.3, 128 -> 128 on 32x32 10.8 / 6.6, 256 -> 128 on 8x8 even or behind;
-# benchmarks/NOTES.md): Winograd's tiles need four times fewer multiplications,
-# and their transforms cost less per product the more channels share them, so
-# this path takes small maps where one side has few channels:
+# 0.96 / 1.35, 1.04 / 1.34; 128 -> 64 on 16x16 1.63 / 2.09; 128 -> 128 on 8x8 0.93 /
+# 1.09, 1.10 / 1.10, 1.12 / 1.49; but 64 -> 64 on 64x64 11.5 / 8.3, 128 -> 128 on
+# 32x32 10.8 / 6.6, 256 -> 256 on 16x16 11.6 / 6.9; benchmarks/NOTES.md): Winograd's
+# tiles need four times fewer multiplications, and their transforms cost less per
+# product the more channels share them, so this path takes small maps where one
+# side has few channels, and the smallest maps (whose Winograd tiles are few) whatever
+# their channels:
 _MAX_PIXELS = 1024  # input (or output) pixels per sample, at most
-_MAX_NARROW = 64  # channels of the narrower side (input or output), at most
+_MAX_NARROW = 64  # channels of the narrower side (input or output), at most, but on the smallest maps
+_ANY_CHANNELS_PIXELS = 64  # the smallest maps: at most this many pixels per sample
 _MIN_DEPTH = 72  # the product's inner dimension (C*kh*kw), at least: with less, the tiles' set-up dominates
 _MAX_WASTE = 1.3  # wide positions per output pixel, at most (8x8 maps: 81 / 64; 4x4: 25 / 16 is too many)
 _ENABLED = True
@@ -79,18 +80,10 @@ def shifted_applies(C, K, H, W, Ho, Wo, kh, kw, sh, sw, ph, pw, dh, dw, groups, 
             and Ho > 0 and Wo > 0 and C > 0 and K > 0):
         return False
     waste = (H + ph) * (W + pw) / (Ho * Wo)
-    return (max(H * W, Ho * Wo) <= _MAX_PIXELS and min(C, K) <= _MAX_NARROW and C * kh * kw >= _MIN_DEPTH
+    pixels = max(H * W, Ho * Wo)
+    narrow = min(C, K) <= _MAX_NARROW or pixels <= _ANY_CHANNELS_PIXELS
+    return (pixels <= _MAX_PIXELS and narrow and C * kh * kw >= _MIN_DEPTH
             and waste <= _MAX_WASTE and gemm.enabled())
-
-
-@intrinsic
-def _take(typingctx, address):
-    """Atomically add 1 to the int64 at ``address``; its value before (a block number nobody else gets)."""
-    def codegen(context, builder, signature, args):
-        ptr = builder.inttoptr(args[0], ir.PointerType(ir.IntType(64)))
-        return builder.atomic_rmw("add", ptr, ir.Constant(ir.IntType(64), 1), "monotonic")
-
-    return types.int64(types.intp), codegen
 
 
 @njit(cache=True, nogil=True)
@@ -133,7 +126,7 @@ def _drain(x, w2, offs, bias, has_bias, counter, per_block, blocks, q_end, Hs, p
     each widened, multiplied and copied into y here. Returns how many blocks this thread took."""
     done = 0
     while True:
-        b = _take(counter.ctypes.data)
+        b = native._take(counter.ctypes.data)
         if b >= blocks:
             return done
         q0 = ph * Wp + b * per_block
@@ -312,15 +305,10 @@ def _worker_buffers(threads, xw_size, out_size):
 
 
 def _share(blocks, part, fill, macs):
-    """Run ``part`` on every thread, each taking blocks until none is left: on the native workers where
-    they run (``native.run``: no hand-over through the interpreter), else by ``runtime._run``."""
-    threads = runtime._workers(blocks)
-    if threads < 2 or not native.available() or runtime._inline[0] or macs < runtime._SPLIT_MIN_MACS:
+    """Run ``part`` on every thread, each taking blocks until none is left: on native workers where they
+    run (``native.share``: no hand-over through the interpreter), else by ``runtime._run``."""
+    if macs < runtime._SPLIT_MIN_MACS or not native.share(_serve, blocks, part, fill):
         runtime._run(blocks, part, macs)
-        return
-    with runtime._split_lock:
-        fill(native.task(), threads)
-        native.run(threads, _serve, part)
 
 
 @njit(cache=True, nogil=True)
@@ -389,7 +377,7 @@ def _drain_weight_grad(x, dT, table, counter, per_block, blocks, g_end, Hs, ph, 
     C = x.shape[1]
     done = 0
     while True:
-        b = _take(counter.ctypes.data)
+        b = native._take(counter.ctypes.data)
         if b >= blocks:
             return done
         c0 = b * per_block
