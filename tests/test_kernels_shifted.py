@@ -33,7 +33,7 @@ def shifted_everywhere(monkeypatch):
     """Lift the size limits so small test shapes take the shifted rows; count its uses."""
     monkeypatch.setattr(shifted, "_MAX_WASTE", float("inf"))
     monkeypatch.setattr(shifted, "_MIN_DEPTH", 1)
-    monkeypatch.setattr(shifted, "_MAX_NARROW", 1 << 30)
+    monkeypatch.setattr(shifted, "_MAX_CHANNEL_SIDE", 1 << 30)
     return count_calls(monkeypatch, shifted, ("shifted_conv", "shifted_weight_grad"))
 
 
@@ -115,9 +115,12 @@ def test_cpu_shifted_results_do_not_depend_on_which_thread_takes_a_block(shifted
     ({"dtype": np.float64}, False),
     ({"ph": 2}, False),  # output larger than the input: 2p > d(k - 1)
     ({"H": 64, "W": 64, "Ho": 64, "Wo": 64}, False),  # a large map: Winograd's
-    ({"C": 128, "K": 128}, False),  # many channels on both sides: Winograd's or the columns'
-    ({"C": 256, "K": 256, "H": 8, "W": 8, "Ho": 8, "Wo": 8}, True),  # but any on the smallest maps
-    ({"C": 128}, True),  # one narrow side is enough
+    ({"C": 128, "K": 128}, False),  # many channels for the map's size: Winograd's
+    ({"K": 128}, False),  # on either side
+    ({"C": 64, "K": 64}, True),  # 64 on 32x32
+    ({"C": 128, "K": 128, "H": 16, "W": 16, "Ho": 16, "Wo": 16}, True),  # 128 on 16x16
+    ({"C": 256, "K": 256, "H": 16, "W": 16, "Ho": 16, "Wo": 16}, False),
+    ({"C": 256, "K": 256, "H": 8, "W": 8, "Ho": 8, "Wo": 8}, True),  # 256 on 8x8
     ({"C": 7}, False),  # too shallow a product: 63 < 72
     ({"H": 4, "W": 4, "Ho": 4, "Wo": 4}, False),  # 25 wide positions for 16 pixels
 ])

@@ -57,15 +57,15 @@ _LEAD = 16  # zeros before the first row of each channel (at least pw; a whole v
 # (8 samples, two threads, ms, here / elsewhere, forward, input gradient, weight
 # gradient: 32 -> 32 on 32x32 1.05 / 1.44, 1.09 / 1.40, 1.0 / 1.6; 64 -> 64 on 16x16
 # 0.96 / 1.35, 1.04 / 1.34; 128 -> 64 on 16x16 1.63 / 2.09; 128 -> 128 on 8x8 0.93 /
-# 1.09, 1.10 / 1.10, 1.12 / 1.49; but 64 -> 64 on 64x64 11.5 / 8.3, 128 -> 128 on
-# 32x32 10.8 / 6.6, 256 -> 256 on 16x16 11.6 / 6.9; benchmarks/NOTES.md): Winograd's
-# tiles need four times fewer multiplications, and their transforms cost less per
-# product the more channels share them, so this path takes small maps where one
-# side has few channels, and the smallest maps (whose Winograd tiles are few) whatever
-# their channels:
+# 1.09, 1.10 / 1.10, 1.12 / 1.49; but 64 -> 128 on 32x32 5.50 / 4.07, 5.32 / 4.94,
+# 8.49 / 6.05; 64 -> 64 on 64x64 11.5 / 8.3; 256 -> 256 on 16x16 11.6 / 6.9;
+# benchmarks/NOTES.md): Winograd's tiles need four times fewer multiplications, and
+# their transforms cost less per product the more channels share them and the more
+# tiles a map has. So this path takes small maps with few channels: the wider side's
+# channels times the map's side at most _MAX_CHANNEL_SIDE (64 channels on 32x32, 128
+# on 16x16, 256 on 8x8).
 _MAX_PIXELS = 1024  # input (or output) pixels per sample, at most
-_MAX_NARROW = 64  # channels of the narrower side (input or output), at most, but on the smallest maps
-_ANY_CHANNELS_PIXELS = 64  # the smallest maps: at most this many pixels per sample
+_MAX_CHANNEL_SIDE = 2048
 _MIN_DEPTH = 72  # the product's inner dimension (C*kh*kw), at least: with less, the tiles' set-up dominates
 _MAX_WASTE = 1.3  # wide positions per output pixel, at most (8x8 maps: 81 / 64; 4x4: 25 / 16 is too many)
 _ENABLED = True
@@ -74,15 +74,15 @@ _ENABLED = True
 def shifted_applies(C, K, H, W, Ho, Wo, kh, kw, sh, sw, ph, pw, dh, dw, groups, dtype):
     """Whether a convolution of C -> K channels runs here: unit stride, one group, float32, an output no
     larger than the input (``2p <= d*(k-1)``: 'same', 'valid' and between), a small map whose wide rows
-    waste little, a narrow side, a deep enough product, and the own GEMM on this CPU."""
+    waste little, few channels for its size, a deep enough product, and the own GEMM on this CPU."""
     if not (_ENABLED and sh == 1 and sw == 1 and groups == 1 and dtype == np.float32
             and 0 <= 2 * ph <= dh * (kh - 1) and 0 <= 2 * pw <= dw * (kw - 1) and pw < _LEAD
             and Ho > 0 and Wo > 0 and C > 0 and K > 0):
         return False
     waste = (H + ph) * (W + pw) / (Ho * Wo)
     pixels = max(H * W, Ho * Wo)
-    narrow = min(C, K) <= _MAX_NARROW or pixels <= _ANY_CHANNELS_PIXELS
-    return (pixels <= _MAX_PIXELS and narrow and C * kh * kw >= _MIN_DEPTH
+    few = max(C, K) ** 2 * pixels <= _MAX_CHANNEL_SIDE ** 2
+    return (pixels <= _MAX_PIXELS and few and C * kh * kw >= _MIN_DEPTH
             and waste <= _MAX_WASTE and gemm.enabled())
 
 
