@@ -34,7 +34,7 @@ def shifted_everywhere(monkeypatch):
     monkeypatch.setattr(shifted, "_MAX_WASTE", float("inf"))
     monkeypatch.setattr(shifted, "_MIN_DEPTH", 1)
     monkeypatch.setattr(shifted, "_MAX_CHANNEL_SIDE", 1 << 30)
-    return count_calls(monkeypatch, shifted, ("shifted_conv", "shifted_weight_grad"))
+    return count_calls(monkeypatch, shifted, ("shifted_conv", "shifted_weight_grad", "shifted_backward"))
 
 
 @st.composite
@@ -49,6 +49,8 @@ def shifted_cases(draw):
     plan = [(shifted, "_BLOCKS", draw(st.sampled_from([16, 1, 1 << 20]))),  # 1 << 20: blocks of one panel
             (shifted, "_MIN_BLOCK_COLUMNS", draw(st.sampled_from([32, 96]))),
             (shifted, "_GRAD_CHANNELS", draw(st.sampled_from([1, 4]))),
+            # the flipped kernel and pixel-major dout prepared in one chunk, or in chunks of a few elements
+            (shifted, "_MIN_PREP", draw(st.sampled_from([1 << 30, 1]))),
             (runtime, "_SPLIT_MIN_MACS", draw(st.sampled_from([0, 1 << 62])))]  # split between threads, or inline
     return (N, C, H, W), K, (kh, kw), (ph, pw), (dh, dw), plan
 
@@ -74,15 +76,20 @@ def test_cpu_shifted_conv_matches_torch(shifted_everywhere, case, with_bias):
         y = conv.conv2d_forward(x, w, b if with_bias else None, 1, padding, dilation, 1)
         dx = conv.conv2d_input_grad(dout, w, x_shape, 1, padding, dilation, 1)
         dw = conv.conv2d_weight_grad(x, dout, w.shape, 1, padding, dilation, 1)
+        dx2, dw2 = conv.conv2d_backward(x, w, dout, 1, padding, dilation, 1)  # both at once
     same = all(2 * p == d * (k - 1) for p, d, k in zip(padding, dilation, (kh, kw)))
     # the input gradient is a convolution padded by d(k - 1) - p: larger than its input unless 'same'
-    assert shifted_everywhere == ["shifted_conv"] + ["shifted_conv"] * same + ["shifted_weight_grad"]
+    assert shifted_everywhere[:3 if same else 2] == (["shifted_conv"] + ["shifted_conv"] * same
+                                                     + ["shifted_weight_grad"])
+    assert shifted_everywhere[3 if same else 2:] == (["shifted_backward"] if same else ["shifted_weight_grad"])
     if not with_bias:
         y_t = y_t - b.reshape(1, -1, 1, 1)
     assert y.dtype == dx.dtype == dw.dtype == np.float32
     assert_close(y, y_t, rtol=1e-4, atol=1e-4, msg="forward")
     assert_close(dx, dx_t, rtol=1e-4, atol=1e-4, msg="input grad")
     assert_close(dw, dw_t, rtol=1e-4, atol=1e-4, msg="weight grad")
+    np.testing.assert_array_equal(dx2, dx)  # the same blocks, drained in one task
+    np.testing.assert_array_equal(dw2, dw)
 
 
 @needs_tiles
@@ -94,9 +101,11 @@ def test_cpu_shifted_results_do_not_depend_on_which_thread_takes_a_block(shifted
     dout = rng.standard_normal((5, 20, 11, 13)).astype(np.float32)
     monkeypatch.setattr(shifted, "_BLOCKS", 1 << 20)  # blocks of one panel: many to hand out
 
+    monkeypatch.setattr(shifted, "_MIN_PREP", 1)  # preparations in many chunks too
+
     def products():
         return (conv.conv2d_forward(x, w, None, 1, 1), conv.conv2d_input_grad(dout, w, x.shape, 1, 1),
-                conv.conv2d_weight_grad(x, dout, w.shape, 1, 1))
+                conv.conv2d_weight_grad(x, dout, w.shape, 1, 1), *conv.conv2d_backward(x, w, dout, 1, 1))
 
     monkeypatch.setattr(runtime, "_SPLIT_MIN_MACS", 1 << 62)
     inline = products()
@@ -104,7 +113,7 @@ def test_cpu_shifted_results_do_not_depend_on_which_thread_takes_a_block(shifted
     for _ in range(5):
         for got, want in zip(products(), inline):
             np.testing.assert_array_equal(got, want)
-    assert len(shifted_everywhere) == 18
+    assert len(shifted_everywhere) == 24
 
 
 @needs_tiles
@@ -176,7 +185,8 @@ def test_cpu_shifted_flip_and_transpose():
     rng = np.random.default_rng(9)
     w = rng.standard_normal((19, 35, 3, 2)).astype(np.float32)
     out = np.empty((35, 19 * 6), np.float32)
-    shifted._flip(w, out)
+    shifted._flip(w, out, 0, 20)  # rows in two pieces, as two threads take them
+    shifted._flip(w, out, 20, 35)
     np.testing.assert_array_equal(out.reshape(35, 19, 3, 2), w.transpose(1, 0, 2, 3)[:, :, ::-1, ::-1])
     a = rng.standard_normal((37, 50)).astype(np.float32)
     t = np.empty((50, 37), np.float32)

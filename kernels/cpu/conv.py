@@ -355,6 +355,23 @@ def conv2d_weight_grad(x, dout, weight_shape, stride=1, padding=0, dilation=1, g
     return grad if given == dtype else grad.astype(given)
 
 
+def _shifted_backward(x, weight, dout, stride, padding, dilation, groups):
+    """(dx, dw) where both run over shifted rows (float32), their blocks drained one product after the
+    other by every thread (``shifted.shifted_backward``); else None."""
+    dtype = np.result_type(x.dtype, weight.dtype, dout.dtype)
+    N, C, H, W = x.shape
+    K = weight.shape[0]
+    kh, kw, sh, sw, ph, pw, dh, dw, Ho, Wo = _geometry(x.shape, weight.shape, stride, padding, dilation)
+    qh, qw = dh * (kh - 1) - ph, dw * (kw - 1) - pw
+    if dout.shape != (N, K, Ho, Wo) or not (
+            shifted.shifted_applies(C, K, H, W, Ho, Wo, kh, kw, sh, sw, ph, pw, dh, dw, groups, dtype)
+            and shifted.shifted_applies(K, C, Ho, Wo, H, W, kh, kw, sh, sw, qh, qw, dh, dw, groups, dtype)):
+        return None
+    dx = np.empty((N, C, H, W), np.float32)
+    grad = shifted.shifted_backward(np.ascontiguousarray(x), weight, dout, ph, pw, dh, dw, dx)
+    return dx, grad
+
+
 # The two gradients of a small convolution side by side, one per core, each over
 # the whole batch (runtime._together), rather than each split by samples in
 # turn: one hand-over between the threads instead of two, and GEMMs twice as
@@ -385,6 +402,9 @@ def conv2d_backward(x, weight, dout, stride=1, padding=0, dilation=1, groups=1, 
         return conv2d_weight_grad(x, dout, weight.shape, stride, padding, dilation, groups)
 
     if need_input_grad and need_weight_grad:
+        both = _shifted_backward(x, weight, dout, stride, padding, dilation, groups)
+        if both is not None:
+            return both
         N, K = dout.shape[0], dout.shape[1]
         macs = N * K * int(np.prod(weight.shape[1:])) * dout.shape[2] * dout.shape[3]
         if macs < _TOGETHER_MAX_MACS:

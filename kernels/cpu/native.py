@@ -51,7 +51,7 @@ _POSTED, _TAKEN, _CANCELLED = 1, 2, 3
 # worker's number (1, 2, ...: which of the task's buffers are its own)
 _STATE, _DONE, _ASLEEP, _INDEX = 0, 8, 16, 24
 _WORDS = 32
-_TASK = 48  # int64 fields of a task
+_TASK = 72  # int64 fields of a task
 
 
 # ---------------------------------------------------------------- atomics

@@ -48,7 +48,7 @@ from numba import carray, njit, uint64
 from . import gemm, native, runtime
 from .runtime import L2_BYTES, workspace
 
-__all__ = ["shifted_applies", "shifted_conv", "shifted_weight_grad"]
+__all__ = ["shifted_applies", "shifted_conv", "shifted_weight_grad", "shifted_backward"]
 
 _LEAD = 16  # zeros before the first row of each channel (at least pw; a whole vector keeps rows aligned)
 
@@ -121,9 +121,31 @@ def _widen_rows(x, c0, c1, g0, g1, Hs, ph, Wp, xw):
 
 
 @njit(cache=True, nogil=True)
-def _drain(x, w2, offs, bias, has_bias, counter, per_block, blocks, q_end, Hs, ph, reach, Wp, xw, out, y):
-    """Take blocks of ``per_block`` wide output positions (``_take`` on ``counter``) until none is left:
-    each widened, multiplied and copied into y here. Returns how many blocks this thread took."""
+def _prepared(counter, chunks):
+    """The chunk of a job's preparation this thread takes next (counter[1]), or -1 once none is left,
+    after waiting for the chunks other threads took (counter[2] counts those done)."""
+    c = native._take(counter.ctypes.data + 8)
+    if c < chunks:
+        return c
+    while native._load(counter.ctypes.data + 16) < chunks:
+        native._pause()
+    return -1
+
+
+@njit(cache=True, nogil=True)
+def _drain(x, w2, weight, flips, offs, bias, has_bias, counter, per_block, blocks, q_end, Hs, ph, reach, Wp, xw,
+           out, y):
+    """First, where ``flips`` > 0, the rows of w2 flipped from the kernel ``weight`` in that many chunks;
+    then blocks of ``per_block`` wide output positions until none is left (counter[0]): each widened,
+    multiplied and copied into y here. Every thread does both; returns how many blocks this one took."""
+    M = w2.shape[0]
+    rows = -(-M // max(flips, 1))
+    while flips > 0:
+        c = _prepared(counter, flips)
+        if c < 0:
+            break
+        _flip(weight, w2, c * rows, min((c + 1) * rows, M))
+        native._take(counter.ctypes.data + 16)
     done = 0
     while True:
         b = native._take(counter.ctypes.data)
@@ -199,8 +221,9 @@ def _product(w2, offs, xw, q0, out):
 
 
 @njit(cache=True, nogil=True)
-def _flip(weight, out):
-    """out (C, K*kh*kw) = the kernel (K, C, kh, kw) transposed and flipped: the input gradient's weights.
+def _flip(weight, out, c_lo, c_hi):
+    """Rows [c_lo, c_hi) of out (C, K*kh*kw): the kernel (K, C, kh, kw) transposed and flipped, the input
+    gradient's weights.
 
     In blocks of 16 x 16 (k, c): a row of the result is K*kh*kw floats long, and writing one element of
     each row in turn would touch a new page with every element.
@@ -210,9 +233,9 @@ def _flip(weight, out):
     w = weight.reshape(K * C * T)
     o = out.reshape(C * K * T)
     for k0 in range(0, K, 16):
-        for c0 in range(0, C, 16):
+        for c0 in range(c_lo, c_hi, 16):
             for k in range(k0, min(k0 + 16, K)):
-                for c in range(c0, min(c0 + 16, C)):
+                for c in range(c0, min(c0 + 16, c_hi)):
                     src = uint64((k * C + c) * T + T - 1)
                     dst = uint64((c * K + k) * T)
                     for t in range(T):
@@ -234,6 +257,12 @@ def _channel_stride(rows, Wp):
     used = _LEAD + rows * Wp + 2 * gemm._W + _LEAD
     return used + (16 - used) % 32
 
+
+# The preparations of a product (the input gradient's flipped kernel, the weight
+# gradient's pixel-major dout) in this many chunks, shared out like the blocks, each
+# of at least _MIN_PREP elements; the blocks start once every chunk is done.
+_PREP_CHUNKS = 8
+_MIN_PREP = 8192
 
 # Blocks per product: enough that the thread woken last still finds some (the caller
 # starts at once and takes more), few enough that each keeps a GEMM of several panels.
@@ -261,52 +290,69 @@ def shifted_conv(x, weight, bias, ph, pw, dh, dw, y, flipped=False):
     """y (N, M, Ho, Wo) = conv2d(x, weight) + bias at unit stride, float32, as one GEMM over shifted rows.
 
     ``flipped``: the convolution with the kernel flipped and transposed, weight (C, M, kh, kw) read as
-    (M, C, kh, kw) (the input gradient's product, without a copy of the kernel).
+    (M, C, kh, kw) (the input gradient's product).
     """
+    _run_jobs(_conv_job(x, weight, bias, ph, pw, dh, dw, y, flipped))
+    return y
+
+
+def _conv_job(x, weight, bias, ph, pw, dh, dw, y, flipped):
+    """shifted_conv's blocks, to run: (blocks, part, fill, multiply-adds); see _run_jobs."""
     N, C, H, W = x.shape
     kh, kw = weight.shape[2], weight.shape[3]
     weight = np.ascontiguousarray(weight, dtype=np.float32)
     M = weight.shape[1] if flipped else weight.shape[0]
-    if flipped:  # in workspace slot 2: 0 and 1 are the caller's share's
+    if flipped:  # flipped by the threads that drain the job, in workspace slot 2 (0 and 1: their buffers)
         w2 = workspace(weight.size, np.float32, 2).reshape(M, C * kh * kw)
-        _flip(weight, w2)
+        flips = max(1, min(_PREP_CHUNKS, weight.size // _MIN_PREP))
     else:
-        w2 = weight.reshape(M, C * kh * kw)
+        w2, flips = weight.reshape(M, C * kh * kw), 0
     Ho, Wo = y.shape[2], y.shape[3]
     Wp, Hs, reach = W + pw, H + ph, dh * (kh - 1)
     q_end, per_block, blocks, cs, offs = _plan(N, C, H, W, M, kh, kw, ph, pw, dh, dw, Ho, _BLOCKS, _MIN_BLOCK_COLUMNS)
     has_bias = bias is not None
     b = np.ascontiguousarray(bias, dtype=np.float32) if has_bias else np.zeros(1, np.float32)
-    counter = np.zeros(1, np.int64)
+    counter = np.zeros(3, np.int64)
 
     def part(lo=0, hi=0):
         xw = workspace(C * cs, np.float32).reshape(C, cs)
         out = workspace(M * per_block, np.float32, 1).reshape(M, per_block)
-        return _drain(x, w2, offs, b, has_bias, counter, per_block, blocks, q_end, Hs, ph, reach, Wp, xw, out, y)
+        return _drain(x, w2, weight, flips, offs, b, has_bias, counter, per_block, blocks, q_end, Hs, ph, reach, Wp,
+                      xw, out, y)
 
     def fill(task, threads):  # the same drain for the native workers, each with buffers of its own
-        xw, out = _worker_buffers(threads, C * cs, M * per_block)
-        task[:27] = (_CONV, counter.ctypes.data, x.ctypes.data, N, C, H, W, w2.ctypes.data, M, w2.shape[1],
-                     offs.ctypes.data, b.ctypes.data, has_bias, per_block, blocks, q_end, Hs, ph, reach, Wp,
-                     xw.ctypes.data, cs, out.ctypes.data, y.ctypes.data, Ho, Wo, b.size)
+        n = threads - 1  # the workers' buffers: slots 4 and 5 of the caller, one slice each
+        xw, out = workspace(n * C * cs, np.float32, 4), workspace(n * M * per_block, np.float32, 5)
+        task[_CONV_AT:_CONV_AT + 33] = (
+            _CONV, counter.ctypes.data, x.ctypes.data, N, C, H, W, w2.ctypes.data, M, w2.shape[1], offs.ctypes.data,
+            b.ctypes.data, has_bias, per_block, blocks, q_end, Hs, ph, reach, Wp, xw.ctypes.data, cs, out.ctypes.data,
+            y.ctypes.data, Ho, Wo, b.size, weight.ctypes.data, *weight.shape, flips)
 
-    _share(blocks, part, fill, N * M * C * kh * kw * Ho * Wo)
-    return y
+    return blocks, part, fill, N * M * C * kh * kw * Ho * Wo
 
 
+# The task row: a convolution's fields from _CONV_AT, a weight gradient's from _GRAD_AT (either, or both:
+# the two gradients of one layer, their blocks drained one product after the other).
 _CONV, _WEIGHT_GRAD = 1, 2
+_CONV_AT, _GRAD_AT = 0, 40
 
 
-def _worker_buffers(threads, xw_size, out_size):
-    """The native workers' own scratch arrays (workspace slots 4 and 5 of the caller, one slice each),
-    and the elements from one worker's to the next's: xw, out."""
-    n = threads - 1
-    return workspace(n * xw_size, np.float32, 4), workspace(n * max(out_size, 1), np.float32, 5)
+def _run_jobs(*jobs):
+    """Run the jobs' blocks on every thread, each thread draining one job after the other: on native
+    workers where they run (``native.share``: no hand-over through the interpreter), else by
+    ``runtime._run``. A job: (blocks, part, fill, multiply-adds)."""
+    blocks = sum(job[0] for job in jobs)
+    macs = sum(job[3] for job in jobs)
 
+    def part(lo=0, hi=0):
+        for job in jobs:
+            job[1]()
 
-def _share(blocks, part, fill, macs):
-    """Run ``part`` on every thread, each taking blocks until none is left: on native workers where they
-    run (``native.share``: no hand-over through the interpreter), else by ``runtime._run``."""
+    def fill(task, threads):
+        task[_CONV_AT] = task[_GRAD_AT] = 0
+        for job in jobs:
+            job[2](task, threads)
+
     if macs < runtime._SPLIT_MIN_MACS or not native.share(_serve, blocks, part, fill):
         runtime._run(blocks, part, macs)
 
@@ -324,23 +370,29 @@ def _serve(words, task):
 
 
 @njit(cache=True, nogil=True)
-def _run_task(t, index):
-    """Worker ``index``'s share of the task row ``t`` (see ``fill`` in shifted_conv and shifted_weight_grad)."""
+def _run_task(task, index):
+    """Worker ``index``'s share of the task row (see ``fill`` in _conv_job and _weight_grad_job)."""
     f32, i64 = native._f32, native._i64
-    counter = carray(i64(t[1]), (1,))
-    x = carray(f32(t[2]), (t[3], t[4], t[5], t[6]))
+    t = task[_CONV_AT:]
     if t[0] == _CONV:
+        counter = carray(i64(t[1]), (3,))
+        x = carray(f32(t[2]), (t[3], t[4], t[5], t[6]))
         M, R, per_block = t[8], t[9], t[13]
         xw = carray(f32(t[20] + 4 * (index - 1) * t[4] * t[21]), (t[4], t[21]))
         out = carray(f32(t[22] + 4 * (index - 1) * M * per_block), (M, per_block))
-        _drain(x, carray(f32(t[7]), (M, R)), carray(i64(t[10]), (R,)), carray(f32(t[11]), (t[26],)), t[12] != 0,
-               counter, per_block, t[14], t[15], t[16], t[17], t[18], t[19], xw, out,
+        weight = carray(f32(t[27]), (t[28], t[29], t[30], t[31]))
+        _drain(x, carray(f32(t[7]), (M, R)), weight, t[32], carray(i64(t[10]), (R,)), carray(f32(t[11]), (t[26],)),
+               t[12] != 0, counter, per_block, t[14], t[15], t[16], t[17], t[18], t[19], xw, out,
                carray(f32(t[23]), (t[3], M, t[24], t[25])))
-    elif t[0] == _WEIGHT_GRAD:
+    t = task[_GRAD_AT:]
+    if t[0] == _WEIGHT_GRAD:
+        counter = carray(i64(t[1]), (3,))
+        x = carray(f32(t[2]), (t[3], t[4], t[5], t[6]))
         per_block, cs, taps, K = t[12], t[20], t[18], t[9]
         xw = carray(f32(t[19] + 4 * (index - 1) * per_block * cs), (per_block, cs))
-        _drain_weight_grad(x, carray(f32(t[7]), (t[8], K)), carray(i64(t[10]), (t[11],)), counter, per_block,
-                           t[13], t[14], t[15], t[16], t[17], taps, xw, carray(f32(t[21]), (t[4] * taps, K)))
+        _drain_weight_grad(x, carray(f32(t[22]), (t[3], K, t[23], t[24])), carray(f32(t[7]), (t[8], K)), t[25],
+                           carray(i64(t[10]), (t[11],)), counter, per_block, t[13], t[14], t[15], t[16], t[17], taps,
+                           xw, carray(f32(t[21]), (t[4] * taps, K)))
 
 
 # ------------------------------------------------------------------ the weight gradient
@@ -371,10 +423,19 @@ def _product_t(base, table, dT, out):
 
 
 @njit(cache=True, nogil=True)
-def _drain_weight_grad(x, dT, table, counter, per_block, blocks, g_end, Hs, ph, Wp, taps, xw, dwT):
-    """Take blocks of ``per_block`` input channels until none is left: each widened (all samples) and
-    multiplied by dT into its rows of dwT (C*taps, K)."""
+def _drain_weight_grad(x, dout, dT, preps, table, counter, per_block, blocks, g_end, Hs, ph, Wp, taps, xw, dwT):
+    """First dT from dout in ``preps`` chunks of rows; then blocks of ``per_block`` input channels until
+    none is left: each widened (all samples) and multiplied by dT into its rows of dwT (C*taps, K)."""
     C = x.shape[1]
+    rows = -(-(dT.shape[0] // Wp) // preps)
+    while True:
+        c = _prepared(counter, preps)
+        if c < 0:
+            break
+        r0 = ph + c * rows
+        r1 = min(r0 + rows, ph + dT.shape[0] // Wp)
+        _dout_rows(dout, r0, r1, Hs, ph, Wp, dT[(r0 - ph) * Wp:(r1 - ph) * Wp])
+        native._take(counter.ctypes.data + 16)
     done = 0
     while True:
         b = native._take(counter.ctypes.data)
@@ -402,12 +463,31 @@ def _grad_offsets(*args):
 
 def shifted_weight_grad(x, dout, kh, kw, ph, pw, dh, dw):
     """dw (K, C, kh, kw) of conv2d at unit stride, float32: dw^T = the shifted rows of x by dout^T."""
+    job, finish = _weight_grad_job(x, dout, kh, kw, ph, pw, dh, dw)
+    _run_jobs(job)
+    return finish()
+
+
+def shifted_backward(x, weight, dout, ph, pw, dh, dw, dx):
+    """Both gradients of a 'same' unit-stride convolution, float32, their blocks drained by every thread
+    one product after the other (no thread idle while the other finishes the longer one): dx written
+    into ``dx`` (N, C, H, W); returns dw."""
+    kh, kw = weight.shape[2], weight.shape[3]
+    qh, qw = dh * (kh - 1) - ph, dw * (kw - 1) - pw
+    job, finish = _weight_grad_job(x, dout, kh, kw, ph, pw, dh, dw)
+    _run_jobs(_conv_job(np.ascontiguousarray(dout, dtype=np.float32), weight, None, qh, qw, dh, dw, dx, True), job)
+    return finish()
+
+
+def _weight_grad_job(x, dout, kh, kw, ph, pw, dh, dw):
+    """shifted_weight_grad's blocks, to run (see _run_jobs), and what makes dw of them once they have run."""
     N, C, H, W = x.shape
     K, Ho, Wo = dout.shape[1], dout.shape[2], dout.shape[3]
     Wp, Hs, reach = W + pw, H + ph, dh * (kh - 1)
     r_end = (N - 1) * Hs + ph + Ho
-    dT = workspace((r_end - ph) * Wp * K, np.float32, 2).reshape((r_end - ph) * Wp, K)  # slot 2: the caller's
-    _dout_rows(np.ascontiguousarray(dout, dtype=np.float32), ph, r_end, Hs, ph, Wp, dT)
+    dT = workspace((r_end - ph) * Wp * K, np.float32, 6).reshape((r_end - ph) * Wp, K)  # filled by the drain
+    dout = np.ascontiguousarray(dout, dtype=np.float32)
+    preps = max(1, min(_PREP_CHUNKS, dT.size // _MIN_PREP, r_end - ph))
     per_block = min(_GRAD_CHANNELS, C)
     blocks = -(-C // per_block)
     g_end = r_end - ph + reach  # the wide rows the products read
@@ -415,22 +495,26 @@ def shifted_weight_grad(x, dout, kh, kw, ph, pw, dh, dw):
     table = _grad_offsets(per_block, kh, kw, ph, pw, dh, dw, Wp, cs)
     taps = kh * kw
     dwT = workspace(C * taps * K, np.float32, 3).reshape(C * taps, K)
-    counter = np.zeros(1, np.int64)
+    counter = np.zeros(3, np.int64)
 
     def part(lo=0, hi=0):
         xw = workspace(per_block * cs, np.float32).reshape(per_block, cs)
-        return _drain_weight_grad(x, dT, table, counter, per_block, blocks, g_end, Hs, ph, Wp, taps, xw, dwT)
+        return _drain_weight_grad(x, dout, dT, preps, table, counter, per_block, blocks, g_end, Hs, ph, Wp, taps, xw,
+                                  dwT)
 
     def fill(task, threads):
-        xw, _ = _worker_buffers(threads, per_block * cs, 0)
-        task[:22] = (_WEIGHT_GRAD, counter.ctypes.data, x.ctypes.data, N, C, H, W, dT.ctypes.data, dT.shape[0], K,
-                     table.ctypes.data, table.size, per_block, blocks, g_end, Hs, ph, Wp, taps, xw.ctypes.data, cs,
-                     dwT.ctypes.data)
+        xw = workspace((threads - 1) * per_block * cs, np.float32, 7)  # the workers' buffers
+        task[_GRAD_AT:_GRAD_AT + 26] = (
+            _WEIGHT_GRAD, counter.ctypes.data, x.ctypes.data, N, C, H, W, dT.ctypes.data, dT.shape[0], K,
+            table.ctypes.data, table.size, per_block, blocks, g_end, Hs, ph, Wp, taps, xw.ctypes.data, cs,
+            dwT.ctypes.data, dout.ctypes.data, Ho, Wo, preps)
 
-    _share(blocks, part, fill, N * K * C * taps * Ho * Wo)
-    grad = np.empty((K, C * taps), np.float32)
-    _transpose(dwT, grad)
-    return grad.reshape(K, C, kh, kw)
+    def finish():
+        grad = np.empty((K, C * taps), np.float32)
+        _transpose(dwT, grad)
+        return grad.reshape(K, C, kh, kw)
+
+    return (blocks, part, fill, N * K * C * taps * Ho * Wo), finish
 
 
 @njit(cache=True, nogil=True)
