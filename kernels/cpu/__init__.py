@@ -30,6 +30,8 @@ where it does not apply, and the reference runs. One module per family:
 * ``lattice.py``       -- the permutohedral lattice, Gaussian filtering in feature
   space for the dense CRF; not a twin (it approximates), so not in ``KERNELS``:
   ``scratchseg.crf.dense_crf(..., filter='lattice')`` imports it by name;
+* ``native.py``        -- native worker threads (``serve.py``: their loop) that take their share of
+  the shifted products and of batch norm without the interpreter;
 * ``runtime.py``       -- worker threads, parallel kernels and their serial twins,
   BLAS threads, workspaces; ``workers.py`` -- the split's worker threads and where
   they run; ``_common.py`` -- shapes and dtypes.

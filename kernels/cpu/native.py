@@ -1,4 +1,4 @@
-"""Native workers: threads that take their share of a product without the interpreter, and a caller that
+"""Native workers: threads that take their share of a kernel without the interpreter, and a caller that
 never waits for one that is late.
 
 A split through ``runtime._split`` hands the worker a Python callable: the
@@ -8,12 +8,20 @@ share, sleeps until the worker's result wakes it, however late the worker
 started. Here the worker thread never leaves native code:
 
 * **A task is a row of int64** (``_TASK``): its kind and the addresses and
-  shapes of its arrays. The worker rebuilds the arrays and runs the task's
-  drain (``shifted._run_task``: blocks handed out by an atomic counter until
-  none is left), the same code the caller runs.
-* **Posting and sleeping.** Between tasks the worker sleeps in the kernel
-  on its state word (a futex); a post changes the word and wakes it when it
-  says it sleeps. It takes no CPU while it waits.
+  shapes of its arrays, and in its last field the kernel module whose task it
+  is. The worker's loop (``serve.py``) rebuilds the arrays and runs that
+  module's drain (blocks handed out by an atomic counter until none is left),
+  the same code the caller runs: the convolutions over shifted rows
+  (``shifted.py``), batch norm's channels (``normalization.py``).
+* **Spinning, then sleeping.** After a task the worker watches its state
+  word for ``_SPIN_SECONDS`` (``pause`` between looks): the next product of a
+  step, a millisecond later at most, starts on both cores at once, with no
+  system call on the caller's side. Then it sleeps in the kernel on the word
+  (a futex), and a post wakes it when it says it sleeps. Any other parallel
+  work (a split of ``runtime``'s, a parallel Numba kernel, the BLAS's
+  threads) parks it first (``park``), so it never takes a core from them;
+  an idle process burns at most ``_SPIN_SECONDS`` of CPU after its last
+  product.
 * **Nobody waits for a late worker.** A posted task is claimed by a
   compare-and-swap on the worker's state word: by the worker (it takes part)
   or by the caller once it has run out of blocks (the worker, still waking
@@ -23,9 +31,9 @@ started. Here the worker thread never leaves native code:
   CPU, so that a worker woken after the machine idled does not land on the
   core the caller computes on.
 
-Linux on x86-64 only (``available()``): the products that use it
-(``shifted.py``) run on the own AVX-512 GEMM alone. Elsewhere, or with
-``SCRATCHSEG_NO_TUNING=1``, they split through ``runtime._run``.
+Linux on x86-64 only (``available()``; the shifted products run on the own
+AVX-512 GEMM alone anyway). Elsewhere, or with ``SCRATCHSEG_NO_TUNING=1``,
+the kernels split through ``runtime`` as before.
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ from __future__ import annotations
 import os
 import platform
 import threading
+import time
 
 import numba
 import numpy as np  # host-only module: these kernels only ever see NumPy arrays
@@ -49,8 +58,13 @@ _POSTED, _TAKEN, _CANCELLED = 1, 2, 3
 # the worker's words, each on its own cache line: the task's sequence number and state
 # (seq * 4 + _POSTED / _TAKEN / _CANCELLED), the last task done, asleep (1) or not, and the
 # worker's number (1, 2, ...: which of the task's buffers are its own)
-_STATE, _DONE, _ASLEEP, _INDEX = 0, 8, 16, 24
-_WORDS = 32
+_STATE, _DONE, _ASLEEP, _INDEX, _PARK, _SPIN = 0, 8, 16, 24, 32, 33
+_WORDS = 40
+# How long a worker watches for the next task before it sleeps, in seconds: a task posted
+# meanwhile starts at once (no system call, no wake-up of an idle CPU); any other
+# parallel work (a split of runtime's, a parallel Numba kernel) parks it at once.
+_SPIN_SECONDS = 0.001
+_MODULE = 71  # the task row's last field: which module's task it is (serve.py)
 _TASK = 72  # int64 fields of a task
 
 
@@ -127,6 +141,15 @@ def _i64(typingctx, address):
     return types.CPointer(types.int64)(types.intp), codegen
 
 
+@intrinsic
+def _f64(typingctx, address):
+    """A float64 pointer from an address."""
+    def codegen(context, builder, signature, args):
+        return builder.inttoptr(args[0], ir.PointerType(ir.DoubleType()))
+
+    return types.CPointer(types.float64)(types.intp), codegen
+
+
 _SYS_FUTEX, _FUTEX_WAIT, _FUTEX_WAKE = 202, 128, 129  # x86-64 Linux; the _PRIVATE operations
 
 
@@ -147,6 +170,7 @@ def _futex(typingctx, address, op, value):
 def _post(words, seq):
     """Post task ``seq`` to a worker (its fields already written), waking it if it sleeps."""
     w = words.ctypes.data
+    _store(w + 8 * _PARK, 0)
     _store(w + 8 * _STATE, seq * 4 + _POSTED)
     if _load(w + 8 * _ASLEEP) != 0:
         _futex(w + 8 * _STATE, _FUTEX_WAKE, 1)
@@ -183,6 +207,12 @@ def _done(words, seq):
 def _sleep(words):
     """The worker's side, between tasks: sleep until the next post (at once if one is posted already)."""
     w = words.ctypes.data
+    for _ in range(words[_SPIN]):
+        if _load(w + 8 * _STATE) & 3 == _POSTED:
+            return
+        if _load(w + 8 * _PARK) != 0:
+            break
+        _pause()
     _store(w + 8 * _ASLEEP, 1)  # before the look at the state: a post after it sees this, and wakes us
     state = _load(w + 8 * _STATE)
     if state & 3 != _POSTED:
@@ -200,6 +230,7 @@ class Worker:
         self.placement = workers.Placement(index, threads)  # off the caller's CPU, as the split's workers
         self.words = np.zeros(_WORDS, np.int64)
         self.words[_INDEX] = index
+        self.words[_SPIN] = _spins()
         self.seq = 0
         row = numba.typeof(self.words)
         serve.compile((row, row))  # here, not in the thread: a worker compiling its loop would claim nothing
@@ -207,8 +238,23 @@ class Worker:
         self.thread.start()
 
 
-_workers = {}  # serve function -> its workers (each kernel module serves its own kinds of task)
-_tasks = {}  # serve function -> its task row
+@njit(cache=True, nogil=True)
+def _pauses(n):
+    for _ in range(n):
+        _pause()
+    return n
+
+
+def _spins():
+    """How many ``pause``s last _SPIN_SECONDS here (measured once)."""
+    _pauses(10)
+    n = 20000
+    t = time.perf_counter()
+    _pauses(n)
+    return max(1, int(_SPIN_SECONDS * n / max(time.perf_counter() - t, 1e-9)))
+
+
+_task = np.zeros(_TASK, np.int64)
 _PLATFORM_OK = platform.system() == "Linux" and platform.machine() in ("x86_64", "AMD64")
 _ENABLED = os.environ.get("SCRATCHSEG_NO_TUNING", "").strip() in ("", "0")
 
@@ -218,17 +264,20 @@ def available():
     return _PLATFORM_OK and _ENABLED
 
 
-def share(serve, blocks, own, fill):
-    """Run a kernel's blocks on the caller (``own()``) and on native workers serving with ``serve``: the
-    task row filled by ``fill(task, threads)``, each worker with its own buffers. False (nothing run)
-    where native workers do not run: one thread, another platform, or inside another split's share."""
+def share(module, blocks, own, fill):
+    """Run a kernel's blocks on the caller (``own()``) and on the native workers: the task row filled by
+    ``fill(task, threads)``, each worker with its own buffers, ``module`` (serve.py's number of the kernel's
+    module) in its last field. False (nothing run) where native workers do not run: one thread, another
+    platform, or inside another split's share."""
     threads = runtime._workers(blocks)
     if threads < 2 or not available() or runtime._inline[0]:
         return False
+    from . import serve  # imports the kernel modules, which import this one
+
     with runtime._split_lock:  # one split at a time, as runtime._split
-        task = _tasks.setdefault(serve, np.zeros(_TASK, np.int64))
-        fill(task, threads)
-        run(threads, serve, own, task)
+        fill(_task, threads)
+        _task[_MODULE] = module
+        run(threads, serve._serve, own, _task)
     return True
 
 
@@ -236,10 +285,10 @@ def run(threads, serve, own, task):
     """Post ``task`` to ``threads - 1`` native workers (started as needed, each serving with ``serve``),
     run ``own()`` (the caller's share, which takes blocks until none is left), then cancel the task where a
     worker has not claimed it, or wait for the worker. Returns how many workers took part."""
-    pool = _workers.setdefault(serve, [])
+    pool = _pools.setdefault(serve, [])
     while len(pool) < threads - 1:
         i = len(pool) + 1
-        pool.append(Worker(f"scratchseg-{serve.__name__.strip('_')}-{i}", i, threads, serve, task))
+        pool.append(Worker(f"scratchseg-native-{i}", i, threads, serve, task))
     used = pool[:threads - 1]
     for worker in used:
         worker.placement.place(worker.thread.native_id)
@@ -252,9 +301,19 @@ def run(threads, serve, own, task):
     return took
 
 
+def park():
+    """Send every spinning native worker to sleep now: other threads are about to need the cores."""
+    for pool in _pools.values():
+        for worker in pool:
+            worker.words[_PARK] = 1
+
+
+_pools = {}  # serve function -> its workers
+
+
 def _forget():
     """After fork: the child has none of the parent's threads."""
-    _workers.clear()
+    _pools.clear()
 
 
 if hasattr(os, "register_at_fork"):

@@ -13,71 +13,180 @@ sums in float64; small inputs run the serial twin (``runtime._launch``).
 from __future__ import annotations
 
 import numpy as np  # host-only module: these kernels only ever see NumPy arrays
-from numba import prange
+from numba import carray, njit, prange
 
+from . import native
 from ._common import _working_dtype
 from .runtime import _launch, _parallel_njit
 
 __all__ = ["batch_norm_train_forward", "batch_norm_backward"]
 
 
-@_parallel_njit(fastmath={"reassoc"})
-def _bn_train_forward(x, gamma, beta, eps, out, xhat, mean, var, inv_std):
-    # x, out, xhat: (N, C, L); mean, var, inv_std: (C,)
+@njit(cache=True, nogil=True, fastmath={"reassoc"}, inline="always")
+def _forward_channel(x, gamma, beta, eps, out, xhat, mean, var, inv_std, c):
+    # channel c of x, out, xhat: (N, C, L); mean, var, inv_std: (C,)
     N, C, L = x.shape
     M = N * L
-    for c in prange(C):
-        s = 0.0
-        for n in range(N):
-            for k in range(L):
-                s += x[n, c, k]
-        mu = s / M
-        ss = 0.0
-        for n in range(N):
-            for k in range(L):
-                d = x[n, c, k] - mu
-                ss += d * d
-        v = ss / M
-        inv = 1.0 / np.sqrt(v + eps)
-        g = gamma[c]
-        b = beta[c]
-        for n in range(N):
-            for k in range(L):
-                h = (x[n, c, k] - mu) * inv
-                xhat[n, c, k] = h
-                out[n, c, k] = h * g + b
-        mean[c] = mu
-        var[c] = v
-        inv_std[c] = inv
+    s = 0.0
+    for n in range(N):
+        for k in range(L):
+            s += x[n, c, k]
+    mu = s / M
+    ss = 0.0
+    for n in range(N):
+        for k in range(L):
+            d = x[n, c, k] - mu
+            ss += d * d
+    v = ss / M
+    inv = 1.0 / np.sqrt(v + eps)
+    g = gamma[c]
+    b = beta[c]
+    for n in range(N):
+        for k in range(L):
+            h = (x[n, c, k] - mu) * inv
+            xhat[n, c, k] = h
+            out[n, c, k] = h * g + b
+    mean[c] = mu
+    var[c] = v
+    inv_std[c] = inv
+
+
+@njit(cache=True, nogil=True, fastmath={"reassoc"}, inline="always")
+def _backward_channel(dout, xhat, scale, training, need_dx, dx, sum_dout, sum_dout_xhat, c):
+    # channel c of dout, xhat, dx: (N, C, L); scale = gamma * inv_std: (C,)
+    N, C, L = dout.shape
+    M = N * L
+    s1 = 0.0
+    s2 = 0.0
+    for n in range(N):
+        for k in range(L):
+            d = dout[n, c, k]
+            s1 += d
+            s2 += d * xhat[n, c, k]
+    sum_dout[c] = s1
+    sum_dout_xhat[c] = s2
+    if need_dx:
+        sc = scale[c]
+        if training:
+            a = s1 / M
+            b = s2 / M
+            for n in range(N):
+                for k in range(L):
+                    dx[n, c, k] = (dout[n, c, k] - a - xhat[n, c, k] * b) * sc
+        else:
+            for n in range(N):
+                for k in range(L):
+                    dx[n, c, k] = dout[n, c, k] * sc
+
+
+@_parallel_njit(fastmath={"reassoc"})
+def _bn_train_forward(x, gamma, beta, eps, out, xhat, mean, var, inv_std):
+    for c in prange(x.shape[1]):
+        _forward_channel(x, gamma, beta, eps, out, xhat, mean, var, inv_std, c)
 
 
 @_parallel_njit(fastmath={"reassoc"})
 def _bn_backward(dout, xhat, scale, training, need_dx, dx, sum_dout, sum_dout_xhat):
-    # dout, xhat, dx: (N, C, L); scale = gamma * inv_std: (C,)
-    N, C, L = dout.shape
-    M = N * L
-    for c in prange(C):
-        s1 = 0.0
-        s2 = 0.0
-        for n in range(N):
-            for k in range(L):
-                d = dout[n, c, k]
-                s1 += d
-                s2 += d * xhat[n, c, k]
-        sum_dout[c] = s1
-        sum_dout_xhat[c] = s2
-        if need_dx:
-            sc = scale[c]
-            if training:
-                a = s1 / M
-                b = s2 / M
-                for n in range(N):
-                    for k in range(L):
-                        dx[n, c, k] = (dout[n, c, k] - a - xhat[n, c, k] * b) * sc
-            else:
-                for n in range(N):
-                    for k in range(L):
-                        dx[n, c, k] = dout[n, c, k] * sc
+    for c in prange(dout.shape[1]):
+        _backward_channel(dout, xhat, scale, training, need_dx, dx, sum_dout, sum_dout_xhat, c)
+
+
+# ------------------------------------------------- float32 on the native workers (native.py)
+# Blocks of channels handed out to the caller and a native worker (no launch of
+# Numba's thread pool, no wait for a worker that wakes late), from this many
+# elements on.
+_NATIVE_MIN_WORK = 1 << 15
+_BLOCKS = 8
+_FORWARD, _BACKWARD = 1, 2
+SERVED = 2  # this module's tasks, to the native workers' loop (serve.py)
+
+
+@njit(cache=True, nogil=True, fastmath={"reassoc"})  # the channel loops are inlined here: their flags
+def _drain_forward(x, gamma, beta, eps, out, xhat, mean, var, inv_std, counter, per_block, blocks):
+    C = x.shape[1]
+    while True:
+        b = native._take(counter.ctypes.data)
+        if b >= blocks:
+            return
+        for c in range(b * per_block, min((b + 1) * per_block, C)):
+            _forward_channel(x, gamma, beta, eps[0], out, xhat, mean, var, inv_std, c)
+
+
+@njit(cache=True, nogil=True, fastmath={"reassoc"})
+def _drain_backward(dout, xhat, scale, training, need_dx, dx, sum_dout, sum_dout_xhat, counter, per_block, blocks):
+    C = dout.shape[1]
+    while True:
+        b = native._take(counter.ctypes.data)
+        if b >= blocks:
+            return
+        for c in range(b * per_block, min((b + 1) * per_block, C)):
+            _backward_channel(dout, xhat, scale, training, need_dx, dx, sum_dout, sum_dout_xhat, c)
+
+
+@njit(cache=True, nogil=True)
+def _run_task(t):
+    """A worker's share of the task row ``t`` (see ``_share_forward`` and ``_share_backward``)."""
+    f32, i64 = native._f32, native._i64
+    counter = carray(i64(t[1]), (1,))
+    N, C, L = t[3], t[4], t[5]
+    if t[0] == _FORWARD:
+        eps = carray(native._f64(t[8]), (1,))
+        _drain_forward(carray(f32(t[2]), (N, C, L)), carray(f32(t[6]), (C,)), carray(f32(t[7]), (C,)), eps,
+                       carray(f32(t[9]), (N, C, L)), carray(f32(t[10]), (N, C, L)), carray(f32(t[11]), (C,)),
+                       carray(f32(t[12]), (C,)), carray(f32(t[13]), (C,)), counter, t[14], t[15])
+    elif t[0] == _BACKWARD:
+        shape = (N, C, L) if t[9] else (0, 0, 0)
+        _drain_backward(carray(f32(t[2]), (N, C, L)), carray(f32(t[6]), (N, C, L)), carray(f32(t[7]), (C,)),
+                        t[8] != 0, t[9] != 0, carray(f32(t[10]), shape), carray(f32(t[11]), (C,)),
+                        carray(f32(t[12]), (C,)), counter, t[13], t[14])
+
+
+def _plan(a3):
+    """(per_block, blocks) where a kernel over a3 (N, C, L) runs on the native workers, else None."""
+    C = a3.shape[1]
+    if a3.dtype != np.float32 or a3.size < _NATIVE_MIN_WORK or C < 2 or not native.available():
+        return None
+    per_block = -(-C // min(_BLOCKS, C))
+    return per_block, -(-C // per_block)
+
+
+def _share_forward(x3, gamma, beta, eps, out, xhat, mean, var, inv_std):
+    """The forward on the native workers; False where it does not run there."""
+    plan = _plan(x3)
+    if plan is None:
+        return False
+    per_block, blocks = plan
+    counter, e = np.zeros(1, np.int64), np.array([eps], np.float64)
+    N, C, L = x3.shape
+
+    def own():
+        _drain_forward(x3, gamma, beta, e, out, xhat, mean, var, inv_std, counter, per_block, blocks)
+
+    def fill(task, threads):
+        task[:16] = (_FORWARD, counter.ctypes.data, x3.ctypes.data, N, C, L, gamma.ctypes.data, beta.ctypes.data,
+                     e.ctypes.data, out.ctypes.data, xhat.ctypes.data, mean.ctypes.data, var.ctypes.data,
+                     inv_std.ctypes.data, per_block, blocks)
+
+    return native.share(SERVED, blocks, own, fill)
+
+
+def _share_backward(d3, x3, scale, training, need_dx, dx, s1, s2):
+    """The backward on the native workers; False where it does not run there."""
+    plan = _plan(d3)
+    if plan is None:
+        return False
+    per_block, blocks = plan
+    counter = np.zeros(1, np.int64)
+    N, C, L = d3.shape
+
+    def own():
+        _drain_backward(d3, x3, scale, training, need_dx, dx, s1, s2, counter, per_block, blocks)
+
+    def fill(task, threads):
+        task[:15] = (_BACKWARD, counter.ctypes.data, d3.ctypes.data, N, C, L, x3.ctypes.data, scale.ctypes.data,
+                     training, need_dx, dx.ctypes.data, s1.ctypes.data, s2.ctypes.data, per_block, blocks)
+
+    return native.share(SERVED, blocks, own, fill)
 
 
 def batch_norm_train_forward(x, weight, bias, eps):
@@ -104,7 +213,8 @@ def batch_norm_train_forward(x, weight, bias, eps):
     beta = np.zeros(C, dtype) if bias is None else np.ascontiguousarray(bias, dtype=dtype)
     out, xhat = np.empty_like(x3), np.empty_like(x3)
     mean, var, inv_std = np.empty(C, dtype), np.empty(C, dtype), np.empty(C, dtype)
-    _launch(_bn_train_forward, x3.size, x3, gamma, beta, eps, out, xhat, mean, var, inv_std)
+    if not _share_forward(x3, gamma, beta, eps, out, xhat, mean, var, inv_std):
+        _launch(_bn_train_forward, x3.size, x3, gamma, beta, eps, out, xhat, mean, var, inv_std)
     shape = x.shape
     res = [out.reshape(shape), xhat.reshape(shape), mean, var, inv_std]
     return tuple(a.astype(x.dtype) if a.dtype != x.dtype else a for a in res)
@@ -125,10 +235,11 @@ def batch_norm_backward(dout, xhat, inv_std, weight, training, need_dx=True):
     dtype = _working_dtype(np.result_type(dout.dtype, xhat.dtype))
     d3 = np.ascontiguousarray(dout.reshape(N, C, -1), dtype=dtype)  # (N, C, L)
     x3 = np.ascontiguousarray(xhat.reshape(N, C, -1), dtype=dtype)
-    scale = np.asarray(inv_std, dtype=dtype) if weight is None else np.asarray(weight * inv_std, dtype=dtype)
+    scale = np.ascontiguousarray(inv_std if weight is None else weight * inv_std, dtype=dtype)
     dx = np.empty_like(d3) if need_dx else np.empty((0, 0, 0), dtype)
     s1, s2 = np.empty(C, dtype), np.empty(C, dtype)
-    _launch(_bn_backward, d3.size, d3, x3, scale, bool(training), bool(need_dx), dx, s1, s2)
+    if not _share_backward(d3, x3, scale, bool(training), bool(need_dx), dx, s1, s2):
+        _launch(_bn_backward, d3.size, d3, x3, scale, bool(training), bool(need_dx), dx, s1, s2)
     given = dout.dtype
     dx = dx.reshape(dout.shape).astype(given, copy=False) if need_dx else None
     return dx, s1.astype(given, copy=False), s2.astype(given, copy=False)

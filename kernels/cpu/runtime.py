@@ -100,6 +100,7 @@ def _split(N, part):
     T = _workers(N)
     bounds = [N * t // T for t in range(T + 1)]
     with _split_lock:  # one split at a time: callers in several threads queue here
+        _park()  # a spinning native worker would take a core from ours
         _start_workers(T)
         previous = _blas_threads.get()
         _blas_threads.set(1)  # each worker's GEMM runs on its own core (NumPy's BLAS is process-wide)
@@ -118,6 +119,13 @@ def _split(N, part):
         finally:
             _inline[0] -= 1
             _blas_threads.set(previous)
+
+
+def _park():
+    """Native workers (native.py) stop spinning: Numba's, the BLAS's or our split's threads need the cores."""
+    from . import native  # which imports this module
+
+    native.park()
 
 
 def _together(first, second):
@@ -174,6 +182,7 @@ def _run(N, part, macs):
     if _workers(N) > 1 and macs >= _SPLIT_MIN_MACS:
         return _split(N, part)
     if macs >= _SPLIT_MIN_MACS or _blas_threads is None:
+        _park()  # the BLAS's threads may take every core
         return [part(0, N)]
     with _split_lock:  # the BLAS's thread count is process-wide: changed by one caller at a time
         previous = _blas_threads.get()
@@ -225,6 +234,7 @@ def _launch(kernel, work, *args):
     if work < _PARALLEL_MIN_WORK or _inline[0]:  # (inside a split the cores are taken)
         return _SERIAL[kernel](*args)
     with _PARALLEL_LOCK:
+        _park()
         return kernel(*args)
 
 

@@ -353,20 +353,11 @@ def _run_jobs(*jobs):
         for job in jobs:
             job[2](task, threads)
 
-    if macs < runtime._SPLIT_MIN_MACS or not native.share(_serve, blocks, part, fill):
+    if macs < runtime._SPLIT_MIN_MACS or not native.share(SERVED, blocks, part, fill):
         runtime._run(blocks, part, macs)
 
 
-@njit(cache=True, nogil=True)
-def _serve(words, task):
-    """A native worker's loop (it never returns): run each task posted to it, sleep in between."""
-    while True:
-        seq = native._claim(words)
-        if seq >= 0:
-            _run_task(task, words[native._INDEX])
-            native._done(words, seq)
-        else:
-            native._sleep(words)
+SERVED = 1  # this module's tasks, to the native workers' loop (serve.py)
 
 
 @njit(cache=True, nogil=True)
