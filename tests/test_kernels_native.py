@@ -54,7 +54,7 @@ def test_a_claimed_post_is_waited_for():
 @njit(nogil=True)
 def _count_serve(words, task):
     """A worker that adds 1 to the int64 at task[0] for each task it claims."""
-    while True:
+    while native._serving(words):
         seq = native._claim(words)
         if seq >= 0:
             cell = native._i64(task[0])
@@ -209,3 +209,27 @@ def test_batch_norm_on_native_workers_equals_its_other_kernels(monkeypatch, trai
                 assert got is None
             else:
                 np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
+STOP = """
+import sys, threading
+sys.path.insert(0, {root!r})
+import numpy as np
+from kernels.cpu import native, runtime
+runtime._SPLIT_MIN_MACS = 0
+from kernels.cpu import conv
+x = np.ones((4, 32, 16, 16), np.float32)
+conv.conv2d_forward(x, np.ones((32, 32, 3, 3), np.float32), None, 1, 1)
+threads = [w.thread for pool in native._pools.values() for w in pool]
+native.stop()
+print(len(threads), sum(t.is_alive() for t in threads))
+"""
+
+
+@needs_shifted
+def test_native_workers_leave_their_loop_when_stopped(monkeypatch):
+    """At exit (atexit runs ``stop``) no worker is left watching memory the interpreter frees."""
+    env = dict(os.environ, SCRATCHSEG_NUM_THREADS="2")
+    out = subprocess.run([sys.executable, "-c", STOP.format(root=ROOT)], capture_output=True, text=True,
+                         timeout=300, env=env)
+    assert out.returncode == 0 and out.stdout.split() == ["1", "0"], out.stderr[-2000:]

@@ -38,6 +38,7 @@ the kernels split through ``runtime`` as before.
 
 from __future__ import annotations
 
+import atexit
 import os
 import platform
 import threading
@@ -55,10 +56,11 @@ from . import runtime, workers
 __all__ = ["available", "run"]
 
 _POSTED, _TAKEN, _CANCELLED = 1, 2, 3
-# the worker's words, each on its own cache line: the task's sequence number and state
-# (seq * 4 + _POSTED / _TAKEN / _CANCELLED), the last task done, asleep (1) or not, and the
-# worker's number (1, 2, ...: which of the task's buffers are its own)
-_STATE, _DONE, _ASLEEP, _INDEX, _PARK, _SPIN = 0, 8, 16, 24, 32, 33
+# the worker's words, the first three each on its own cache line: the task's sequence number
+# and state (seq * 4 + _POSTED / _TAKEN / _CANCELLED), the last task done, asleep (1) or not;
+# then the worker's number (1, 2, ...: which of the task's buffers are its own), a park request,
+# its spin (in pauses), and a request to leave its loop (at exit)
+_STATE, _DONE, _ASLEEP, _INDEX, _PARK, _SPIN, _QUIT = 0, 8, 16, 24, 32, 33, 34
 _WORDS = 40
 # How long a worker watches for the next task before it sleeps, in seconds: a task posted
 # meanwhile starts at once (no system call, no wake-up of an idle CPU); any other
@@ -204,26 +206,32 @@ def _done(words, seq):
 
 
 @njit(cache=True, nogil=True)
+def _serving(words):
+    """Whether a worker's loop goes on (not asked to leave it: ``stop``)."""
+    return _load(words.ctypes.data + 8 * _QUIT) == 0
+
+
+@njit(cache=True, nogil=True)
 def _sleep(words):
     """The worker's side, between tasks: sleep until the next post (at once if one is posted already)."""
     w = words.ctypes.data
     for _ in range(words[_SPIN]):
         if _load(w + 8 * _STATE) & 3 == _POSTED:
             return
-        if _load(w + 8 * _PARK) != 0:
+        if _load(w + 8 * _PARK) != 0 or _load(w + 8 * _QUIT) != 0:
             break
         _pause()
     _store(w + 8 * _ASLEEP, 1)  # before the look at the state: a post after it sees this, and wakes us
     state = _load(w + 8 * _STATE)
-    if state & 3 != _POSTED:
+    if state & 3 != _POSTED and _load(w + 8 * _QUIT) == 0:
         _futex(w + 8 * _STATE, _FUTEX_WAIT, state & 0xFFFFFFFF)  # returns at once if the word has changed
     _store(w + 8 * _ASLEEP, 0)
 
 
 # ------------------------------------------------------------------ the workers
 class Worker:
-    """A thread that serves tasks with ``serve(words, task)``: a ``nogil`` Numba loop that never returns,
-    claiming each posted task (``_claim``), running it, marking it done (``_done``) and sleeping
+    """A thread that serves tasks with ``serve(words, task)``: a ``nogil`` Numba loop that, while
+    ``_serving``, claims each posted task (``_claim``), runs it, marks it done (``_done``) and sleeps
     (``_sleep``)."""
 
     def __init__(self, name, index, threads, serve, task):
@@ -309,6 +317,27 @@ def park():
 
 
 _pools = {}  # serve function -> its workers
+
+
+@njit(cache=True, nogil=True)
+def _wake(words):
+    _futex(words.ctypes.data + 8 * _STATE, _FUTEX_WAKE, 1)
+
+
+def stop():
+    """Ask every native worker to leave its loop, and wait for them (at exit: before the interpreter frees
+    the words and task rows they watch)."""
+    for pool in _pools.values():
+        for worker in pool:
+            worker.words[_QUIT] = 1
+            _wake(worker.words)
+    for pool in _pools.values():
+        for worker in pool:
+            worker.thread.join(timeout=1.0)
+    _pools.clear()
+
+
+atexit.register(stop)
 
 
 def _forget():

@@ -19,8 +19,8 @@ __all__ = []
 
 @njit(cache=True, nogil=True)
 def _serve(words, task):
-    """A native worker's loop (it never returns): run each task posted to it, spin a while, sleep."""
-    while True:
+    """A native worker's loop: run each task posted to it, spin a while, sleep; until asked to stop."""
+    while native._serving(words):
         seq = native._claim(words)
         if seq >= 0:
             module = task[native._MODULE]
