@@ -38,7 +38,10 @@ where it does not apply, and the reference runs. One module per family:
 
 Every loop is compiled with ``cache=True``, once per dtype (float32, float64;
 float16 runs in float32), and cached on disk, so a new process loads them in
-milliseconds. ``SCRATCHSEG_NUM_THREADS`` sets the number of worker threads
+milliseconds. Numba checks only the file of the function it loads: after
+editing one module, delete ``kernels/cpu/__pycache__/*.nb[ci]`` so that the
+loops of other modules that call into it (``serve.py``'s above all) are
+compiled again; a fresh install or clone compiles everything. ``SCRATCHSEG_NUM_THREADS`` sets the number of worker threads
 (default: Numba's thread count, one per core). Loading these kernels also
 prepares the process (``kernels/process.py``).
 """
