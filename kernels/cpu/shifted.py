@@ -35,7 +35,10 @@ product. The weight gradient is dw^T = (the shifted rows of x) @ (dout at
 the same wide positions, pixel-major, zero elsewhere): the tile with A's
 rows looked up in the table (``gemm._tile_gather_a``), blocks of input
 channels handed out the same way, each row of dw^T one chain over every
-position.
+position. Both gradients of a layer are one task (``shifted_backward``):
+every thread prepares the flipped kernel and the pixel-major dout in chunks,
+then drains the input gradient's blocks, then the weight gradient's. The
+other core's share runs on a native worker (``native.py``) where one runs.
 """
 
 from __future__ import annotations
