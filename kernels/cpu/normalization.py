@@ -24,59 +24,68 @@ __all__ = ["batch_norm_train_forward", "batch_norm_backward"]
 
 @njit(cache=True, nogil=True, fastmath={"reassoc"}, inline="always")
 def _forward_channel(x, gamma, beta, eps, out, xhat, mean, var, inv_std, c):
-    # channel c of x, out, xhat: (N, C, L); mean, var, inv_std: (C,)
+    # channel c of x, out, xhat: (N, C, L); mean, var, inv_std: (C,). The sums in float64, row by
+    # row (contiguous); the output in x's dtype, from the mean and inv_std as stored (float64
+    # arithmetic over every element would cost twice the time of the pass)
     N, C, L = x.shape
     M = N * L
     s = 0.0
     for n in range(N):
+        r = x[n, c]
         for k in range(L):
-            s += x[n, c, k]
+            s += r[k]
     mu = s / M
     ss = 0.0
     for n in range(N):
+        r = x[n, c]
         for k in range(L):
-            d = x[n, c, k] - mu
+            d = r[k] - mu
             ss += d * d
     v = ss / M
-    inv = 1.0 / np.sqrt(v + eps)
-    g = gamma[c]
-    b = beta[c]
-    for n in range(N):
-        for k in range(L):
-            h = (x[n, c, k] - mu) * inv
-            xhat[n, c, k] = h
-            out[n, c, k] = h * g + b
     mean[c] = mu
     var[c] = v
-    inv_std[c] = inv
+    inv_std[c] = 1.0 / np.sqrt(v + eps)
+    m, inv, g, b = mean[c], inv_std[c], gamma[c], beta[c]  # x's dtype
+    for n in range(N):
+        r, h, o = x[n, c], xhat[n, c], out[n, c]
+        for k in range(L):
+            e = (r[k] - m) * inv
+            h[k] = e
+            o[k] = e * g + b
 
 
 @njit(cache=True, nogil=True, fastmath={"reassoc"}, inline="always")
 def _backward_channel(dout, xhat, scale, training, need_dx, dx, sum_dout, sum_dout_xhat, c):
-    # channel c of dout, xhat, dx: (N, C, L); scale = gamma * inv_std: (C,)
+    # channel c of dout, xhat, dx: (N, C, L); scale = gamma * inv_std: (C,). The sums in float64, row
+    # by row (contiguous); dx in dout's dtype (float64 arithmetic over every element costs twice the time)
     N, C, L = dout.shape
     M = N * L
     s1 = 0.0
     s2 = 0.0
     for n in range(N):
+        d, h = dout[n, c], xhat[n, c]
         for k in range(L):
-            d = dout[n, c, k]
-            s1 += d
-            s2 += d * xhat[n, c, k]
+            e = np.float64(d[k])
+            s1 += e
+            s2 += e * h[k]
+    if need_dx and training:  # the means in dout's dtype: stored, read back, then the sums stored
+        sum_dout[c] = s1 / M
+        sum_dout_xhat[c] = s2 / M
+        a, b = sum_dout[c], sum_dout_xhat[c]
     sum_dout[c] = s1
     sum_dout_xhat[c] = s2
     if need_dx:
         sc = scale[c]
         if training:
-            a = s1 / M
-            b = s2 / M
             for n in range(N):
+                d, h, o = dout[n, c], xhat[n, c], dx[n, c]
                 for k in range(L):
-                    dx[n, c, k] = (dout[n, c, k] - a - xhat[n, c, k] * b) * sc
+                    o[k] = (d[k] - a - h[k] * b) * sc
         else:
             for n in range(N):
+                d, o = dout[n, c], dx[n, c]
                 for k in range(L):
-                    dx[n, c, k] = dout[n, c, k] * sc
+                    o[k] = d[k] * sc
 
 
 @_parallel_njit(fastmath={"reassoc"})
