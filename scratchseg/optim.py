@@ -303,6 +303,7 @@ class SGD(Optimizer):
         for group in self.param_groups:
             lr, momentum, dampening = group["lr"], group["momentum"], group["dampening"]
             weight_decay, nesterov, maximize = group["weight_decay"], group["nesterov"], group["maximize"]
+            params, grads, bufs, firsts = [], [], [], []
             for p, grad in _grads(group):
                 buf, first = None, False
                 if momentum != 0:
@@ -311,7 +312,13 @@ class SGD(Optimizer):
                     if buf is None:  # the first step fills it with g
                         buf = state["momentum_buffer"] = backend.get_array_module(p.data).empty_like(p.data)
                         first = True
-                sgd_update(p.data, grad, buf, lr, momentum, dampening, weight_decay, nesterov, maximize, first)
+                params.append(p.data)
+                grads.append(grad)
+                bufs.append(buf)
+                firsts.append(first)
+            if params:
+                sgd_update_many(params, grads, bufs, lr, momentum, dampening, weight_decay, nesterov, maximize,
+                                firsts)
 
 
 @replaceable
@@ -332,6 +339,16 @@ def sgd_update(p, grad, buf, lr, momentum, dampening, weight_decay, nesterov, ma
             buf += (1 - dampening) * g
         g = g + momentum * buf if nesterov else buf
     p -= lr * g
+
+
+@replaceable
+def sgd_update_many(params, grads, bufs, lr, momentum, dampening, weight_decay, nesterov, maximize, firsts):
+    """``sgd_update`` of every parameter of a group: lists of arrays p, grad, buf (None where momentum is
+    0) and of flags ``first``. A twin may update them all in one call (the CPU kernel shares the elements
+    between the cores), with the same numbers.
+    """
+    for p, grad, buf, first in zip(params, grads, bufs, firsts):
+        sgd_update(p, grad, buf, lr, momentum, dampening, weight_decay, nesterov, maximize, first)
 
 
 class Adam(Optimizer):

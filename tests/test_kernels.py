@@ -523,6 +523,48 @@ def test_cpu_sgd_update_equals_the_reference_bit_for_bit(shape, options, dtype):
     assert not np.array_equal(p, rng.standard_normal(shape).astype(dtype))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("options", _SGD_OPTIONS)
+@pytest.mark.parametrize("sizes", [[5, 7, 1], [40_000, 27, 30_001, 3]])  # the second shared between the cores
+def test_cpu_sgd_update_many_equals_the_reference_bit_for_bit(sizes, options, dtype):
+    """A group's parameters in one call, over three steps, the second parameter starting its momentum a
+    step late: every p and buffer equal sgd_update's reference, one parameter after the other."""
+    from scratchseg.optim import sgd_update
+
+    rng = np.random.default_rng(12)
+    ps = [rng.standard_normal(n).astype(dtype) for n in sizes]
+    ps[1] = ps[1].reshape(-1, 1)
+    qs = [p.copy() for p in ps]
+    momentum = options["momentum"]
+    bufs_k = [np.zeros_like(p) if momentum else None for p in ps]  # zeros: the late one reads them first
+    bufs_r = [np.zeros_like(p) if momentum else None for p in ps]
+    for step in range(3):
+        grads = [rng.standard_normal(p.shape).astype(dtype) for p in ps]
+        firsts = [step == (1 if i == 1 else 0) for i in range(len(ps))]
+        assert kcpu.optimizer.sgd_update_many(ps, grads, bufs_k, 0.05, firsts=firsts, **options) is None
+        for q, g, b, first in zip(qs, grads, bufs_r, firsts):
+            sgd_update.reference(q, g, b, 0.05, first=first, **options)
+        for p, q, bk, br in zip(ps, qs, bufs_k, bufs_r):
+            np.testing.assert_array_equal(p, q)
+            if bk is not None:
+                np.testing.assert_array_equal(bk, br)
+
+
+def test_cpu_sgd_update_many_leaves_unsuited_groups_to_the_reference():
+    """A group with one array the kernel cannot take (another dtype, not contiguous, not NumPy's) is
+    left whole to the reference, every array untouched."""
+    good = [np.ones(8, np.float32), np.ones(3, np.float32)]
+    grads = [np.ones(8, np.float32), np.ones(3, np.float32)]
+    for odd in (np.ones(3, np.float64), np.ones(6, np.float32)[::2], [1.0, 1.0, 1.0]):
+        params = [good[0], odd]
+        grads_odd = [grads[0], np.ones(3, np.float64) if isinstance(odd, np.ndarray) and odd.dtype == np.float64
+                     else grads[1]]
+        assert kcpu.optimizer.sgd_update_many(params, grads_odd, [None, None], 0.1, 0, 0, 0, False, False,
+                                              [False, False]) is NotImplemented
+    np.testing.assert_array_equal(good[0], np.ones(8, np.float32))
+    assert kcpu.optimizer.sgd_update_many([], [], [], 0.1, 0, 0, 0, False, False, []) is NotImplemented
+
+
 def test_cpu_sgd_update_leaves_unsuited_arrays_to_the_reference():
     p = np.ones((4, 4), np.float32)
     g = np.ones((4, 4), np.float32)

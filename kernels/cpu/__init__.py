@@ -24,14 +24,15 @@ where it does not apply, and the reference runs. One module per family:
 * ``normalization.py`` -- ``batch_norm_train_forward``, ``batch_norm_backward``;
 * ``pooling.py``       -- ``max_pool2d_forward``, ``max_pool2d_backward``;
 * ``activation.py``    -- ``relu_forward``, ``relu_backward``;
-* ``optimizer.py``     -- ``sgd_update``, the SGD step of one parameter in one pass;
+* ``optimizer.py``     -- ``sgd_update``, the SGD step of one parameter in one pass, and
+  ``sgd_update_many``, of every parameter of a group in one call;
 * ``resample.py``      -- ``resample_axis``, ``resample_axis_grad``: interpolation along one axis
   and its transpose, one pass each;
 * ``lattice.py``       -- the permutohedral lattice, Gaussian filtering in feature
   space for the dense CRF; not a twin (it approximates), so not in ``KERNELS``:
   ``scratchseg.crf.dense_crf(..., filter='lattice')`` imports it by name;
 * ``native.py``        -- native worker threads (``serve.py``: their loop) that take their share of
-  the shifted products and of batch norm without the interpreter;
+  the shifted products, batch norm and the SGD step without the interpreter;
 * ``runtime.py``       -- worker threads, parallel kernels and their serial twins,
   BLAS threads, workspaces; ``workers.py`` -- the split's worker threads and where
   they run; ``_common.py`` -- shapes and dtypes.
@@ -70,6 +71,7 @@ KERNELS = {
     "relu_forward": activation.relu_forward,
     "relu_backward": activation.relu_backward,
     "sgd_update": optimizer.sgd_update,
+    "sgd_update_many": optimizer.sgd_update_many,
     "resample_axis": resample.resample_axis,
     "resample_axis_grad": resample.resample_axis_grad,
 }

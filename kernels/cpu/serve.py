@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from numba import njit
 
-from . import native, normalization, shifted
+from . import native, normalization, optimizer, shifted
 
 __all__ = []
 
@@ -28,6 +28,8 @@ def _serve(words, task):
                 shifted._run_task(task, words[native._INDEX])
             elif module == normalization.SERVED:
                 normalization._run_task(task)
+            elif module == optimizer.SERVED:
+                optimizer._run_task(task)
             native._done(words, seq)
         else:
             native._sleep(words)
