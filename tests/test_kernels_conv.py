@@ -85,6 +85,30 @@ def test_cpu_conv2d_backward_runs_small_gradients_together(monkeypatch):
     assert calls == []
 
 
+@pytest.mark.parametrize("stride, padding, kernel", [(2, 0, 2), (1, 1, 3), (2, 1, 3)])
+def test_cpu_conv_transpose2d_backward_matches_torch_together_or_in_turn(monkeypatch, stride, padding, kernel):
+    """The transposed convolution's two gradients (dx = conv2d(dout, w), dw = conv2d_weight_grad(dout, x)):
+    side by side under _TOGETHER_MAX_MACS, in turn above it, each alone where only it is asked for; torch's
+    values every way."""
+    rng = np.random.default_rng(13)
+    x = torch.tensor(rng.standard_normal((3, 6, 5, 5)), dtype=torch.float32, requires_grad=True)
+    w = torch.tensor(rng.standard_normal((6, 4, kernel, kernel)), dtype=torch.float32, requires_grad=True)
+    y = torch.nn.functional.conv_transpose2d(x, w, None, stride, padding)
+    dout = torch.tensor(rng.standard_normal(tuple(y.shape)), dtype=torch.float32)
+    y.backward(dout)
+    args = (x.detach().numpy(), w.detach().numpy(), dout.numpy(), (stride, stride), (padding, padding), (1, 1), 1)
+    calls = count_calls(monkeypatch, conv, ("_together",))
+    for limit, together in [(10**9, True), (0, False)]:
+        monkeypatch.setattr(conv, "_TOGETHER_MAX_MACS", limit)
+        calls.clear()
+        dx, dw = kcpu.conv.conv_transpose2d_backward(*args)
+        assert calls == (["_together"] if together else [])
+        assert_close(dx, x.grad.numpy(), rtol=1e-4, atol=1e-4, msg="input grad")
+        assert_close(dw, w.grad.numpy(), rtol=1e-4, atol=1e-4, msg="weight grad")
+    assert kcpu.conv.conv_transpose2d_backward(*args, True, False)[1] is None
+    assert kcpu.conv.conv_transpose2d_backward(*args, False, True)[0] is None
+
+
 def test_cpu_conv2d_blocks_cover_every_output_row(monkeypatch):
     """The block plan visits each (n, ho) exactly once, whatever the block size; blocks
     of part of a sample stay within the budget and have equal heights (within a row)."""

@@ -59,6 +59,7 @@ KERNELS = {
     "conv2d_input_grad": conv.conv2d_input_grad,
     "conv2d_weight_grad": conv.conv2d_weight_grad,
     "conv2d_backward": conv.conv2d_backward,
+    "conv_transpose2d_backward": conv.conv_transpose2d_backward,
     "im2col3d": im2col3d.im2col3d,
     "col2im3d": im2col3d.col2im3d,
     "conv3d_forward": conv3d.conv3d_forward,

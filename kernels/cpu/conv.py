@@ -32,7 +32,7 @@ from .balance import FMA_UNITS
 from .im2col import _col2im_block, _im2col_block
 from .runtime import L2_BYTES, _run, _together, workspace
 
-__all__ = ["conv2d_forward", "conv2d_input_grad", "conv2d_weight_grad", "conv2d_backward"]
+__all__ = ["conv2d_forward", "conv2d_input_grad", "conv2d_weight_grad", "conv2d_backward", "conv_transpose2d_backward"]
 
 # The columns of one block, in units of a core's L2 as detected at run time: twice
 # the L2 where one vector FMA unit per core multiplies (blocks of 4x the L2 spill
@@ -407,6 +407,31 @@ def conv2d_backward(x, weight, dout, stride=1, padding=0, dilation=1, groups=1, 
             return both
         N, K = dout.shape[0], dout.shape[1]
         macs = N * K * int(np.prod(weight.shape[1:])) * dout.shape[2] * dout.shape[3]
+        if macs < _TOGETHER_MAX_MACS:
+            return _together(input_grad, weight_grad)
+        return input_grad(), weight_grad()
+    return (input_grad() if need_input_grad else None), (weight_grad() if need_weight_grad else None)
+
+
+def conv_transpose2d_backward(x, weight, dout, stride=1, padding=0, dilation=1, groups=1, need_input_grad=True,
+                              need_weight_grad=True):
+    """Both gradients of a transposed convolution (``conv2d_input_grad(x, weight)``): (dx or None, dw or None),
+    dx = conv2d_forward(dout, weight), dw = conv2d_weight_grad(dout, x); side by side on two threads where both
+    are asked for and small (``_TOGETHER_MAX_MACS``), as ``conv2d_backward``.
+
+        >>> dx, dw = conv_transpose2d_backward(np.ones((2, 6, 2, 2)), np.ones((6, 3, 2, 2)), np.ones((2, 3, 4, 4)), 2)
+        >>> dx.shape, dw.shape
+        ((2, 6, 2, 2), (6, 3, 2, 2))
+    """
+    def input_grad():
+        return conv2d_forward(dout, weight, None, stride, padding, dilation, groups)
+
+    def weight_grad():
+        return conv2d_weight_grad(dout, x, weight.shape, stride, padding, dilation, groups)
+
+    if need_input_grad and need_weight_grad:
+        N, K = x.shape[0], x.shape[1]
+        macs = N * K * int(np.prod(weight.shape[1:])) * x.shape[2] * x.shape[3]
         if macs < _TOGETHER_MAX_MACS:
             return _together(input_grad, weight_grad)
         return input_grad(), weight_grad()

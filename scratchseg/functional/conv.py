@@ -119,6 +119,20 @@ def conv2d_backward(x, weight, dout, stride, padding, dilation, groups, need_inp
     return dx, dw
 
 
+@replaceable
+def conv_transpose2d_backward(x, weight, dout, stride, padding, dilation, groups, need_input_grad=True,
+                              need_weight_grad=True):
+    """Both gradients of a transposed convolution, ``conv2d_input_grad(x, weight)``: (dx or None, dw or None).
+
+    dx = ``conv2d_forward(dout, weight)`` (before any cropping to x's size), dw =
+    ``conv2d_weight_grad(dout, x)``, each where asked for. Here one after the
+    other; a kernel may compute the two side by side.
+    """
+    dx = conv2d_forward(dout, weight, None, stride, padding, dilation, groups) if need_input_grad else None
+    dw = conv2d_weight_grad(dout, x, weight.shape, stride, padding, dilation, groups) if need_weight_grad else None
+    return dx, dw
+
+
 def _fit_output(dout, x_shape, w_shape, geometry):
     """Zero-pad ``dout`` (N, K, h, w) at the bottom/right up to the (Ho, Wo) of the geometry.
 
@@ -194,15 +208,16 @@ class ConvTranspose2d(Function):
     def backward(ctx, dout):
         x, w, geometry = ctx.x, ctx.w, ctx.geometry
         dx = dw = db = None
-        if ctx.needs_input_grad[0]:
-            dx = conv2d_forward(dout, w, None, **geometry)  # (N, C, h, w) >= x's H, W
+        need = ctx.needs_input_grad
+        if need[0] or need[1]:
+            x_fit = _fit_output(x, dout.shape, w.shape, geometry) if need[1] else x
+            dx, dw = conv_transpose2d_backward(x_fit, w, dout, geometry["stride"], geometry["padding"],
+                                               geometry["dilation"], geometry["groups"], need[0], need[1])
+        if dx is not None:  # (N, C, h, w) >= x's H, W
             H, W = x.shape[2], x.shape[3]
             if dx.shape[2:] != (H, W):  # output_padding >= stride: rows no input reached
                 dx = get_array_module(dx).ascontiguousarray(dx[:, :, :H, :W])
-        if ctx.needs_input_grad[1]:
-            x_fit = _fit_output(x, dout.shape, w.shape, geometry)
-            dw = conv2d_weight_grad(dout, x_fit, w.shape, **geometry)
-        if ctx.needs_input_grad[2]:
+        if need[2]:
             db = dout.sum(axis=(0, 2, 3))  # (K,)
         return dx, dw, db
 
