@@ -420,7 +420,7 @@ def _builtin_cases(xp):
 
 
 def _norm_cases(xp):
-    """group_norm, layer_norm, instance_norm (any rank), with weight and bias."""
+    """group_norm, layer_norm, instance_norm (any rank), batch_norm_relu, with weight and bias."""
     from . import functional as F
 
     rng = numpy.random.default_rng(2468)  # its own generator: the cases around draw what they always drew
@@ -436,6 +436,9 @@ def _norm_cases(xp):
          (t(2, 3, 4), t(3, 4), t(3, 4))),
         ("instance_norm", "affine + running stats", lambda x, w, b: F.instance_norm(
             x, xp.asarray(running[0].copy()), xp.asarray(running[1].copy()), w, b), (t(2, 3, 2, 3), t(3), t(3))),
+        # the ReLU's kink: the drawn inputs keep every normalised value more than 0.01 away from it
+        ("batch_norm_relu", "training", lambda x, w, b: F.batch_norm_relu(x, None, None, w, b, training=True),
+         (t(4, 3, 2, 2), t(3), t(3))),
     ]
 
 

@@ -87,6 +87,10 @@ CASES = {
         {"x": normal(3, 4, 5, 6), "g": positive(4), "b": normal(4)},
         lambda t: F.batch_norm(t["x"], t["rm"], t["rv"], t["g"], t["b"], training=False),
     ),
+    "batch_norm_relu_train": (
+        {"x": normal(3, 4, 5, 6), "g": positive(4), "b": normal(4)},
+        lambda t: F.batch_norm_relu(t["x"], t["rm"], t["rv"], t["g"], t["b"], training=True, momentum=0.2),
+    ),
     "max_pool2d": ({"x": distinct(2, 3, 8, 9)}, lambda t: F.max_pool2d(t["x"], 2)),
     "max_pool2d_overlap": (
         {"x": distinct(2, 3, 9, 9)},
@@ -187,7 +191,7 @@ CASES = {
     ),
 }
 
-CASES_NEEDING_STATS = ("batch_norm_train", "batch_norm_eval")
+CASES_NEEDING_STATS = ("batch_norm_train", "batch_norm_eval", "batch_norm_relu_train")
 
 
 def _run(name, device, dtype):

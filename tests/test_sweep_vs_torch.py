@@ -394,6 +394,7 @@ def draw_batch_norm(rng):
         bias=bool(rng.random() < 0.7),
         momentum=pick(rng, [0.1, 0.0, 1.0, float(rng.uniform(0, 1))]),
         eps=pick(rng, [1e-5, 1e-3, 0.5]),
+        relu=bool(rng.random() < 0.3),  # batch_norm_relu against torch's relu(batch_norm(...))
     )
 
 
@@ -417,8 +418,8 @@ def run_batch_norm(c, rng):
     grad = (0,) + ((1,) if c["weight"] else ()) + ((2,) if c["bias"] else ())
     return compare(
         rng,
-        lambda x, w, b: F.batch_norm(x, rm_s, rv_s, w, b, **kw),
-        lambda x, w, b: TF.batch_norm(x, rm_t, rv_t, w, b, **kw),
+        lambda x, w, b: (F.batch_norm_relu if c["relu"] else F.batch_norm)(x, rm_s, rv_s, w, b, **kw),
+        lambda x, w, b: (torch.relu if c["relu"] else (lambda y: y))(TF.batch_norm(x, rm_t, rv_t, w, b, **kw)),
         [x, w, b],
         grad=grad,
         extra=extra,

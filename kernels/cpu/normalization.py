@@ -7,7 +7,10 @@ numbers.
 Why it is fast: the reference makes about six passes over the activations in
 forward and five in backward (mean, centre, variance, scale, shift; two sums,
 then dx). These kernels make three and two, one channel per ``prange`` task,
-sums in float64; small inputs run the serial twin (``runtime._launch``).
+sums in float64; small inputs run the serial twin (``runtime._launch``), and
+float32 from 32K elements on shares its channels with a native worker
+(``native.py``). A ReLU after the batch norm (``relu=True``, ``relu_out``)
+runs inside the same passes: none of its own.
 """
 
 from __future__ import annotations
@@ -23,10 +26,11 @@ __all__ = ["batch_norm_train_forward", "batch_norm_backward"]
 
 
 @njit(cache=True, nogil=True, fastmath={"reassoc"}, inline="always")
-def _forward_channel(x, gamma, beta, eps, out, xhat, mean, var, inv_std, c):
+def _forward_channel(x, gamma, beta, eps, relu, out, xhat, mean, var, inv_std, c):
     # channel c of x, out, xhat: (N, C, L); mean, var, inv_std: (C,). The sums in float64, row by
     # row (contiguous); the output in x's dtype, from the mean and inv_std as stored (float64
-    # arithmetic over every element would cost twice the time of the pass)
+    # arithmetic over every element would cost twice the time of the pass); relu: max(out, 0) as
+    # relu_forward takes it (NaN passes)
     N, C, L = x.shape
     M = N * L
     s = 0.0
@@ -48,56 +52,81 @@ def _forward_channel(x, gamma, beta, eps, out, xhat, mean, var, inv_std, c):
     m, inv, g, b = mean[c], inv_std[c], gamma[c], beta[c]  # x's dtype
     for n in range(N):
         r, h, o = x[n, c], xhat[n, c], out[n, c]
-        for k in range(L):
-            e = (r[k] - m) * inv
-            h[k] = e
-            o[k] = e * g + b
+        if relu:
+            for k in range(L):
+                e = (r[k] - m) * inv
+                h[k] = e
+                y = e * g + b
+                o[k] = y if y > 0 or y != y else 0
+        else:
+            for k in range(L):
+                e = (r[k] - m) * inv
+                h[k] = e
+                o[k] = e * g + b
 
 
 @njit(cache=True, nogil=True, fastmath={"reassoc"}, inline="always")
-def _backward_channel(dout, xhat, scale, training, need_dx, dx, sum_dout, sum_dout_xhat, c):
+def _backward_channel(dout, xhat, scale, training, need_dx, relu_out, zero, dx, sum_dout, sum_dout_xhat, c):
     # channel c of dout, xhat, dx: (N, C, L); scale = gamma * inv_std: (C,). The sums in float64, row
-    # by row (contiguous); dx in dout's dtype (float64 arithmetic over every element costs twice the time)
+    # by row (contiguous); dx in dout's dtype (float64 arithmetic over every element costs twice the
+    # time). relu_out (N, C, L), or empty: dout counts only where relu_out > 0 (relu_backward's rule),
+    # zero[0] elsewhere (a zero of dout's dtype)
     N, C, L = dout.shape
     M = N * L
+    masked = relu_out.size > 0
+    z = zero[0]
     s1 = 0.0
     s2 = 0.0
     for n in range(N):
         d, h = dout[n, c], xhat[n, c]
-        for k in range(L):
-            e = np.float64(d[k])
-            s1 += e
-            s2 += e * h[k]
+        if masked:
+            ro = relu_out[n, c]
+            for k in range(L):
+                e = np.float64(d[k] if ro[k] > 0 else z)
+                s1 += e
+                s2 += e * h[k]
+        else:
+            for k in range(L):
+                e = np.float64(d[k])
+                s1 += e
+                s2 += e * h[k]
     if need_dx and training:  # the means in dout's dtype: stored, read back, then the sums stored
         sum_dout[c] = s1 / M
         sum_dout_xhat[c] = s2 / M
         a, b = sum_dout[c], sum_dout_xhat[c]
     sum_dout[c] = s1
     sum_dout_xhat[c] = s2
-    if need_dx:
-        sc = scale[c]
-        if training:
-            for n in range(N):
-                d, h, o = dout[n, c], xhat[n, c], dx[n, c]
+    if not need_dx:
+        return
+    sc = scale[c]
+    for n in range(N):
+        d, h, o = dout[n, c], xhat[n, c], dx[n, c]
+        if masked:
+            ro = relu_out[n, c]
+            if training:
                 for k in range(L):
-                    o[k] = (d[k] - a - h[k] * b) * sc
+                    o[k] = ((d[k] if ro[k] > 0 else z) - a - h[k] * b) * sc
+            else:
+                for k in range(L):
+                    o[k] = (d[k] if ro[k] > 0 else z) * sc
+        elif training:
+            for k in range(L):
+                o[k] = (d[k] - a - h[k] * b) * sc
         else:
-            for n in range(N):
-                d, o = dout[n, c], dx[n, c]
-                for k in range(L):
-                    o[k] = d[k] * sc
+            for k in range(L):
+                o[k] = d[k] * sc
 
 
 @_parallel_njit(fastmath={"reassoc"})
-def _bn_train_forward(x, gamma, beta, eps, out, xhat, mean, var, inv_std):
+def _bn_train_forward(x, gamma, beta, eps, relu, out, xhat, mean, var, inv_std):
     for c in prange(x.shape[1]):
-        _forward_channel(x, gamma, beta, eps, out, xhat, mean, var, inv_std, c)
+        _forward_channel(x, gamma, beta, eps, relu, out, xhat, mean, var, inv_std, c)
 
 
 @_parallel_njit(fastmath={"reassoc"})
-def _bn_backward(dout, xhat, scale, training, need_dx, dx, sum_dout, sum_dout_xhat):
+def _bn_backward(dout, xhat, scale, training, need_dx, relu_out, zero, dx, sum_dout, sum_dout_xhat):
     for c in prange(dout.shape[1]):
-        _backward_channel(dout, xhat, scale, training, need_dx, dx, sum_dout, sum_dout_xhat, c)
+        _backward_channel(dout, xhat, scale, training, need_dx, relu_out, zero, dx, sum_dout, sum_dout_xhat, c)
 
 
 # ------------------------------------------------- float32 on the native workers (native.py)
@@ -111,25 +140,26 @@ SERVED = 2  # this module's tasks, to the native workers' loop (serve.py)
 
 
 @njit(cache=True, nogil=True, fastmath={"reassoc"})  # the channel loops are inlined here: their flags
-def _drain_forward(x, gamma, beta, eps, out, xhat, mean, var, inv_std, counter, per_block, blocks):
+def _drain_forward(x, gamma, beta, eps, relu, out, xhat, mean, var, inv_std, counter, per_block, blocks):
     C = x.shape[1]
     while True:
         b = native._take(counter.ctypes.data)
         if b >= blocks:
             return
         for c in range(b * per_block, min((b + 1) * per_block, C)):
-            _forward_channel(x, gamma, beta, eps[0], out, xhat, mean, var, inv_std, c)
+            _forward_channel(x, gamma, beta, eps[0], relu, out, xhat, mean, var, inv_std, c)
 
 
 @njit(cache=True, nogil=True, fastmath={"reassoc"})
-def _drain_backward(dout, xhat, scale, training, need_dx, dx, sum_dout, sum_dout_xhat, counter, per_block, blocks):
+def _drain_backward(dout, xhat, scale, training, need_dx, relu_out, zero, dx, sum_dout, sum_dout_xhat, counter,
+                    per_block, blocks):
     C = dout.shape[1]
     while True:
         b = native._take(counter.ctypes.data)
         if b >= blocks:
             return
         for c in range(b * per_block, min((b + 1) * per_block, C)):
-            _backward_channel(dout, xhat, scale, training, need_dx, dx, sum_dout, sum_dout_xhat, c)
+            _backward_channel(dout, xhat, scale, training, need_dx, relu_out, zero, dx, sum_dout, sum_dout_xhat, c)
 
 
 @njit(cache=True, nogil=True)
@@ -141,13 +171,16 @@ def _run_task(t):
     if t[0] == _FORWARD:
         eps = carray(native._f64(t[8]), (1,))
         _drain_forward(carray(f32(t[2]), (N, C, L)), carray(f32(t[6]), (C,)), carray(f32(t[7]), (C,)), eps,
-                       carray(f32(t[9]), (N, C, L)), carray(f32(t[10]), (N, C, L)), carray(f32(t[11]), (C,)),
-                       carray(f32(t[12]), (C,)), carray(f32(t[13]), (C,)), counter, t[14], t[15])
+                       t[16] != 0, carray(f32(t[9]), (N, C, L)), carray(f32(t[10]), (N, C, L)),
+                       carray(f32(t[11]), (C,)), carray(f32(t[12]), (C,)), carray(f32(t[13]), (C,)), counter, t[14],
+                       t[15])
     elif t[0] == _BACKWARD:
         shape = (N, C, L) if t[9] else (0, 0, 0)
+        masked = (N, C, L) if t[15] else (0, 0, 0)
         _drain_backward(carray(f32(t[2]), (N, C, L)), carray(f32(t[6]), (N, C, L)), carray(f32(t[7]), (C,)),
-                        t[8] != 0, t[9] != 0, carray(f32(t[10]), shape), carray(f32(t[11]), (C,)),
-                        carray(f32(t[12]), (C,)), counter, t[13], t[14])
+                        t[8] != 0, t[9] != 0, carray(f32(t[16]), masked), carray(f32(t[17]), (1,)),
+                        carray(f32(t[10]), shape), carray(f32(t[11]), (C,)), carray(f32(t[12]), (C,)), counter,
+                        t[13], t[14])
 
 
 def _plan(a3):
@@ -159,7 +192,7 @@ def _plan(a3):
     return per_block, -(-C // per_block)
 
 
-def _share_forward(x3, gamma, beta, eps, out, xhat, mean, var, inv_std):
+def _share_forward(x3, gamma, beta, eps, relu, out, xhat, mean, var, inv_std):
     """The forward on the native workers; False where it does not run there."""
     plan = _plan(x3)
     if plan is None:
@@ -169,17 +202,17 @@ def _share_forward(x3, gamma, beta, eps, out, xhat, mean, var, inv_std):
     N, C, L = x3.shape
 
     def own():
-        _drain_forward(x3, gamma, beta, e, out, xhat, mean, var, inv_std, counter, per_block, blocks)
+        _drain_forward(x3, gamma, beta, e, relu, out, xhat, mean, var, inv_std, counter, per_block, blocks)
 
     def fill(task, threads):
-        task[:16] = (_FORWARD, counter.ctypes.data, x3.ctypes.data, N, C, L, gamma.ctypes.data, beta.ctypes.data,
+        task[:17] = (_FORWARD, counter.ctypes.data, x3.ctypes.data, N, C, L, gamma.ctypes.data, beta.ctypes.data,
                      e.ctypes.data, out.ctypes.data, xhat.ctypes.data, mean.ctypes.data, var.ctypes.data,
-                     inv_std.ctypes.data, per_block, blocks)
+                     inv_std.ctypes.data, per_block, blocks, relu)
 
     return native.share(SERVED, blocks, own, fill)
 
 
-def _share_backward(d3, x3, scale, training, need_dx, dx, s1, s2):
+def _share_backward(d3, x3, scale, training, need_dx, relu_out, zero, dx, s1, s2):
     """The backward on the native workers; False where it does not run there."""
     plan = _plan(d3)
     if plan is None:
@@ -189,20 +222,22 @@ def _share_backward(d3, x3, scale, training, need_dx, dx, s1, s2):
     N, C, L = d3.shape
 
     def own():
-        _drain_backward(d3, x3, scale, training, need_dx, dx, s1, s2, counter, per_block, blocks)
+        _drain_backward(d3, x3, scale, training, need_dx, relu_out, zero, dx, s1, s2, counter, per_block, blocks)
 
     def fill(task, threads):
-        task[:15] = (_BACKWARD, counter.ctypes.data, d3.ctypes.data, N, C, L, x3.ctypes.data, scale.ctypes.data,
-                     training, need_dx, dx.ctypes.data, s1.ctypes.data, s2.ctypes.data, per_block, blocks)
+        task[:18] = (_BACKWARD, counter.ctypes.data, d3.ctypes.data, N, C, L, x3.ctypes.data, scale.ctypes.data,
+                     training, need_dx, dx.ctypes.data, s1.ctypes.data, s2.ctypes.data, per_block, blocks,
+                     relu_out.size > 0, relu_out.ctypes.data, zero.ctypes.data)
 
     return native.share(SERVED, blocks, own, fill)
 
 
-def batch_norm_train_forward(x, weight, bias, eps):
+def batch_norm_train_forward(x, weight, bias, eps, relu=False):
     """Batch norm in training mode, fused: the batch statistics and the output in three passes.
 
     mean_c = sum x / M, var_c = sum (x - mean_c)^2 / M (biased), xhat = (x - mean_c) / sqrt(var_c + eps),
-    out = weight_c * xhat + bias_c, with M = N * prod(spatial) values per channel.
+    out = weight_c * xhat + bias_c, with M = N * prod(spatial) values per channel; ``relu``: max(out, 0)
+    instead, in the same pass.
 
     Shape:
         x (N, C, *) -> out, xhat (N, C, *), mean, var, inv_std (C,), all of x's dtype;
@@ -222,21 +257,24 @@ def batch_norm_train_forward(x, weight, bias, eps):
     beta = np.zeros(C, dtype) if bias is None else np.ascontiguousarray(bias, dtype=dtype)
     out, xhat = np.empty_like(x3), np.empty_like(x3)
     mean, var, inv_std = np.empty(C, dtype), np.empty(C, dtype), np.empty(C, dtype)
-    if not _share_forward(x3, gamma, beta, eps, out, xhat, mean, var, inv_std):
-        _launch(_bn_train_forward, x3.size, x3, gamma, beta, eps, out, xhat, mean, var, inv_std)
+    relu = bool(relu)
+    if not _share_forward(x3, gamma, beta, eps, relu, out, xhat, mean, var, inv_std):
+        _launch(_bn_train_forward, x3.size, x3, gamma, beta, eps, relu, out, xhat, mean, var, inv_std)
     shape = x.shape
     res = [out.reshape(shape), xhat.reshape(shape), mean, var, inv_std]
     return tuple(a.astype(x.dtype) if a.dtype != x.dtype else a for a in res)
 
 
-def batch_norm_backward(dout, xhat, inv_std, weight, training, need_dx=True):
+def batch_norm_backward(dout, xhat, inv_std, weight, training, need_dx=True, relu_out=None):
     """Batch norm backward, fused: the two per-channel sums in one pass, dx in a second.
 
     dbeta = sum dout, dgamma = sum dout * xhat, and with scale = gamma * inv_std:
     training: dx = scale * (dout - sum dout / M - xhat * sum(dout * xhat) / M); eval: dx = scale * dout.
+    ``relu_out`` (the output of a ReLU fused after the batch norm, or None): dout taken as 0 wherever
+    relu_out <= 0 (relu_backward's rule), in the same passes.
 
     Shape:
-        dout, xhat (N, C, *); inv_std, weight (C,) (weight may be None) ->
+        dout, xhat (N, C, *); inv_std, weight (C,) (weight may be None); relu_out as dout or None ->
         dx (N, C, *) or None, sum_dout (C,), sum_dout_xhat (C,).
     """
     dout = np.ascontiguousarray(dout)
@@ -244,11 +282,18 @@ def batch_norm_backward(dout, xhat, inv_std, weight, training, need_dx=True):
     dtype = _working_dtype(np.result_type(dout.dtype, xhat.dtype))
     d3 = np.ascontiguousarray(dout.reshape(N, C, -1), dtype=dtype)  # (N, C, L)
     x3 = np.ascontiguousarray(xhat.reshape(N, C, -1), dtype=dtype)
+    if relu_out is None:
+        r3 = np.empty((0, 0, 0), dtype)
+    elif relu_out.shape != dout.shape:
+        raise ValueError(f"batch_norm_backward: relu_out has shape {relu_out.shape}, expected {dout.shape}")
+    else:
+        r3 = np.ascontiguousarray(relu_out.reshape(N, C, -1), dtype=dtype)
     scale = np.ascontiguousarray(inv_std if weight is None else weight * inv_std, dtype=dtype)
     dx = np.empty_like(d3) if need_dx else np.empty((0, 0, 0), dtype)
-    s1, s2 = np.empty(C, dtype), np.empty(C, dtype)
-    if not _share_backward(d3, x3, scale, bool(training), bool(need_dx), dx, s1, s2):
-        _launch(_bn_backward, d3.size, d3, x3, scale, bool(training), bool(need_dx), dx, s1, s2)
+    s1, s2, zero = np.empty(C, dtype), np.empty(C, dtype), np.zeros(1, dtype)
+    args = (d3, x3, scale, bool(training), bool(need_dx), r3, zero, dx, s1, s2)
+    if not _share_backward(*args):
+        _launch(_bn_backward, d3.size, *args)
     given = dout.dtype
     dx = dx.reshape(dout.shape).astype(given, copy=False) if need_dx else None
     return dx, s1.astype(given, copy=False), s2.astype(given, copy=False)

@@ -20,11 +20,12 @@ def _channels_view(a):
     return a.reshape(a.shape[0], a.shape[1], -1)
 
 
-def batch_norm_train_forward(x, weight, bias, eps):
+def batch_norm_train_forward(x, weight, bias, eps, relu=False):
     """Batch norm in training mode, one launch: one block per channel sums, normalises and writes.
 
     mean_c = sum x / M, var_c = sum (x - mean_c)^2 / M (biased, both summed in float64),
-    xhat = (x - mean_c) / sqrt(var_c + eps), out = weight_c * xhat + bias_c, M = N * prod(spatial).
+    xhat = (x - mean_c) / sqrt(var_c + eps), out = weight_c * xhat + bias_c, M = N * prod(spatial);
+    ``relu``: max(out, 0), one more element-wise launch.
 
     Shape:
         x (N, C, *) -> out, xhat (N, C, *), mean, var, inv_std (C,), all of x's dtype;
@@ -34,7 +35,7 @@ def batch_norm_train_forward(x, weight, bias, eps):
 
     given = numpy.dtype(x.dtype)
     if given not in _CTYPES:
-        res = batch_norm_train_forward(*_as_float32((x, weight, bias)), eps)
+        res = batch_norm_train_forward(*_as_float32((x, weight, bias)), eps, relu)
         return tuple(a.astype(given) for a in res)
     x3 = _channels_view(x)  # (N, C, L)
     N, C, L = (int(s) for s in x3.shape)
@@ -47,6 +48,8 @@ def batch_norm_train_forward(x, weight, bias, eps):
         (C,), (_ROWS_THREADS,),
         (x3, gamma, beta, out, xhat, stats[0], stats[1], stats[2]) + _ints(N, C, L)
         + (numpy.float64(eps),) + _ints(weight is not None, bias is not None))
+    if relu:
+        cupy.maximum(out, 0, out=out)  # NaN passes, as relu_forward
     return out.reshape(x.shape), xhat.reshape(x.shape), stats[0], stats[1], stats[2]
 
 
@@ -82,8 +85,11 @@ def batch_norm_update_running(running_mean, running_var, mean, var, M, momentum)
     return None
 
 
-def batch_norm_backward(dout, xhat, inv_std, weight, training, need_dx=True):
+def batch_norm_backward(dout, xhat, inv_std, weight, training, need_dx=True, relu_out=None):
     """Batch norm backward, one launch: one block per channel takes both sums, then writes dx.
+
+    ``relu_out`` (the output of a ReLU fused after the batch norm, or None): dout is 0 wherever
+    relu_out <= 0, one more element-wise launch first.
 
     dbeta = sum dout, dgamma = sum dout * xhat (summed in float64), and with
     scale = gamma * inv_std: training: dx = scale * (dout - sum dout / M - xhat * sum(dout * xhat) / M);
@@ -95,6 +101,8 @@ def batch_norm_backward(dout, xhat, inv_std, weight, training, need_dx=True):
     """
     import cupy
 
+    if relu_out is not None:
+        dout = cupy.where(relu_out > 0, dout, dout.dtype.type(0))  # relu_backward's rule
     given = numpy.dtype(dout.dtype)
     dtype = numpy.dtype(numpy.result_type(given, xhat.dtype))
     if dtype not in _CTYPES:

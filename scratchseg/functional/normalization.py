@@ -28,8 +28,9 @@ import numpy
 from ..args import is_array
 from ..autograd import Function
 from ..backend import get_array_module, replaceable
+from .activation import relu_backward, relu_forward
 
-__all__ = ["batch_norm", "group_norm", "layer_norm", "instance_norm"]
+__all__ = ["batch_norm", "batch_norm_relu", "group_norm", "layer_norm", "instance_norm"]
 
 
 # ---------------------------------------------------------------- the shared core
@@ -125,15 +126,18 @@ def _check_momentum(op, momentum):
 
 # ------------------------------------------------------------------ batch norm
 @replaceable
-def batch_norm_train_forward(x, weight, bias, eps):
+def batch_norm_train_forward(x, weight, bias, eps, relu=False):
     """Normalise ``x`` with its own statistics.
 
     x (N, C, *) -> out, xhat (N, C, *) and the batch's mean, biased var and
-    inv_std = 1 / sqrt(var + eps), each (C,).
+    inv_std = 1 / sqrt(var + eps), each (C,). ``relu``: out = relu(out) (a
+    kernel may do it in the same pass).
     """
     C = x.shape[1]
     xhat, mean, var, inv_std = normalize(x, _all_but_channels(x.ndim), eps)  # stats (1, C, 1, ..., 1)
     out = _scale_shift(xhat, weight, bias, _channel_shape(x.ndim, C))
+    if relu:
+        out = relu_forward(out)
     return out, xhat, mean.reshape(C), var.reshape(C), inv_std.reshape(C)
 
 
@@ -169,8 +173,16 @@ def batch_norm_update_running(running_mean, running_var, mean, var, M, momentum)
 #   training: dx = normalize_backward(dxhat), gamma folded into inv_std (it is constant over each channel)
 #   eval (mean, var are constants): dx = inv_std * dxhat
 @replaceable
-def batch_norm_backward(dout, xhat, inv_std, weight, training, need_dx=True):
-    """dout, xhat (N, C, *), inv_std, weight (C,) -> dx (N, C, *) or None, sum dout, sum dout*xhat (C,)."""
+def batch_norm_backward(dout, xhat, inv_std, weight, training, need_dx=True, relu_out=None):
+    """dout, xhat (N, C, *), inv_std, weight (C,) -> dx (N, C, *) or None, sum dout, sum dout*xhat (C,).
+
+    ``relu_out``: the output of a ReLU applied to the batch norm's output (``batch_norm_relu``), or None;
+    dout is first taken through that ReLU's gradient (a kernel may do it in the same passes).
+    """
+    if relu_out is not None:
+        if relu_out.shape != dout.shape:
+            raise ValueError(f"batch_norm_backward: relu_out has shape {relu_out.shape}, expected {dout.shape}")
+        dout = relu_backward(dout, relu_out)
     axes = _all_but_channels(xhat.ndim)
     shape = _channel_shape(xhat.ndim, xhat.shape[1])
     sum_dout = dout.sum(axis=axes)  # (C,)
@@ -187,28 +199,33 @@ class BatchNorm(Function):
 
     Shape: input (N, C, *) -> output (N, C, *); running stats, gamma, beta (C,).
     Saves ``xhat`` (input-sized), ``inv_std`` and ``gamma`` (per channel).
+    With ``relu``: out = relu(...) as one op (``batch_norm_relu``), which also
+    keeps its output (as a ReLU does) for the gradient's mask.
     """
 
     @staticmethod
-    def forward(ctx, x, running_mean, running_var, weight, bias, training, momentum, eps):
+    def forward(ctx, x, running_mean, running_var, weight, bias, training, momentum, eps, relu):
         if training:
-            out, xhat, mean, var, inv_std = batch_norm_train_forward(x, weight, bias, eps)
+            out, xhat, mean, var, inv_std = batch_norm_train_forward(x, weight, bias, eps, relu)
             M = x.size // x.shape[1]  # values per channel
             batch_norm_update_running(running_mean, running_var, mean, var, M, momentum)
         else:
             out, xhat, inv_std = batch_norm_eval_forward(x, running_mean, running_var, weight, bias, eps)
+            if relu:
+                out = relu_forward(out)
         ctx.xhat, ctx.inv_std, ctx.gamma, ctx.training = xhat, inv_std, weight, training
+        ctx.relu_out = out if relu else None
         return out
 
     @staticmethod
     def backward(ctx, dout):
         need = ctx.needs_input_grad
         dx, sum_dout, sum_dout_xhat = batch_norm_backward(
-            dout, ctx.xhat, ctx.inv_std, ctx.gamma, ctx.training, need_dx=need[0]
+            dout, ctx.xhat, ctx.inv_std, ctx.gamma, ctx.training, need_dx=need[0], relu_out=ctx.relu_out
         )
         dgamma = sum_dout_xhat.astype(ctx.gamma.dtype, copy=False) if need[3] else None
         dbeta = sum_dout if need[4] else None
-        return dx, None, None, dgamma, dbeta, None, None, None
+        return dx, None, None, dgamma, dbeta, None, None, None, None
 
 
 def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-05):
@@ -232,20 +249,41 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
         >>> batch_norm(x, np.zeros(3), np.ones(3), training=True).shape
         (4, 3, 5, 5)
     """
-    _check_input("batch_norm", input, 2, 5)
+    return _batch_norm("batch_norm", input, running_mean, running_var, weight, bias, training, momentum, eps, False)
+
+
+def batch_norm_relu(input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1,
+                    eps=1e-05):
+    """``relu(batch_norm(...))`` as one op, the same numbers: the ReLU runs inside the batch norm's passes,
+    forward and backward (``nn.Sequential`` takes it for a ``BatchNorm`` followed by a ``ReLU``).
+
+    Arguments as ``batch_norm``.
+
+        >>> import numpy as np
+        >>> x = np.random.default_rng(0).standard_normal((4, 3, 5, 5))
+        >>> float(batch_norm_relu(x, np.zeros(3), np.ones(3), training=True).numpy().min())
+        0.0
+    """
+    return _batch_norm("batch_norm_relu", input, running_mean, running_var, weight, bias, training, momentum, eps,
+                       True)
+
+
+def _batch_norm(op, input, running_mean, running_var, weight, bias, training, momentum, eps, relu):
+    _check_input(op, input, 2, 5)
     C = input.shape[1]
     per_channel = (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias))
-    _check_params("batch_norm", per_channel, (C,), f"for input with {C} channels")
-    _check_momentum("batch_norm", momentum)
-    _check_eps("batch_norm", eps)
+    _check_params(op, per_channel, (C,), f"for input with {C} channels")
+    _check_momentum(op, momentum)
+    _check_eps(op, eps)
     if training:
         size = tuple(input.shape)
         if size[0] * math.prod(size[2:]) == 1:
             raise ValueError(f"Expected more than 1 value per channel when training, got input size {size}")
     elif running_mean is None or running_var is None:
         missing = "running_mean" if running_mean is None else "running_var"
-        raise ValueError(f"batch_norm(): {missing} must be given in evaluation mode (training=False)")
-    return BatchNorm.apply(input, running_mean, running_var, weight, bias, bool(training), float(momentum), float(eps))
+        raise ValueError(f"{op}(): {missing} must be given in evaluation mode (training=False)")
+    return BatchNorm.apply(input, running_mean, running_var, weight, bias, bool(training), float(momentum), float(eps),
+                           relu)
 
 
 # ------------------------------------------------------------------ group norm

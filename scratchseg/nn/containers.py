@@ -43,7 +43,9 @@ class Sequential(Module):
     ``Sequential(m0, m1, ...)`` names the children ``"0"``, ``"1"``, ...;
     ``Sequential(OrderedDict(name=module, ...))`` uses the given names.
     Supports ``len``, iteration, ``net[i]`` (negative too), ``net[a:b]`` (a new
-    Sequential with the same modules) and ``append``.
+    Sequential with the same modules) and ``append``. Two neighbours that
+    fuse run as one op (``Module._followed_by``): a batch norm and the ReLU
+    right after it, as ``F.batch_norm_relu``.
     """
 
     def __init__(self, *args):
@@ -56,8 +58,17 @@ class Sequential(Module):
                 self.add_module(str(i), module)
 
     def forward(self, input):
-        for module in self._modules.values():
-            input = module(input)
+        modules = list(self._modules.values())
+        i = 0
+        while i < len(modules):
+            # two layers that run as one op (a batch norm and the ReLU after it): the same numbers, fewer passes
+            fused = modules[i]._followed_by(modules[i + 1]) if i + 1 < len(modules) else None
+            if fused is not None:
+                input = fused(input)
+                i += 2
+            else:
+                input = modules[i](input)
+                i += 1
         return input
 
     def __len__(self):

@@ -72,6 +72,11 @@ class Module:
     def __call__(self, *args, **kwargs):
         return self.forward(*args, **kwargs)
 
+    def _followed_by(self, following):
+        """A callable that runs this module and then ``following`` as one op with the same result, where
+        the two fuse; None (the default) where they do not. ``Sequential`` asks each of its modules."""
+        return None
+
     # -------------------------------------------------------- registration
     def _check_ready(self):
         if "_parameters" not in self.__dict__:

@@ -83,6 +83,18 @@ class _BatchNorm(Module):
             )
 
     def forward(self, input):
+        return self._normalize(input, F.batch_norm)
+
+    def _followed_by(self, following):
+        """This layer and ``following`` as one call, where the two fuse (a ReLU right after a batch norm,
+        neither of a subclass that changes its forward: ``F.batch_norm_relu``); else None (``Sequential``)."""
+        from .activation import ReLU  # (activation imports nothing from here; the import is cheap after the first)
+
+        if type(following) is ReLU and type(self).forward is _BatchNorm.forward:
+            return lambda input: self._normalize(input, F.batch_norm_relu)
+        return None
+
+    def _normalize(self, input, op):
         self._check_input(input)
         # momentum=None means a cumulative moving average: factor 1/(batches seen)
         factor = 0.0 if self.momentum is None else self.momentum
@@ -93,7 +105,7 @@ class _BatchNorm(Module):
         # without running statistics, evaluation also normalises with the batch's own
         use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
         track = not self.training or self.track_running_stats
-        return F.batch_norm(
+        return op(
             input,
             self.running_mean if track else None,
             self.running_var if track else None,

@@ -122,6 +122,11 @@ def batch_norm(b, a, out):
     return b.node("BatchNormalization", inputs, "bn", epsilon=float(a["eps"]))
 
 
+def batch_norm_relu(b, a, out):
+    """BatchNormalization then Relu: what nn.Sequential runs as one op (F.batch_norm_relu)."""
+    return b.node("Relu", [batch_norm(b, a, out)], "relu")
+
+
 def group_norm(b, a, out):
     x = a["input"]
     C, G = x.data.shape[1], int(a["num_groups"])
@@ -302,7 +307,7 @@ def pixel_unshuffle(b, a, out):
 FUNCTIONAL = {
     "conv2d": _conv("conv2d"), "conv3d": _conv("conv3d"), "linear": linear,
     "conv_transpose2d": _conv_transpose("conv_transpose2d"), "conv_transpose3d": _conv_transpose("conv_transpose3d"),
-    "batch_norm": batch_norm, "group_norm": group_norm,
+    "batch_norm": batch_norm, "batch_norm_relu": batch_norm_relu, "group_norm": group_norm,
     "relu": _unary("Relu"), "tanh": _unary("Tanh"), "sigmoid": _unary("Sigmoid"), "leaky_relu": leaky_relu,
     "hardtanh": hardtanh, "relu6": relu6, "elu": elu,
     "softmax": _softmax("Softmax"), "log_softmax": _softmax("LogSoftmax"),
