@@ -118,7 +118,7 @@ _OPENBLAS_THREAD_FUNCTIONS = [
 def prepare_cpu_kernels():
     """Changes 4-7 of the module docstring, run once when ``kernels.cpu`` loads.
 
-    Returns ``(library, getter, setter)``: NumPy's OpenBLAS as a ``ctypes.CDLL``
+    Returns ``(library, getter, setter)``: NumPy's OpenBLAS as a ``ctypes.PyDLL``
     and the names of its get/set thread-count functions, or None where there
     is none to be found.
     """
@@ -164,8 +164,8 @@ def _find_openblas():
     except OSError:
         return None
     for path in sorted(paths):
-        try:
-            lib = ctypes.CDLL(path)
+        try:  # PyDLL: its calls keep the interpreter lock (a CDLL call drops it, and a step makes dozens of
+            lib = ctypes.PyDLL(path)  # these quick calls, each of which could then wait for another thread)
         except OSError:
             continue
         for getter, setter in _OPENBLAS_THREAD_FUNCTIONS:

@@ -33,9 +33,10 @@ __all__ = ["Worker", "Placement"]
 
 
 def _cpu_reader():
-    """libc's ``sched_getcpu`` (the CPU the calling thread runs on), or None where there is none."""
+    """libc's ``sched_getcpu`` (the CPU the calling thread runs on), or None where there is none; called
+    holding the interpreter lock (``PyDLL``): it takes nanoseconds, and dropping the lock could cost more."""
     try:
-        fn = ctypes.CDLL(None).sched_getcpu
+        fn = ctypes.PyDLL(None).sched_getcpu
     except (OSError, AttributeError):
         return None
     fn.restype = ctypes.c_int
