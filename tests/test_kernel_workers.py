@@ -204,14 +204,18 @@ import numpy as np
 from kernels.cpu import conv
 rng = np.random.default_rng(0)
 from kernels.cpu import runtime
+from kernels.cpu import native
 x = rng.standard_normal((4, 16, 40, 40)).astype(np.float32)
-w = rng.standard_normal((32, 16, 3, 3)).astype(np.float32)
-before = conv.conv2d_forward(x, w, None, 1, 1)  # 29 M multiply-adds: split, which starts a worker
+w = rng.standard_normal((32, 8, 3, 3)).astype(np.float32)
+v = rng.standard_normal((32, 16, 3, 3)).astype(np.float32)
+before = conv.conv2d_forward(x, w, None, 1, 1, 1, 2)  # 15 M multiply-adds, two groups: split, which starts a worker
 assert runtime._blas_threads is None or len(runtime._workers_started) == 1
+native_before = conv.conv2d_forward(x, v, None, 1, 1)  # one group: a native task where native workers run
 pid = os.fork()
-if pid == 0:  # the child has none of them: its split starts its own
-    again = conv.conv2d_forward(x, w, None, 1, 1)
-    os._exit(0 if np.array_equal(again, before) else 3)
+if pid == 0:  # the child has none of them: its split and its native task start their own
+    again = conv.conv2d_forward(x, w, None, 1, 1, 1, 2)
+    native_again = conv.conv2d_forward(x, v, None, 1, 1)
+    os._exit(0 if np.array_equal(again, before) and np.array_equal(native_again, native_before) else 3)
 _, status = os.waitpid(pid, 0)
 print(os.waitstatus_to_exitcode(status))
 """

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import numpy as np  # host-only module: these kernels only ever see NumPy arrays
 
-from . import gemm, shifted, taps, winograd
+from . import gemm, runtime, shifted, taps, unfolded, winograd
 from ._common import _check_out, _pair, _working_dtype, conv_output_size
 from .balance import FMA_UNITS
 from .im2col import _col2im_block, _im2col_block
@@ -184,7 +184,12 @@ def conv2d_forward(x, weight, bias=None, stride=1, padding=0, dilation=1, groups
             if b2 is not None:  # while the block is still in the cache
                 y3[n0:n1, :, ho0 * Wo:ho1 * Wo] += b2
 
-    _run(N, part, N * K * R * Ho * Wo)
+    macs = N * K * R * Ho * Wo
+    geometry = (kh, kw, sh, sw, ph, pw, dh, dw, Wo)
+    if not (groups == 1 and macs >= runtime._SPLIT_MIN_MACS and unfolded.share_forward(
+            x, w2, bias, y, lambda lo, hi: _blocks(lo, hi, Ho, Wo, R, dtype.itemsize), geometry, _row_stride,
+            _MERGE_BELOW)):
+        _run(N, part, macs)
     return y if given == dtype else y.astype(given)
 
 
@@ -223,7 +228,6 @@ def conv2d_input_grad(dout, weight, x_shape, stride=1, padding=0, dilation=1, gr
         return dx if given == dtype else dx.astype(given)
     dout3 = np.ascontiguousarray(dout, dtype=dtype).reshape(N, K, Ho * Wo)  # (N, K, Ho*Wo)
     wT = np.ascontiguousarray(weight, dtype=dtype).reshape(K, Cg * kh * kw)  # (K, R); transposed per group below
-    dx[...] = 0
     R = Cg * kh * kw
 
     def part(n_lo, n_hi):  # each worker adds into the planes of its own samples only
@@ -239,7 +243,13 @@ def conv2d_input_grad(dout, weight, x_shape, stride=1, padding=0, dilation=1, gr
                                 own=_DX_OWN_GEMM)
                 _col2im_block(dcols, g * Cg, Cg, n0, n1, ho0, ho1, kh, kw, sh, sw, ph, pw, dh, dw, Wo, dx, True, True)
 
-    _run(N, part, N * K * R * Ho * Wo)
+    macs = N * K * R * Ho * Wo
+    geometry = (kh, kw, sh, sw, ph, pw, dh, dw, Wo)
+    if not (groups == 1 and macs >= runtime._SPLIT_MIN_MACS and unfolded.share_input_grad(
+            dout3.reshape(N, K, Ho, Wo), wT, dx, lambda lo, hi: _blocks(lo, hi, Ho, Wo, R, dtype.itemsize),
+            geometry, _MERGE_BELOW)):
+        dx[...] = 0
+        _run(N, part, macs)
     return dx if given == dtype else dx.astype(given)
 
 

@@ -319,8 +319,9 @@ def describe():
 
 
 def _fits(A, B, C):
-    return (A.dtype == B.dtype == C.dtype == np.float32 and B.strides[-1] == 4 and C.strides[-1] == 4
-            and A.shape[-1] > 0 and C.size > 0)
+    # rows contiguous: unit stride, or a single column (whose stride NumPy may report as anything)
+    return (A.dtype == B.dtype == C.dtype == np.float32 and (B.strides[-1] == 4 or B.shape[-1] == 1)
+            and (C.strides[-1] == 4 or C.shape[-1] == 1) and A.shape[-1] > 0 and C.size > 0)
 
 
 def _one_thread():

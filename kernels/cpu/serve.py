@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from numba import njit
 
-from . import native, normalization, optimizer, shifted
+from . import native, normalization, optimizer, shifted, unfolded
 
 __all__ = []
 
@@ -30,6 +30,8 @@ def _serve(words, task):
                 normalization._run_task(task)
             elif module == optimizer.SERVED:
                 optimizer._run_task(task)
+            elif module == unfolded.SERVED:
+                unfolded._run_task(task, words[native._INDEX])
             native._done(words, seq)
         else:
             native._sleep(words)
