@@ -61,8 +61,10 @@ def test_cpu_conv2d_kernels_match_torch(case, dtype):
 
 
 def test_cpu_conv2d_backward_runs_small_gradients_together(monkeypatch):
-    """Both gradients of a product under _TOGETHER_MAX_MACS go to runtime._together, larger ones and a
-    single gradient do not; each way gives the separate products' values."""
+    """Both gradients of a product under _TOGETHER_MAX_MACS go to runtime._together (where they are no native
+    task: test_kernels_unfolded.py), larger ones and a single gradient do not; each way gives the separate
+    products' values."""
+    monkeypatch.setattr(conv, "_unfolded_pair", lambda *a: None)
     rng = np.random.default_rng(11)
     x = rng.standard_normal((4, 6, 9, 9)).astype(np.float32)
     w = rng.standard_normal((5, 6, 3, 3)).astype(np.float32)
@@ -89,7 +91,8 @@ def test_cpu_conv2d_backward_runs_small_gradients_together(monkeypatch):
 def test_cpu_conv_transpose2d_backward_matches_torch_together_or_in_turn(monkeypatch, stride, padding, kernel):
     """The transposed convolution's two gradients (dx = conv2d(dout, w), dw = conv2d_weight_grad(dout, x)):
     side by side under _TOGETHER_MAX_MACS, in turn above it, each alone where only it is asked for; torch's
-    values every way."""
+    values every way (the native task of both, test_kernels_unfolded.py, left out here)."""
+    monkeypatch.setattr(conv, "_unfolded_pair", lambda *a: None)
     rng = np.random.default_rng(13)
     x = torch.tensor(rng.standard_normal((3, 6, 5, 5)), dtype=torch.float32, requires_grad=True)
     w = torch.tensor(rng.standard_normal((6, 4, kernel, kernel)), dtype=torch.float32, requires_grad=True)

@@ -121,6 +121,17 @@ def _blocks(n_lo, n_hi, Ho, Wo, rows, itemsize):
                 yield n, n + 1, ho0, ho1
 
 
+def _native(groups, macs, dtype):
+    """Whether a product over unfolded columns may be a native task (``unfolded.py``) rather than a split:
+    one group, float32, large enough to split, and not inside another split's share."""
+    return groups == 1 and dtype == np.float32 and macs >= runtime._SPLIT_MIN_MACS and not runtime._inline[0]
+
+
+def _blocks_of(Ho, Wo, rows):
+    """_blocks of float32 products over sample ranges, as the native tasks take them (``unfolded.py``)."""
+    return lambda n_lo, n_hi: _blocks(n_lo, n_hi, Ho, Wo, rows, 4)
+
+
 def _geometry(x_shape, w_shape, stride, padding, dilation):
     sh, sw = _pair(stride, "stride")
     ph, pw = _pair(padding, "padding")
@@ -186,9 +197,8 @@ def conv2d_forward(x, weight, bias=None, stride=1, padding=0, dilation=1, groups
 
     macs = N * K * R * Ho * Wo
     geometry = (kh, kw, sh, sw, ph, pw, dh, dw, Wo)
-    if not (groups == 1 and macs >= runtime._SPLIT_MIN_MACS and unfolded.share_forward(
-            x, w2, bias, y, lambda lo, hi: _blocks(lo, hi, Ho, Wo, R, dtype.itemsize), geometry, _row_stride,
-            _MERGE_BELOW)):
+    if not (_native(groups, macs, dtype) and unfolded.share(
+            unfolded.forward_job(x, w2, bias, y, _blocks_of(Ho, Wo, R), geometry, _row_stride, _MERGE_BELOW))):
         _run(N, part, macs)
     return y if given == dtype else y.astype(given)
 
@@ -245,9 +255,9 @@ def conv2d_input_grad(dout, weight, x_shape, stride=1, padding=0, dilation=1, gr
 
     macs = N * K * R * Ho * Wo
     geometry = (kh, kw, sh, sw, ph, pw, dh, dw, Wo)
-    if not (groups == 1 and macs >= runtime._SPLIT_MIN_MACS and unfolded.share_input_grad(
-            dout3.reshape(N, K, Ho, Wo), wT, dx, lambda lo, hi: _blocks(lo, hi, Ho, Wo, R, dtype.itemsize),
-            geometry, _MERGE_BELOW)):
+    if not (_native(groups, macs, dtype) and unfolded.share(
+            unfolded.input_grad_job(dout3.reshape(N, K, Ho, Wo), wT, dx, _blocks_of(Ho, Wo, R), geometry,
+                                    _MERGE_BELOW))):
         dx[...] = 0
         _run(N, part, macs)
     return dx if given == dtype else dx.astype(given)
@@ -418,7 +428,8 @@ def conv2d_backward(x, weight, dout, stride=1, padding=0, dilation=1, groups=1, 
         N, K = dout.shape[0], dout.shape[1]
         macs = N * K * int(np.prod(weight.shape[1:])) * dout.shape[2] * dout.shape[3]
         if macs < _TOGETHER_MAX_MACS:
-            return _together(input_grad, weight_grad)
+            both = _unfolded_pair(x, weight, dout, stride, padding, dilation, groups, False)
+            return both if both is not None else _together(input_grad, weight_grad)
         return input_grad(), weight_grad()
     return (input_grad() if need_input_grad else None), (weight_grad() if need_weight_grad else None)
 
@@ -443,6 +454,53 @@ def conv_transpose2d_backward(x, weight, dout, stride=1, padding=0, dilation=1, 
         N, K = x.shape[0], x.shape[1]
         macs = N * K * int(np.prod(weight.shape[1:])) * x.shape[2] * x.shape[3]
         if macs < _TOGETHER_MAX_MACS:
-            return _together(input_grad, weight_grad)
+            both = _unfolded_pair(dout, weight, x, stride, padding, dilation, groups, True)
+            return both if both is not None else _together(input_grad, weight_grad)
         return input_grad(), weight_grad()
     return (input_grad() if need_input_grad else None), (weight_grad() if need_weight_grad else None)
+
+
+def _unfolded_pair(x, weight, dout, stride, padding, dilation, groups, transposed):
+    """The two gradients of a convolution from x to dout, side by side as one native task (``unfolded.share``),
+    where both run on unfolded columns (float32, one group, no shifted rows, Winograd or taps): (dx, dw), dx =
+    the input gradient, or with ``transposed`` (a transposed convolution's gradients) the forward of x; else None.
+    """
+    N, C, H, W = x.shape
+    K = weight.shape[0]
+    # the weight gradient is computed as dw^T (R, K), then transposed: from _DW_DIRECT_MIN_K output channels on
+    # the transpose costs more than the hand-over saves (256 -> 256 on 4x4: 2.3 ms, against 1.6 side by side)
+    if groups != 1 or K >= _DW_DIRECT_MIN_K or not all(a.dtype == np.float32 for a in (x, weight, dout)):
+        return None
+    kh, kw, sh, sw, ph, pw, dh, dw, Ho, Wo = _geometry(x.shape, weight.shape, stride, padding, dilation)
+    dtype = np.dtype(np.float32)
+    qh, qw = dh * (kh - 1) - ph, dw * (kw - 1) - pw
+    other_paths = (shifted.shifted_applies(C, K, H, W, Ho, Wo, kh, kw, sh, sw, ph, pw, dh, dw, 1, dtype)
+                   or winograd._winograd_applies(C, K, kh, kw, sh, sw, dh, dw, 1, Ho, Wo,
+                                                 winograd._WINOGRAD_GRAD_MIN_CHANNELS,
+                                                 winograd._WINOGRAD_GRAD_MIN_CHANNEL_TILES)
+                   or taps._taps_apply(C, K, H, W, Ho, Wo, kh, kw, sh, sw, ph, pw, dh, dw, 1))
+    if transposed:  # the forward of x
+        other_paths = other_paths or winograd._winograd_applies(C, K, kh, kw, sh, sw, dh, dw, 1, Ho, Wo)
+    else:
+        other_paths = other_paths or shifted.shifted_applies(K, C, Ho, Wo, H, W, kh, kw, sh, sw, qh, qw, dh, dw, 1,
+                                                             dtype) or (
+            qh >= 0 and qw >= 0 and winograd._winograd_applies(K, C, kh, kw, sh, sw, dh, dw, 1, H, W))
+    if other_paths:
+        return None
+    R = C * kh * kw
+    x, dout = np.ascontiguousarray(x), np.ascontiguousarray(dout)
+    w2 = np.ascontiguousarray(weight).reshape(K, R)
+    geometry = (kh, kw, sh, sw, ph, pw, dh, dw, Wo)
+    blocks_of = _blocks_of(Ho, Wo, R)
+    dwT = np.empty((R, K), np.float32)
+    if transposed:
+        first = np.empty((N, K, Ho, Wo), np.float32)
+        job = unfolded.forward_job(x, w2, None, first, blocks_of, geometry, _row_stride, _MERGE_BELOW)
+    else:
+        first = np.empty((N, C, H, W), np.float32)
+        job = unfolded.input_grad_job(dout, w2, first, blocks_of, geometry, _MERGE_BELOW)
+    if not unfolded.share(job, unfolded.weight_grad_job(x, dout, dwT, blocks_of, geometry, _row_stride)):
+        return None
+    grad = np.empty((K, R), np.float32)
+    shifted._transpose(dwT, grad)
+    return first, grad.reshape(weight.shape)

@@ -1,26 +1,31 @@
 """The unfolded-columns products of ``conv.py`` on the native workers: each thread's share without the interpreter.
 
 ``conv.py`` splits a product over unfolded columns (im2col, then a GEMM per
-block) by samples between threads through ``runtime._split``: a hand-over
-through the interpreter, and the native worker of the products around it
-(``native.py``) parked for it. In a training step on small images a dozen
+block) by samples between threads through ``runtime._split``, and runs a small
+layer's two gradients side by side through ``runtime._together``: hand-overs
+through the interpreter, with the native worker of the products around them
+(``native.py``) parked for each. In a training step on small images a dozen
 such products sit between the shifted and batch-norm products that the
-native worker serves. Here the same shares run as a native task:
+native worker serves. Here the same work runs as a native task:
 
-* **The shares** are the split's contiguous sample ranges, one per thread,
-  handed out by an atomic counter: the caller takes the first at once, the
-  worker the next as soon as it is awake, and whoever finishes first takes
-  what is left (a worker still waking up takes nothing, and nobody waits for
-  it). Inside a share, the blocks of ``conv._blocks``, as the split runs them.
-* **The same numbers** as the split: the forward's blocks are unfolded and
-  multiplied by the same GEMM tiles (``gemm._gemm``), merged and biased in
-  the same order. The input gradient (the forward of a transposed
-  convolution) multiplies on the own GEMM too, then folds each block back
-  (``im2col._col2im_block``) into its own samples' planes; its numbers are
-  the own GEMM's, whichever thread runs a share.
+* **Shares handed out.** A product's shares are the split's contiguous
+  sample ranges, one per thread; a pair of products (both gradients of a
+  layer) are two shares, each product over the whole batch. An atomic
+  counter hands them out: the caller takes the first at once, the worker
+  the next as soon as it is awake, and whoever finishes first takes what is
+  left (a worker still waking up takes nothing, and nobody waits for it).
+  Inside a share, the blocks of ``conv._blocks``, as the split runs them.
+* **The numbers.** The forward's blocks are unfolded and multiplied by the
+  same GEMM tiles (``gemm._gemm``), merged and biased in the same order as
+  the split: the same numbers. The input gradient multiplies on the own GEMM
+  too, then folds each block back (``im2col._col2im_block``) into its own
+  samples' planes. The weight gradient is dw^T = cols @ dout^T, dout copied
+  pixel-major per block, summed over the blocks in order by the one thread
+  that runs the product, then transposed. Either way each number is computed
+  by one thread in a fixed order: the same from run to run.
 
 Float32, one group, the own GEMM on this CPU, and (input gradient) blocks of
-whole samples; elsewhere ``conv.py`` splits as before.
+whole samples; elsewhere ``conv.py`` runs the products as before.
 """
 
 from __future__ import annotations
@@ -30,11 +35,14 @@ from numba import carray, njit
 
 from . import gemm, native, runtime
 from .im2col import _col2im_block, _im2col_block
+from .shifted import _transpose
 
-__all__ = ["share_forward", "share_input_grad"]
+__all__ = ["forward_job", "input_grad_job", "weight_grad_job", "share"]
 
 SERVED = 4  # this module's tasks, to the native workers' loop (serve.py)
-_FORWARD, _INPUT_GRAD = 1, 2
+_FORWARD, _INPUT_GRAD, _WEIGHT_GRAD = 1, 2, 3
+_FIELDS = 29  # task fields per product; products from field 2 on, then the shares' fields
+_SHARES_AT = 2 + 2 * _FIELDS
 
 
 @njit(cache=True, nogil=True)
@@ -70,7 +78,6 @@ def _input_grad_share(dout, w2, dx, table, t0, t1, geometry, merge_below, dcols,
     kh, kw, sh, sw, ph, pw, dh, dw, Wo = geometry
     C = dx.shape[1]
     d3 = dout.reshape(dout.shape[0], dout.shape[1], dout.shape[2] * dout.shape[3])
-    K, R = w2.shape
     A = w2.T[None]  # (1, R, K)
     if t1 > t0:
         dx[table[t0, 0]:table[t1 - 1, 1]] = 0.0
@@ -90,73 +97,123 @@ def _input_grad_share(dout, w2, dx, table, t0, t1, geometry, merge_below, dcols,
 
 
 @njit(cache=True, nogil=True)
-def _drain(kind, a, w2, bias, has_bias, out, table, shares, counter, geometry, merge_below, first, second):
-    """Shares (rows of ``shares``: first and last block) until none is left (counter[0])."""
+def _weight_grad_share(x, dout, dwT, table, t0, t1, geometry, cols, dT):
+    """dwT (R, K) = the sum over blocks [t0, t1) of cols(x) (R, nb*P) @ dout (nb*P, K, pixel-major in ``dT``)."""
+    kh, kw, sh, sw, ph, pw, dh, dw, Wo = geometry
+    C = x.shape[1]
+    d3 = dout.reshape(dout.shape[0], dout.shape[1], dout.shape[2] * dout.shape[3])
+    if t1 == t0:
+        dwT[...] = 0.0
+    for t in range(t0, t1):
+        n0, n1, ho0, ho1 = table[t, 0], table[t, 1], table[t, 2], table[t, 3]
+        nb, P = n1 - n0, (ho1 - ho0) * Wo
+        _im2col_block(x, 0, C, n0, n1, ho0, ho1, kh, kw, sh, sw, ph, pw, dh, dw, Wo, cols)
+        for i in range(nb):
+            _transpose(d3[n0 + i, :, ho0 * Wo:ho1 * Wo], dT[i * P:(i + 1) * P])
+        gemm._gemm(cols[None, :, :nb * P], dT[None, :nb * P], dwT[None], t > t0)
+
+
+@njit(cache=True, nogil=True)
+def _run_share(kind, a, b, bias, has_bias, out, table, t0, t1, geometry, merge_below, first, second):
+    """Blocks [t0, t1) of one product; every array 4-D (a 2-D one as (1, 1, rows, cols))."""
+    if kind == _FORWARD:
+        _forward_share(a, b[0, 0], bias, has_bias, out, table, t0, t1, geometry, merge_below, first, second)
+    elif kind == _INPUT_GRAD:
+        _input_grad_share(a, b[0, 0], out, table, t0, t1, geometry, merge_below, first, second)
+    elif kind == _WEIGHT_GRAD:
+        _weight_grad_share(a, b, out[0, 0], table, t0, t1, geometry, first, second)
+
+
+@njit(cache=True, nogil=True)
+def _product(t, at, index, base):
+    """The arrays of the product whose fields start at ``t[at]``; this thread's buffers (worker ``index`` >= 1:
+    its slice of the workers' buffers; 0: the buffers at ``base``, the caller's)."""
+    f32, i64 = native._f32, native._i64
+    p = t[at:at + _FIELDS]
+    a = carray(f32(p[1]), (p[2], p[3], p[4], p[5]))
+    b = carray(f32(p[6]), (p[7], p[8], p[9], p[10]))
+    out = carray(f32(p[11]), (p[12], p[13], p[14], p[15]))
+    bias = carray(f32(p[16]), (p[17],))
+    table = carray(i64(p[19]), (p[20], 4))
+    geometry = carray(i64(p[21]), (9,))
+    r1, c1, r2, c2 = p[24], p[25], p[27], p[28]
+    slot = index - 1 if index > 0 else 0
+    first = carray(f32((p[23] if index > 0 else base[0]) + 4 * slot * r1 * c1), (r1, c1))
+    second = carray(f32((p[26] if index > 0 else base[1]) + 4 * slot * r2 * c2), (r2, c2))
+    return p[0], a, b, bias, p[18] != 0, out, table, geometry, p[22], first, second
+
+
+@njit(cache=True, nogil=True)
+def _drain(t, index, base0, base1):
+    """Shares (rows of the shares' table: product, first and last block) until none is left."""
+    s_at = _SHARES_AT
+    shares = carray(native._i64(t[s_at]), (t[s_at + 1], 3))
+    counter = t[s_at + 2]
     while True:
-        s = native._take(counter.ctypes.data)
+        s = native._take(counter)
         if s >= shares.shape[0]:
             return
-        if kind == _FORWARD:
-            _forward_share(a, w2, bias, has_bias, out, table, shares[s, 0], shares[s, 1], geometry, merge_below,
-                           first, second)
-        else:
-            _input_grad_share(a, w2, out, table, shares[s, 0], shares[s, 1], geometry, merge_below, first, second)
+        at = 2 + shares[s, 0] * _FIELDS
+        kind, a, b, bias, has_bias, out, table, geometry, merge_below, first, second = _product(
+            t, at, index, base0 if shares[s, 0] == 0 else base1)
+        _run_share(kind, a, b, bias, has_bias, out, table, shares[s, 1], shares[s, 2], geometry, merge_below, first,
+                   second)
 
 
 @njit(cache=True, nogil=True)
 def _run_task(t, index):
-    """Worker ``index``'s share of the task row ``t`` (see ``_share``)."""
-    f32, i64 = native._f32, native._i64
-    a = carray(f32(t[2]), (t[3], t[4], t[5], t[6]))
-    K, R = t[7], t[8]
-    w2 = carray(f32(t[9]), (K, R))
-    out = carray(f32(t[11]), (t[3], t[12], t[13], t[14]))
-    table = carray(i64(t[15]), (t[16], 4))
-    shares = carray(i64(t[17]), (t[18], 2))
-    geometry = carray(i64(t[19]), (9,))
-    rows, width, rows2, width2 = t[22], t[23], t[24], t[25]
-    first = carray(f32(t[26] + 4 * (index - 1) * rows * width), (rows, width))
-    second = carray(f32(t[27] + 4 * (index - 1) * rows2 * width2), (rows2, width2))
-    _drain(t[1], a, w2, carray(f32(t[10]), (max(K, 1),)), t[20] != 0, out, table, shares,
-           carray(i64(t[21]), (1,)), geometry, t[28], first, second)
+    """Worker ``index``'s share of the task row ``t`` (see ``share``)."""
+    _drain(t, index, t[:2], t[:2])  # (a worker's buffers are in the row; the bases are unused)
 
 
-def _share(kind, a, w2, bias, out, table, shares, geometry, merge_below, first_shape, second_shape):
-    """Run ``kind``'s shares on the caller and the native worker; False where native workers do not run."""
-    from .runtime import workspace
-
-    counter = np.zeros(1, np.int64)
-    has_bias = bias is not None
-    b = np.ascontiguousarray(bias, dtype=np.float32) if has_bias else np.zeros(max(w2.shape[0], 1), np.float32)
-    geo = np.asarray(geometry, np.int64)
-
-    def own():
-        first = workspace(first_shape[0] * first_shape[1], np.float32).reshape(first_shape)
-        second = workspace(second_shape[0] * second_shape[1], np.float32, 1).reshape(second_shape)
-        _drain(kind, a, w2, b, has_bias, out, table, shares, counter, geo, merge_below, first, second)
-
-    def fill(task, threads):
-        n = threads - 1  # the workers' buffers: slots 10 and 11 of the caller, one slice each
-        first = workspace(n * first_shape[0] * first_shape[1], np.float32, 10)
-        second = workspace(n * second_shape[0] * second_shape[1], np.float32, 11)
-        task[:29] = (SERVED, kind, a.ctypes.data, *a.shape, *w2.shape, w2.ctypes.data, b.ctypes.data,
-                     out.ctypes.data, *out.shape[1:], table.ctypes.data, table.shape[0], shares.ctypes.data,
-                     shares.shape[0], geo.ctypes.data, has_bias, counter.ctypes.data, *first_shape, *second_shape,
-                     first.ctypes.data, second.ctypes.data, merge_below)
-
-    return native.share(SERVED, shares.shape[0], own, fill)
+def _as4(a):
+    return a.reshape((1,) * (4 - a.ndim) + a.shape)
 
 
-def _tables(blocks_of, N, threads):
-    """The blocks of every thread's share of [0, N) (``blocks_of(n_lo, n_hi)``, as conv's ``part`` runs them),
-    as a table (rows n0, n1, ho0, ho1) and the shares' first and last rows."""
-    rows, shares = [], []
-    for t in range(threads):
-        lo, hi = N * t // threads, N * (t + 1) // threads
-        start = len(rows)
-        rows.extend(blocks_of(lo, hi))
-        shares.append((start, len(rows)))
-    return np.array(rows, np.int64).reshape(-1, 4), np.array(shares, np.int64)
+class _Job:
+    """One product to run: its kind, arrays (4-D), blocks, and the shape of each thread's two buffers."""
+
+    def __init__(self, kind, a, b, out, bias, blocks, geometry, merge_below, first, second):
+        self.kind, self.a, self.b, self.out = kind, a, _as4(b), _as4(out)
+        self.has_bias = bias is not None
+        self.bias = np.ascontiguousarray(bias, dtype=np.float32) if self.has_bias else np.zeros(1, np.float32)
+        self.blocks_of, self.geometry = blocks, np.asarray(geometry, np.int64)
+        self.merge_below, self.first, self.second = merge_below, first, second
+
+    def fields(self, table, first, second):
+        return (self.kind, self.a.ctypes.data, *self.a.shape, self.b.ctypes.data, *self.b.shape, self.out.ctypes.data,
+                *self.out.shape, self.bias.ctypes.data, self.bias.size, self.has_bias, table.ctypes.data,
+                table.shape[0], self.geometry.ctypes.data, self.merge_below, first.ctypes.data, *self.first,
+                second.ctypes.data, *self.second)
+
+
+def forward_job(x, w2, bias, y, blocks_of, geometry, row_stride, merge_below):
+    """conv2d_forward's product (one group): y (N, K, Ho, Wo) = conv(x, w2 (K, R)) + bias."""
+    widest = _widest(blocks_of, x.shape[0], geometry[-1])
+    return _Job(_FORWARD, x, w2, y, bias, blocks_of, geometry, merge_below, (w2.shape[1], row_stride(widest)),
+                (w2.shape[0], widest))
+
+
+def input_grad_job(dout, w2, dx, blocks_of, geometry, merge_below):
+    """conv2d_input_grad's product (one group): dx (N, C, H, W) from dout (N, K, Ho, Wo) and w2 (K, R); None
+    where a block is part of a sample (blocks of one sample folded by two threads would overlap)."""
+    N, Ho, Wo = dout.shape[0], dout.shape[2], geometry[-1]
+    if any(ho0 != 0 or ho1 != Ho for _, _, ho0, ho1 in blocks_of(0, N)):
+        return None
+    widest = _widest(blocks_of, N, Wo)
+    return _Job(_INPUT_GRAD, dout, w2, dx, None, blocks_of, geometry, merge_below, (w2.shape[1], widest),
+                (w2.shape[0], widest))
+
+
+def weight_grad_job(x, dout, dwT, blocks_of, geometry, row_stride):
+    """conv2d_weight_grad's product (one group) as its transpose: dwT (R, K) = cols(x) @ dout^T."""
+    widest = _widest(blocks_of, x.shape[0], geometry[-1])
+    return _Job(_WEIGHT_GRAD, x, dout, dwT, None, blocks_of, geometry, 0, (dwT.shape[0], row_stride(widest)),
+                (widest, dout.shape[1]))
+
+
+def _widest(blocks_of, N, Wo):
+    return max([(n1 - n0) * (ho1 - ho0) * Wo for n0, n1, ho0, ho1 in blocks_of(0, N)] + [1])
 
 
 def _suits(*arrays):
@@ -164,31 +221,49 @@ def _suits(*arrays):
             and all(a.dtype == np.float32 and a.flags.c_contiguous for a in arrays))
 
 
-def share_forward(x, w2, bias, y, blocks_of, geometry, row_stride, merge_below):
-    """conv2d_forward's product (one group) on the native workers: y (N, K, Ho, Wo) = conv(x, w2 (K, R)) + bias.
-    False (nothing run) where it does not run there."""
-    N, K = x.shape[0], w2.shape[0]
-    threads = runtime._workers(N)
-    if threads < 2 or not _suits(x, w2, y):
+def share(*jobs):
+    """Run one job split by samples between the threads, or two side by side (each over the whole batch), on the
+    caller and the native worker. False (nothing run) where that does not run here: one thread, another
+    platform, inside another split, not float32 or contiguous, no own GEMM, or a job that is None."""
+    if any(job is None for job in jobs):
         return False
-    table, shares = _tables(blocks_of, N, threads)
-    Wo = geometry[-1]
-    widest = int(((table[:, 1] - table[:, 0]) * (table[:, 3] - table[:, 2])).max()) * Wo
-    return _share(_FORWARD, x, w2, bias, y, table, shares, geometry, merge_below, (w2.shape[1], row_stride(widest)),
-                  (K, widest))
+    N = jobs[0].a.shape[0]
+    threads = runtime._workers(N if len(jobs) == 1 else 2)
+    if threads < 2 or not _suits(*(arr for job in jobs for arr in (job.a, job.b, job.out))):
+        return False
+    from .runtime import workspace
 
+    tables, rows = [], []
+    for p, job in enumerate(jobs):
+        parts = threads if len(jobs) == 1 else 1
+        blocks = []
+        for t in range(parts):
+            lo, hi = N * t // parts, N * (t + 1) // parts
+            start = len(blocks)
+            blocks.extend(job.blocks_of(lo, hi))
+            rows.append((p, start, len(blocks)))
+        tables.append(np.array(blocks, np.int64).reshape(-1, 4))
+    shares = np.array(rows, np.int64)
+    counter = np.zeros(1, np.int64)
+    task = np.zeros(native._TASK, np.int64)
+    caller = []
+    for p, job in enumerate(jobs):  # the caller's buffers: slots 0, 1 (first product), 12, 13 (second)
+        caller.append((workspace(job.first[0] * job.first[1], np.float32, 12 * p),
+                       workspace(job.second[0] * job.second[1], np.float32, 12 * p + 1)))
+    base0 = np.array([caller[0][0].ctypes.data, caller[0][1].ctypes.data], np.int64)
+    base1 = np.array([caller[-1][0].ctypes.data, caller[-1][1].ctypes.data], np.int64)
 
-def share_input_grad(dout, w2, dx, blocks_of, geometry, merge_below):
-    """conv2d_input_grad's product (one group) on the native workers: dx (N, C, H, W) from dout (N, K, Ho, Wo)
-    and w2 (K, R). False (nothing run) where it does not run there or a block is part of a sample."""
-    N, K = dout.shape[0], w2.shape[0]
-    threads = runtime._workers(N)
-    if threads < 2 or not _suits(dout, w2, dx):
-        return False
-    table, shares = _tables(blocks_of, N, threads)
-    Ho, Wo = dout.shape[2], geometry[-1]
-    if not ((table[:, 2] == 0) & (table[:, 3] == Ho)).all():  # folded blocks of one sample would overlap
-        return False
-    widest = int((table[:, 1] - table[:, 0]).max()) * Ho * Wo
-    return _share(_INPUT_GRAD, dout, w2, None, dx, table, shares, geometry, merge_below, (w2.shape[1], widest),
-                  (K, widest))
+    def fill(row, threads):
+        n = threads - 1  # the workers' buffers: slots 10, 11 (first product) and 14, 15 (second), a slice each
+        row[0], row[1] = SERVED, len(jobs)
+        for p, job in enumerate(jobs):
+            first = workspace(n * job.first[0] * job.first[1], np.float32, 10 + 4 * p)
+            second = workspace(n * job.second[0] * job.second[1], np.float32, 11 + 4 * p)
+            row[2 + p * _FIELDS:2 + (p + 1) * _FIELDS] = job.fields(tables[p], first, second)
+        row[_SHARES_AT:_SHARES_AT + 3] = (shares.ctypes.data, shares.shape[0], counter.ctypes.data)
+        task[:] = row  # the caller reads its products from the same fields
+
+    def own():
+        _drain(task, 0, base0, base1)
+
+    return native.share(SERVED, shares.shape[0], own, fill)
