@@ -137,3 +137,26 @@ def test_sequential_runs_subclasses_as_they_are():
     assert_close(out, plain(x).numpy(), rtol=0, atol=0)
     assert nn.BatchNorm2d(3)._followed_by(nn.LeakyReLU()) is None
     assert nn.ReLU()._followed_by(nn.ReLU()) is None
+
+
+@pytest.mark.parametrize("affine", [(True, True), (True, False), (False, True), (False, False)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
+def test_backward_kernel_recomputes_the_relu_output_as_it_reads_it(affine, dtype):
+    """Given (bias,) the kernel recomputes the fused ReLU's output from xhat, weight and bias instead of
+    reading relu_out: the same dx and sums, bit for bit (float16 always reads it)."""
+    from scratchseg.functional.normalization import batch_norm_backward, batch_norm_train_forward
+
+    rng = np.random.default_rng(21)
+    x = rng.standard_normal((4, 6, 5, 7)).astype(dtype)
+    w = rng.uniform(0.5, 1.5, 6).astype(dtype) if affine[0] else None
+    b = rng.uniform(-0.3, 0.3, 6).astype(dtype) if affine[1] else None
+    out, xhat, _, _, inv_std = batch_norm_train_forward(x, w, b, 1e-5, True)
+    d = rng.standard_normal(x.shape).astype(dtype)
+    read = batch_norm_backward(d, xhat, inv_std, w, True, True, out)
+    recomputed = batch_norm_backward(d, xhat, inv_std, w, True, True, out, (b,))
+    for a, e in zip(recomputed, read):
+        np.testing.assert_array_equal(a, e)
+    masked = batch_norm_backward(np.where(out > 0, d, np.zeros_like(d)), xhat, inv_std, w, True)  # no mask
+    for a, e in zip(read, masked):
+        np.testing.assert_array_equal(a, e)
+    assert (out == 0).any() and (out > 0).any()

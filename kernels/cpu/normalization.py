@@ -66,20 +66,31 @@ def _forward_channel(x, gamma, beta, eps, relu, out, xhat, mean, var, inv_std, c
 
 
 @njit(cache=True, nogil=True, fastmath={"reassoc"}, inline="always")
-def _backward_channel(dout, xhat, scale, training, need_dx, relu_out, zero, dx, sum_dout, sum_dout_xhat, c):
+def _backward_channel(dout, xhat, scale, training, need_dx, relu_out, affine, zero, dx, sum_dout, sum_dout_xhat,
+                      c):
     # channel c of dout, xhat, dx: (N, C, L); scale = gamma * inv_std: (C,). The sums in float64, row
     # by row (contiguous); dx in dout's dtype (float64 arithmetic over every element costs twice the
-    # time). relu_out (N, C, L), or empty: dout counts only where relu_out > 0 (relu_backward's rule),
-    # zero[0] elsewhere (a zero of dout's dtype)
+    # time). A ReLU fused after the batch norm: dout counts only where its output was > 0
+    # (relu_backward's rule), zero[0] (of dout's dtype) elsewhere; that output recomputed as
+    # xhat * affine[0] + affine[1] (as the forward computed it) where ``affine`` (2, C) is not empty,
+    # else read from relu_out (N, C, L) where that is not empty (one more array to read, twice)
     N, C, L = dout.shape
     M = N * L
-    masked = relu_out.size > 0
+    mode = 2 if affine.size > 0 else (1 if relu_out.size > 0 else 0)
     z = zero[0]
+    gm = affine[0, c] if mode == 2 else z
+    bt = affine[1, c] if mode == 2 else z
     s1 = 0.0
     s2 = 0.0
     for n in range(N):
         d, h = dout[n, c], xhat[n, c]
-        if masked:
+        if mode == 2:
+            for k in range(L):
+                hk, dk = h[k], d[k]
+                e = np.float64(dk if hk * gm + bt > 0 else z)
+                s1 += e
+                s2 += e * hk
+        elif mode == 1:
             ro = relu_out[n, c]
             for k in range(L):
                 e = np.float64(d[k] if ro[k] > 0 else z)
@@ -94,6 +105,8 @@ def _backward_channel(dout, xhat, scale, training, need_dx, relu_out, zero, dx, 
         sum_dout[c] = s1 / M
         sum_dout_xhat[c] = s2 / M
         a, b = sum_dout[c], sum_dout_xhat[c]
+    else:
+        a, b = z, z
     sum_dout[c] = s1
     sum_dout_xhat[c] = s2
     if not need_dx:
@@ -101,14 +114,22 @@ def _backward_channel(dout, xhat, scale, training, need_dx, relu_out, zero, dx, 
     sc = scale[c]
     for n in range(N):
         d, h, o = dout[n, c], xhat[n, c], dx[n, c]
-        if masked:
+        if mode == 2 and training:
+            for k in range(L):
+                hk, dk = h[k], d[k]
+                o[k] = ((dk if hk * gm + bt > 0 else z) - a - hk * b) * sc
+        elif mode == 2:
+            for k in range(L):
+                hk, dk = h[k], d[k]
+                o[k] = (dk if hk * gm + bt > 0 else z) * sc
+        elif mode == 1 and training:
             ro = relu_out[n, c]
-            if training:
-                for k in range(L):
-                    o[k] = ((d[k] if ro[k] > 0 else z) - a - h[k] * b) * sc
-            else:
-                for k in range(L):
-                    o[k] = (d[k] if ro[k] > 0 else z) * sc
+            for k in range(L):
+                o[k] = ((d[k] if ro[k] > 0 else z) - a - h[k] * b) * sc
+        elif mode == 1:
+            ro = relu_out[n, c]
+            for k in range(L):
+                o[k] = (d[k] if ro[k] > 0 else z) * sc
         elif training:
             for k in range(L):
                 o[k] = (d[k] - a - h[k] * b) * sc
@@ -124,9 +145,10 @@ def _bn_train_forward(x, gamma, beta, eps, relu, out, xhat, mean, var, inv_std):
 
 
 @_parallel_njit(fastmath={"reassoc"})
-def _bn_backward(dout, xhat, scale, training, need_dx, relu_out, zero, dx, sum_dout, sum_dout_xhat):
+def _bn_backward(dout, xhat, scale, training, need_dx, relu_out, affine, zero, dx, sum_dout, sum_dout_xhat):
     for c in prange(dout.shape[1]):
-        _backward_channel(dout, xhat, scale, training, need_dx, relu_out, zero, dx, sum_dout, sum_dout_xhat, c)
+        _backward_channel(dout, xhat, scale, training, need_dx, relu_out, affine, zero, dx, sum_dout, sum_dout_xhat,
+                          c)
 
 
 # ------------------------------------------------- float32 on the native workers (native.py)
@@ -151,15 +173,16 @@ def _drain_forward(x, gamma, beta, eps, relu, out, xhat, mean, var, inv_std, cou
 
 
 @njit(cache=True, nogil=True, fastmath={"reassoc"})
-def _drain_backward(dout, xhat, scale, training, need_dx, relu_out, zero, dx, sum_dout, sum_dout_xhat, counter,
-                    per_block, blocks):
+def _drain_backward(dout, xhat, scale, training, need_dx, relu_out, affine, zero, dx, sum_dout, sum_dout_xhat,
+                    counter, per_block, blocks):
     C = dout.shape[1]
     while True:
         b = native._take(counter.ctypes.data)
         if b >= blocks:
             return
         for c in range(b * per_block, min((b + 1) * per_block, C)):
-            _backward_channel(dout, xhat, scale, training, need_dx, relu_out, zero, dx, sum_dout, sum_dout_xhat, c)
+            _backward_channel(dout, xhat, scale, training, need_dx, relu_out, affine, zero, dx, sum_dout,
+                              sum_dout_xhat, c)
 
 
 @njit(cache=True, nogil=True)
@@ -177,10 +200,11 @@ def _run_task(t):
     elif t[0] == _BACKWARD:
         shape = (N, C, L) if t[9] else (0, 0, 0)
         masked = (N, C, L) if t[15] else (0, 0, 0)
+        affine = (2, C) if t[18] else (0, 0)
         _drain_backward(carray(f32(t[2]), (N, C, L)), carray(f32(t[6]), (N, C, L)), carray(f32(t[7]), (C,)),
-                        t[8] != 0, t[9] != 0, carray(f32(t[16]), masked), carray(f32(t[17]), (1,)),
-                        carray(f32(t[10]), shape), carray(f32(t[11]), (C,)), carray(f32(t[12]), (C,)), counter,
-                        t[13], t[14])
+                        t[8] != 0, t[9] != 0, carray(f32(t[16]), masked), carray(f32(t[19]), affine),
+                        carray(f32(t[17]), (1,)), carray(f32(t[10]), shape), carray(f32(t[11]), (C,)),
+                        carray(f32(t[12]), (C,)), counter, t[13], t[14])
 
 
 def _plan(a3):
@@ -212,7 +236,7 @@ def _share_forward(x3, gamma, beta, eps, relu, out, xhat, mean, var, inv_std):
     return native.share(SERVED, blocks, own, fill)
 
 
-def _share_backward(d3, x3, scale, training, need_dx, relu_out, zero, dx, s1, s2):
+def _share_backward(d3, x3, scale, training, need_dx, relu_out, affine, zero, dx, s1, s2):
     """The backward on the native workers; False where it does not run there."""
     plan = _plan(d3)
     if plan is None:
@@ -222,12 +246,13 @@ def _share_backward(d3, x3, scale, training, need_dx, relu_out, zero, dx, s1, s2
     N, C, L = d3.shape
 
     def own():
-        _drain_backward(d3, x3, scale, training, need_dx, relu_out, zero, dx, s1, s2, counter, per_block, blocks)
+        _drain_backward(d3, x3, scale, training, need_dx, relu_out, affine, zero, dx, s1, s2, counter, per_block,
+                        blocks)
 
     def fill(task, threads):
-        task[:18] = (_BACKWARD, counter.ctypes.data, d3.ctypes.data, N, C, L, x3.ctypes.data, scale.ctypes.data,
+        task[:20] = (_BACKWARD, counter.ctypes.data, d3.ctypes.data, N, C, L, x3.ctypes.data, scale.ctypes.data,
                      training, need_dx, dx.ctypes.data, s1.ctypes.data, s2.ctypes.data, per_block, blocks,
-                     relu_out.size > 0, relu_out.ctypes.data, zero.ctypes.data)
+                     relu_out.size > 0, relu_out.ctypes.data, zero.ctypes.data, affine.size > 0, affine.ctypes.data)
 
     return native.share(SERVED, blocks, own, fill)
 
@@ -265,33 +290,41 @@ def batch_norm_train_forward(x, weight, bias, eps, relu=False):
     return tuple(a.astype(x.dtype) if a.dtype != x.dtype else a for a in res)
 
 
-def batch_norm_backward(dout, xhat, inv_std, weight, training, need_dx=True, relu_out=None):
+def batch_norm_backward(dout, xhat, inv_std, weight, training, need_dx=True, relu_out=None, shift=None):
     """Batch norm backward, fused: the two per-channel sums in one pass, dx in a second.
 
     dbeta = sum dout, dgamma = sum dout * xhat, and with scale = gamma * inv_std:
     training: dx = scale * (dout - sum dout / M - xhat * sum(dout * xhat) / M); eval: dx = scale * dout.
     ``relu_out`` (the output of a ReLU fused after the batch norm, or None): dout taken as 0 wherever
-    relu_out <= 0 (relu_backward's rule), in the same passes.
+    relu_out <= 0 (relu_backward's rule), in the same passes. ``shift``: a one-element tuple, (bias,),
+    the shift the forward added to xhat * weight (bias None: none); then, where xhat, weight and bias
+    are of the working dtype (float32 or float64: the very values the forward computed with), that
+    output is recomputed as xhat * weight + bias rather than read.
 
     Shape:
-        dout, xhat (N, C, *); inv_std, weight (C,) (weight may be None); relu_out as dout or None ->
-        dx (N, C, *) or None, sum_dout (C,), sum_dout_xhat (C,).
+        dout, xhat (N, C, *); inv_std, weight (C,) (weight may be None); relu_out as dout or None;
+        shift None or (bias,), bias (C,) or None -> dx (N, C, *) or None, sum_dout (C,), sum_dout_xhat (C,).
     """
     dout = np.ascontiguousarray(dout)
     N, C = dout.shape[0], dout.shape[1]
     dtype = _working_dtype(np.result_type(dout.dtype, xhat.dtype))
     d3 = np.ascontiguousarray(dout.reshape(N, C, -1), dtype=dtype)  # (N, C, L)
     x3 = np.ascontiguousarray(xhat.reshape(N, C, -1), dtype=dtype)
-    if relu_out is None:
-        r3 = np.empty((0, 0, 0), dtype)
-    elif relu_out.shape != dout.shape:
+    r3, affine = np.empty((0, 0, 0), dtype), np.empty((0, 0), dtype)
+    if relu_out is not None and relu_out.shape != dout.shape:
         raise ValueError(f"batch_norm_backward: relu_out has shape {relu_out.shape}, expected {dout.shape}")
-    else:
-        r3 = np.ascontiguousarray(relu_out.reshape(N, C, -1), dtype=dtype)
+    if relu_out is not None:
+        bias = None if shift is None else shift[0]
+        if shift is not None and xhat.dtype == dtype and all(p is None or p.dtype == dtype for p in (weight, bias)):
+            affine = np.empty((2, C), dtype)
+            affine[0] = 1 if weight is None else weight
+            affine[1] = 0 if bias is None else bias
+        else:
+            r3 = np.ascontiguousarray(relu_out.reshape(N, C, -1), dtype=dtype)
     scale = np.ascontiguousarray(inv_std if weight is None else weight * inv_std, dtype=dtype)
     dx = np.empty_like(d3) if need_dx else np.empty((0, 0, 0), dtype)
     s1, s2, zero = np.empty(C, dtype), np.empty(C, dtype), np.zeros(1, dtype)
-    args = (d3, x3, scale, bool(training), bool(need_dx), r3, zero, dx, s1, s2)
+    args = (d3, x3, scale, bool(training), bool(need_dx), r3, affine, zero, dx, s1, s2)
     if not _share_backward(*args):
         _launch(_bn_backward, d3.size, *args)
     given = dout.dtype

@@ -85,11 +85,12 @@ def batch_norm_update_running(running_mean, running_var, mean, var, M, momentum)
     return None
 
 
-def batch_norm_backward(dout, xhat, inv_std, weight, training, need_dx=True, relu_out=None):
+def batch_norm_backward(dout, xhat, inv_std, weight, training, need_dx=True, relu_out=None, shift=None):
     """Batch norm backward, one launch: one block per channel takes both sums, then writes dx.
 
     ``relu_out`` (the output of a ReLU fused after the batch norm, or None): dout is 0 wherever
-    relu_out <= 0, one more element-wise launch first.
+    relu_out <= 0, one more element-wise launch first (``shift``, which lets the CPU kernel recompute
+    relu_out, is not needed here).
 
     dbeta = sum dout, dgamma = sum dout * xhat (summed in float64), and with
     scale = gamma * inv_std: training: dx = scale * (dout - sum dout / M - xhat * sum(dout * xhat) / M);

@@ -173,11 +173,13 @@ def batch_norm_update_running(running_mean, running_var, mean, var, M, momentum)
 #   training: dx = normalize_backward(dxhat), gamma folded into inv_std (it is constant over each channel)
 #   eval (mean, var are constants): dx = inv_std * dxhat
 @replaceable
-def batch_norm_backward(dout, xhat, inv_std, weight, training, need_dx=True, relu_out=None):
+def batch_norm_backward(dout, xhat, inv_std, weight, training, need_dx=True, relu_out=None, shift=None):
     """dout, xhat (N, C, *), inv_std, weight (C,) -> dx (N, C, *) or None, sum dout, sum dout*xhat (C,).
 
     ``relu_out``: the output of a ReLU applied to the batch norm's output (``batch_norm_relu``), or None;
-    dout is first taken through that ReLU's gradient (a kernel may do it in the same passes).
+    dout is first taken through that ReLU's gradient (a kernel may do it in the same passes). ``shift``,
+    (bias,) with the batch norm's bias (or None), lets a kernel recompute that output from xhat, weight
+    and bias rather than read it.
     """
     if relu_out is not None:
         if relu_out.shape != dout.shape:
@@ -213,7 +215,7 @@ class BatchNorm(Function):
             out, xhat, inv_std = batch_norm_eval_forward(x, running_mean, running_var, weight, bias, eps)
             if relu:
                 out = relu_forward(out)
-        ctx.xhat, ctx.inv_std, ctx.gamma, ctx.training = xhat, inv_std, weight, training
+        ctx.xhat, ctx.inv_std, ctx.gamma, ctx.beta, ctx.training = xhat, inv_std, weight, bias, training
         ctx.relu_out = out if relu else None
         return out
 
@@ -221,7 +223,8 @@ class BatchNorm(Function):
     def backward(ctx, dout):
         need = ctx.needs_input_grad
         dx, sum_dout, sum_dout_xhat = batch_norm_backward(
-            dout, ctx.xhat, ctx.inv_std, ctx.gamma, ctx.training, need_dx=need[0], relu_out=ctx.relu_out
+            dout, ctx.xhat, ctx.inv_std, ctx.gamma, ctx.training, need_dx=need[0], relu_out=ctx.relu_out,
+            shift=(ctx.beta,),
         )
         dgamma = sum_dout_xhat.astype(ctx.gamma.dtype, copy=False) if need[3] else None
         dbeta = sum_dout if need[4] else None
