@@ -31,8 +31,10 @@ where it does not apply, and the reference runs. One module per family:
 * ``lattice.py``       -- the permutohedral lattice, Gaussian filtering in feature
   space for the dense CRF; not a twin (it approximates), so not in ``KERNELS``:
   ``scratchseg.crf.dense_crf(..., filter='lattice')`` imports it by name;
+* ``unfolded.py``      -- ``conv.py``'s products over unfolded columns (forward, input gradient,
+  both gradients of a small layer side by side) as native tasks;
 * ``native.py``        -- native worker threads (``serve.py``: their loop) that take their share of
-  the shifted products, batch norm and the SGD step without the interpreter;
+  the shifted and unfolded products, batch norm and the SGD step without the interpreter;
 * ``runtime.py``       -- worker threads, parallel kernels and their serial twins,
   BLAS threads, workspaces; ``workers.py`` -- the split's worker threads and where
   they run; ``_common.py`` -- shapes and dtypes.
@@ -42,9 +44,10 @@ float16 runs in float32), and cached on disk, so a new process loads them in
 milliseconds. Numba checks only the file of the function it loads: after
 editing one module, delete ``kernels/cpu/__pycache__/*.nb[ci]`` so that the
 loops of other modules that call into it (``serve.py``'s above all) are
-compiled again; a fresh install or clone compiles everything. ``SCRATCHSEG_NUM_THREADS`` sets the number of worker threads
-(default: Numba's thread count, one per core). Loading these kernels also
-prepares the process (``kernels/process.py``).
+compiled again; a fresh install or clone compiles everything.
+``SCRATCHSEG_NUM_THREADS`` sets the number of worker threads (default:
+Numba's thread count, one per core). Loading these kernels also prepares the
+process (``kernels/process.py``).
 """
 
 from __future__ import annotations

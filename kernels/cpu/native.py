@@ -167,6 +167,13 @@ def _futex(typingctx, address, op, value):
     return types.int64(types.intp, types.int64, types.int64), codegen
 
 
+@njit(cache=True, nogil=True)
+def address(a):
+    """The address of array ``a``'s data, as ``a.ctypes.data`` gives it in a fifth of the time (no ctypes object
+    made): a task row holds a dozen addresses, and a training step posts dozens of tasks."""
+    return a.ctypes.data
+
+
 # ------------------------------------------------------------------ both sides of a task
 @njit(cache=True, nogil=True)
 def _post(words, seq):

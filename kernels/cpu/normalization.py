@@ -229,9 +229,9 @@ def _share_forward(x3, gamma, beta, eps, relu, out, xhat, mean, var, inv_std):
         _drain_forward(x3, gamma, beta, e, relu, out, xhat, mean, var, inv_std, counter, per_block, blocks)
 
     def fill(task, threads):
-        task[:17] = (_FORWARD, counter.ctypes.data, x3.ctypes.data, N, C, L, gamma.ctypes.data, beta.ctypes.data,
-                     e.ctypes.data, out.ctypes.data, xhat.ctypes.data, mean.ctypes.data, var.ctypes.data,
-                     inv_std.ctypes.data, per_block, blocks, relu)
+        at = native.address
+        task[:17] = (_FORWARD, at(counter), at(x3), N, C, L, at(gamma), at(beta), at(e), at(out), at(xhat), at(mean),
+                     at(var), at(inv_std), per_block, blocks, relu)
 
     return native.share(SERVED, blocks, own, fill)
 
@@ -250,9 +250,9 @@ def _share_backward(d3, x3, scale, training, need_dx, relu_out, affine, zero, dx
                         blocks)
 
     def fill(task, threads):
-        task[:20] = (_BACKWARD, counter.ctypes.data, d3.ctypes.data, N, C, L, x3.ctypes.data, scale.ctypes.data,
-                     training, need_dx, dx.ctypes.data, s1.ctypes.data, s2.ctypes.data, per_block, blocks,
-                     relu_out.size > 0, relu_out.ctypes.data, zero.ctypes.data, affine.size > 0, affine.ctypes.data)
+        at = native.address
+        task[:20] = (_BACKWARD, at(counter), at(d3), N, C, L, at(x3), at(scale), training, need_dx, at(dx), at(s1),
+                     at(s2), per_block, blocks, relu_out.size > 0, at(relu_out), at(zero), affine.size > 0, at(affine))
 
     return native.share(SERVED, blocks, own, fill)
 

@@ -142,7 +142,7 @@ def sgd_update_many(params, grads, bufs, lr, momentum, dampening, weight_decay, 
     grads = [np.ascontiguousarray(g) for g in grads]  # held until the update is done
     table = np.empty((len(params), 5), np.int64)
     for i, (p, g, b, first) in enumerate(zip(params, grads, bufs, firsts)):
-        table[i] = (p.ctypes.data, g.ctypes.data, (p if b is None else b).ctypes.data, p.size, bool(first))
+        table[i] = (native.address(p), native.address(g), native.address(p if b is None else b), p.size, bool(first))
     ends = np.cumsum(table[:, _SIZE])
     hyper = np.array([lr, momentum, 1 - dampening, weight_decay], np.float64)
     flags = np.array([bool(maximize), bool(nesterov), dtype == np.float64], np.int64)
@@ -155,8 +155,8 @@ def sgd_update_many(params, grads, bufs, lr, momentum, dampening, weight_decay, 
         _drain(counter, table, ends, hyper, flags, per_block, blocks)
 
     def fill(task, threads):
-        task[:9] = (SERVED, counter.ctypes.data, table.ctypes.data, len(params), ends.ctypes.data,
-                    hyper.ctypes.data, flags.ctypes.data, per_block, blocks)
+        task[:9] = (SERVED, native.address(counter), native.address(table), len(params), native.address(ends),
+                    native.address(hyper), native.address(flags), per_block, blocks)
 
     if total < _SHARE_MIN_ELEMENTS or not native.share(SERVED, blocks, own, fill):
         own()

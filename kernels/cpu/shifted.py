@@ -326,10 +326,10 @@ def _conv_job(x, weight, bias, ph, pw, dh, dw, y, flipped):
     def fill(task, threads):  # the same drain for the native workers, each with buffers of its own
         n = threads - 1  # the workers' buffers: slots 4 and 5 of the caller, one slice each
         xw, out = workspace(n * C * cs, np.float32, 4), workspace(n * M * per_block, np.float32, 5)
+        at = native.address
         task[_CONV_AT:_CONV_AT + 33] = (
-            _CONV, counter.ctypes.data, x.ctypes.data, N, C, H, W, w2.ctypes.data, M, w2.shape[1], offs.ctypes.data,
-            b.ctypes.data, has_bias, per_block, blocks, q_end, Hs, ph, reach, Wp, xw.ctypes.data, cs, out.ctypes.data,
-            y.ctypes.data, Ho, Wo, b.size, weight.ctypes.data, *weight.shape, flips)
+            _CONV, at(counter), at(x), N, C, H, W, at(w2), M, w2.shape[1], at(offs), at(b), has_bias, per_block, blocks,
+            q_end, Hs, ph, reach, Wp, at(xw), cs, at(out), at(y), Ho, Wo, b.size, at(weight), *weight.shape, flips)
 
     return blocks, part, fill, N * M * C * kh * kw * Ho * Wo
 
@@ -498,10 +498,10 @@ def _weight_grad_job(x, dout, kh, kw, ph, pw, dh, dw):
 
     def fill(task, threads):
         xw = workspace((threads - 1) * per_block * cs, np.float32, 7)  # the workers' buffers
+        at = native.address
         task[_GRAD_AT:_GRAD_AT + 26] = (
-            _WEIGHT_GRAD, counter.ctypes.data, x.ctypes.data, N, C, H, W, dT.ctypes.data, dT.shape[0], K,
-            table.ctypes.data, table.size, per_block, blocks, g_end, Hs, ph, Wp, taps, xw.ctypes.data, cs,
-            dwT.ctypes.data, dout.ctypes.data, Ho, Wo, preps)
+            _WEIGHT_GRAD, at(counter), at(x), N, C, H, W, at(dT), dT.shape[0], K, at(table), table.size, per_block,
+            blocks, g_end, Hs, ph, Wp, taps, at(xw), cs, at(dwT), at(dout), Ho, Wo, preps)
 
     def finish():
         grad = np.empty((K, C * taps), np.float32)

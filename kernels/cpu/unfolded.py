@@ -181,10 +181,10 @@ class _Job:
         self.merge_below, self.first, self.second = merge_below, first, second
 
     def fields(self, table, first, second):
-        return (self.kind, self.a.ctypes.data, *self.a.shape, self.b.ctypes.data, *self.b.shape, self.out.ctypes.data,
-                *self.out.shape, self.bias.ctypes.data, self.bias.size, self.has_bias, table.ctypes.data,
-                table.shape[0], self.geometry.ctypes.data, self.merge_below, first.ctypes.data, *self.first,
-                second.ctypes.data, *self.second)
+        at = native.address
+        return (self.kind, at(self.a), *self.a.shape, at(self.b), *self.b.shape, at(self.out), *self.out.shape,
+                at(self.bias), self.bias.size, self.has_bias, at(table), table.shape[0], at(self.geometry),
+                self.merge_below, at(first), *self.first, at(second), *self.second)
 
 
 def forward_job(x, w2, bias, y, blocks_of, geometry, row_stride, merge_below):
@@ -250,8 +250,8 @@ def share(*jobs):
     for p, job in enumerate(jobs):  # the caller's buffers: slots 0, 1 (first product), 12, 13 (second)
         caller.append((workspace(job.first[0] * job.first[1], np.float32, 12 * p),
                        workspace(job.second[0] * job.second[1], np.float32, 12 * p + 1)))
-    base0 = np.array([caller[0][0].ctypes.data, caller[0][1].ctypes.data], np.int64)
-    base1 = np.array([caller[-1][0].ctypes.data, caller[-1][1].ctypes.data], np.int64)
+    base0 = np.array([native.address(caller[0][0]), native.address(caller[0][1])], np.int64)
+    base1 = np.array([native.address(caller[-1][0]), native.address(caller[-1][1])], np.int64)
 
     def fill(row, threads):
         n = threads - 1  # the workers' buffers: slots 10, 11 (first product) and 14, 15 (second), a slice each
@@ -260,7 +260,7 @@ def share(*jobs):
             first = workspace(n * job.first[0] * job.first[1], np.float32, 10 + 4 * p)
             second = workspace(n * job.second[0] * job.second[1], np.float32, 11 + 4 * p)
             row[2 + p * _FIELDS:2 + (p + 1) * _FIELDS] = job.fields(tables[p], first, second)
-        row[_SHARES_AT:_SHARES_AT + 3] = (shares.ctypes.data, shares.shape[0], counter.ctypes.data)
+        row[_SHARES_AT:_SHARES_AT + 3] = (native.address(shares), shares.shape[0], native.address(counter))
         task[:] = row  # the caller reads its products from the same fields
 
     def own():
