@@ -425,13 +425,8 @@ def conv2d_backward(x, weight, dout, stride=1, padding=0, dilation=1, groups=1, 
         both = _shifted_backward(x, weight, dout, stride, padding, dilation, groups)
         if both is not None:
             return both
-        N, K = dout.shape[0], dout.shape[1]
-        macs = N * K * int(np.prod(weight.shape[1:])) * dout.shape[2] * dout.shape[3]
-        if macs < _TOGETHER_MAX_MACS:
-            both = _unfolded_pair(x, weight, dout, stride, padding, dilation, groups, False)
-            return both if both is not None else _together(input_grad, weight_grad)
-        return input_grad(), weight_grad()
-    return (input_grad() if need_input_grad else None), (weight_grad() if need_weight_grad else None)
+    return _gradients(x, weight, dout, (stride, padding, dilation, groups), False, input_grad if need_input_grad
+                      else None, weight_grad if need_weight_grad else None)
 
 
 def conv_transpose2d_backward(x, weight, dout, stride=1, padding=0, dilation=1, groups=1, need_input_grad=True,
@@ -450,14 +445,21 @@ def conv_transpose2d_backward(x, weight, dout, stride=1, padding=0, dilation=1, 
     def weight_grad():
         return conv2d_weight_grad(dout, x, weight.shape, stride, padding, dilation, groups)
 
-    if need_input_grad and need_weight_grad:
-        N, K = x.shape[0], x.shape[1]
-        macs = N * K * int(np.prod(weight.shape[1:])) * x.shape[2] * x.shape[3]
+    return _gradients(dout, weight, x, (stride, padding, dilation, groups), True, input_grad if need_input_grad
+                      else None, weight_grad if need_weight_grad else None)
+
+
+def _gradients(conv_x, weight, conv_dout, geometry, transposed, first, second):
+    """(first(), second()), each None where not asked for (None): for a convolution from conv_x to conv_dout,
+    side by side where both are asked for and small (one native task, ``_unfolded_pair``, else
+    ``runtime._together``), else one after the other."""
+    if first is not None and second is not None:
+        N, K = conv_dout.shape[0], conv_dout.shape[1]
+        macs = N * K * int(np.prod(weight.shape[1:])) * conv_dout.shape[2] * conv_dout.shape[3]
         if macs < _TOGETHER_MAX_MACS:
-            both = _unfolded_pair(dout, weight, x, stride, padding, dilation, groups, True)
-            return both if both is not None else _together(input_grad, weight_grad)
-        return input_grad(), weight_grad()
-    return (input_grad() if need_input_grad else None), (weight_grad() if need_weight_grad else None)
+            both = _unfolded_pair(conv_x, weight, conv_dout, *geometry, transposed)
+            return both if both is not None else _together(first, second)
+    return (None if first is None else first()), (None if second is None else second())
 
 
 def _unfolded_pair(x, weight, dout, stride, padding, dilation, groups, transposed):
