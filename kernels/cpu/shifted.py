@@ -386,7 +386,7 @@ def _run_task(task, index):
         xw = carray(f32(t[19] + 4 * (index - 1) * per_block * cs), (per_block, cs))
         _drain_weight_grad(x, carray(f32(t[22]), (t[3], K, t[23], t[24])), carray(f32(t[7]), (t[8], K)), t[25],
                            carray(i64(t[10]), (t[11],)), counter, per_block, t[13], t[14], t[15], t[16], t[17], taps,
-                           xw, carray(f32(t[21]), (t[4] * taps, K)))
+                           xw, carray(f32(t[21]), (t[4] * taps, K)), carray(f32(t[26]), (K, t[4] * taps)))
 
 
 # ------------------------------------------------------------------ the weight gradient
@@ -417,9 +417,11 @@ def _product_t(base, table, dT, out):
 
 
 @njit(cache=True, nogil=True)
-def _drain_weight_grad(x, dout, dT, preps, table, counter, per_block, blocks, g_end, Hs, ph, Wp, taps, xw, dwT):
+def _drain_weight_grad(x, dout, dT, preps, table, counter, per_block, blocks, g_end, Hs, ph, Wp, taps, xw, dwT,
+                       grad):
     """First dT from dout in ``preps`` chunks of rows; then blocks of ``per_block`` input channels until
-    none is left: each widened (all samples) and multiplied by dT into its rows of dwT (C*taps, K)."""
+    none is left: each widened (all samples) and multiplied by dT into its rows of dwT (C*taps, K), which
+    the same thread then transposes into its columns of grad (K, C*taps) while they are in its cache."""
     C = x.shape[1]
     rows = -(-(dT.shape[0] // Wp) // preps)
     while True:
@@ -439,6 +441,7 @@ def _drain_weight_grad(x, dout, dT, preps, table, counter, per_block, blocks, g_
         c1 = min(c0 + per_block, C)
         _widen_rows(x, c0, c1, 0, g_end, Hs, ph, Wp, xw)
         _product_t(xw.ctypes.data + 4 * (_LEAD + ph * Wp), table, dT, dwT[c0 * taps:c1 * taps])
+        _transpose(dwT[c0 * taps:c1 * taps], grad[:, c0 * taps:c1 * taps])
         done += 1
 
 
@@ -489,23 +492,22 @@ def _weight_grad_job(x, dout, kh, kw, ph, pw, dh, dw):
     table = _grad_offsets(per_block, kh, kw, ph, pw, dh, dw, Wp, cs)
     taps = kh * kw
     dwT = workspace(C * taps * K, np.float32, 3).reshape(C * taps, K)
+    grad = np.empty((K, C * taps), np.float32)
     counter = np.zeros(3, np.int64)
 
     def part(lo=0, hi=0):
         xw = workspace(per_block * cs, np.float32).reshape(per_block, cs)
         return _drain_weight_grad(x, dout, dT, preps, table, counter, per_block, blocks, g_end, Hs, ph, Wp, taps, xw,
-                                  dwT)
+                                  dwT, grad)
 
     def fill(task, threads):
         xw = workspace((threads - 1) * per_block * cs, np.float32, 7)  # the workers' buffers
         at = native.address
-        task[_GRAD_AT:_GRAD_AT + 26] = (
+        task[_GRAD_AT:_GRAD_AT + 27] = (
             _WEIGHT_GRAD, at(counter), at(x), N, C, H, W, at(dT), dT.shape[0], K, at(table), table.size, per_block,
-            blocks, g_end, Hs, ph, Wp, taps, at(xw), cs, at(dwT), at(dout), Ho, Wo, preps)
+            blocks, g_end, Hs, ph, Wp, taps, at(xw), cs, at(dwT), at(dout), Ho, Wo, preps, at(grad))
 
     def finish():
-        grad = np.empty((K, C * taps), np.float32)
-        _transpose(dwT, grad)
         return grad.reshape(K, C, kh, kw)
 
     return (blocks, part, fill, N * K * C * taps * Ho * Wo), finish
