@@ -412,8 +412,9 @@ def test_cpu_batch_norm_kernels_match_torch(shape, dtype, affine, rng, launch):
     st.booleans(),
     st.sampled_from(DTYPES),
     st.booleans(),
+    st.booleans(),  # float32: planes shared with a native worker, or not
 )
-def test_cpu_max_pool_kernels_match_torch(ksz, pdil, ceil_mode, dtype, parallel):
+def test_cpu_max_pool_kernels_match_torch(ksz, pdil, ceil_mode, dtype, parallel, shared):
     kh, kw, sh, sw = ksz
     ph, pw, dh, dw = pdil
     ph, pw = min(ph, kh // 2), min(pw, kw // 2)
@@ -423,7 +424,7 @@ def test_cpu_max_pool_kernels_match_torch(ksz, pdil, ceil_mode, dtype, parallel)
     ty = torch.nn.functional.max_pool2d(tx, (kh, kw), (sh, sw), (ph, pw), (dh, dw), ceil_mode=ceil_mode)
     dout = rng.standard_normal(tuple(ty.shape)).astype(dtype)
     ty.backward(torch.tensor(dout))
-    with patched(_launch_plan(parallel)):
+    with patched(_launch_plan(parallel) + [(kcpu.pooling, "_NATIVE_MIN_WORK", 0 if shared else 1 << 62)]):
         out, arg = kcpu.pooling.max_pool2d_forward(x, (kh, kw), (sh, sw), (ph, pw), (dh, dw), tuple(ty.shape[2:]))
         dx = kcpu.pooling.max_pool2d_backward(dout, arg, x.shape, (kh, kw), (sh, sw), (ph, pw), (dh, dw))
     np.testing.assert_array_equal(out, ty.detach().numpy())
@@ -431,7 +432,7 @@ def test_cpu_max_pool_kernels_match_torch(ksz, pdil, ceil_mode, dtype, parallel)
     assert_close(dx, tx.grad.numpy())
 
 
-@pytest.mark.parametrize("shape", [(2, 3, 8, 8), (1, 2, 7, 9), (3, 1, 2, 3)])
+@pytest.mark.parametrize("shape", [(2, 3, 8, 8), (1, 2, 7, 9), (3, 1, 2, 3), (4, 16, 24, 25)])  # the last: shared
 def test_cpu_max_pool_2x2_matches_torch(shape, launch):
     """The unrolled 2x2 / stride-2 path: torch's maxima and argmaxes (ties, NaNs, odd sizes) and gradient."""
     rng = np.random.default_rng(11)

@@ -144,6 +144,15 @@ def _i64(typingctx, address):
 
 
 @intrinsic
+def _u8(typingctx, address):
+    """A uint8 pointer from an address."""
+    def codegen(context, builder, signature, args):
+        return builder.inttoptr(args[0], ir.PointerType(ir.IntType(8)))
+
+    return types.CPointer(types.uint8)(types.intp), codegen
+
+
+@intrinsic
 def _f64(typingctx, address):
     """A float64 pointer from an address."""
     def codegen(context, builder, signature, args):

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from numba import njit
 
-from . import native, normalization, optimizer, shifted, unfolded
+from . import native, normalization, optimizer, pooling, shifted, unfolded
 
 __all__ = []
 
@@ -32,6 +32,8 @@ def _serve(words, task):
                 optimizer._run_task(task)
             elif module == unfolded.SERVED:
                 unfolded._run_task(task, words[native._INDEX])
+            elif module == pooling.SERVED:
+                pooling._run_task(task)
             native._done(words, seq)
         else:
             native._sleep(words)
