@@ -105,10 +105,13 @@ def test_input_grad_of_blocks_of_part_of_a_sample_is_no_job():
 
 @pytest.mark.parametrize("transposed", [False, True])
 @pytest.mark.parametrize("shape, K, k, s, p", [((4, 6, 8, 8), 10, 3, 1, 1), ((3, 16, 12, 12), 24, 2, 2, 0),
-                                               ((2, 5, 9, 7), 3, 3, 2, 1)])
+                                               ((2, 5, 9, 7), 3, 3, 2, 1),
+                                               # 256 output channels: dw in its own layout, by blocks of channels
+                                               ((2, 8, 4, 4), 256, 3, 1, 1), ((3, 12, 6, 6), 256, 2, 2, 0)])
 def test_both_gradients_side_by_side_match_torch(unfolded_only, transposed, shape, K, k, s, p):
-    """A layer's two gradients as one native task of two shares: a convolution's (input and weight gradients)
-    and a transposed convolution's (the forward of dout, the weight gradient); torch's values, the same twice."""
+    """A layer's two gradients as one native task: a convolution's (input and weight gradients) and a transposed
+    convolution's (the forward of dout, the weight gradient), as two shares, or from 256 output channels the
+    first in halves of the batch beside blocks of input channels of dw; torch's values, the same twice."""
     rng = np.random.default_rng(sum(shape) + K)
     if transposed:  # a transposed convolution from K channels (the input x) to shape[1] (dout)
         w = torch.tensor(rng.standard_normal((K, shape[1], k, k)), dtype=torch.float32, requires_grad=True)

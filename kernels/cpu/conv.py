@@ -462,6 +462,14 @@ def _gradients(conv_x, weight, conv_dout, geometry, transposed, first, second):
     return (None if first is None else first()), (None if second is None else second())
 
 
+# From _DW_DIRECT_MIN_K output channels, the two gradients are one native task only up to this many
+# multiply-adds each: beyond, the BLAS's single-threaded products side by side (runtime._together) win,
+# the own GEMM being slower on their shapes (8 samples, ms, native / together: 128 -> 256 channels 2x2
+# stride 2 on 8x8, 16.8 M, 0.445 / 0.527; 128 -> 256 on 4x4, 37.7 M, 0.913 / 0.942; 256 -> 256 on 4x4,
+# 75.5 M, 1.71 / 1.58; benchmarks/NOTES.md).
+_DIRECT_PAIR_MAX_MACS = 24_000_000
+
+
 def _unfolded_pair(x, weight, dout, stride, padding, dilation, groups, transposed):
     """The two gradients of a convolution from x to dout, side by side as one native task (``unfolded.share``),
     where both run on unfolded columns (float32, one group, no shifted rows, Winograd or taps): (dx, dw), dx =
@@ -469,9 +477,7 @@ def _unfolded_pair(x, weight, dout, stride, padding, dilation, groups, transpose
     """
     N, C, H, W = x.shape
     K = weight.shape[0]
-    # the weight gradient is computed as dw^T (R, K), then transposed: from _DW_DIRECT_MIN_K output channels on
-    # the transpose costs more than the hand-over saves (256 -> 256 on 4x4: 2.3 ms, against 1.6 side by side)
-    if groups != 1 or K >= _DW_DIRECT_MIN_K or not all(a.dtype == np.float32 for a in (x, weight, dout)):
+    if groups != 1 or not all(a.dtype == np.float32 for a in (x, weight, dout)):
         return None
     kh, kw, sh, sw, ph, pw, dh, dw, Ho, Wo = _geometry(x.shape, weight.shape, stride, padding, dilation)
     dtype = np.dtype(np.float32)
@@ -490,17 +496,32 @@ def _unfolded_pair(x, weight, dout, stride, padding, dilation, groups, transpose
     if other_paths:
         return None
     R = C * kh * kw
+    # dw: as dw^T (R, K) summed over the samples by one thread, then transposed, under _DW_DIRECT_MIN_K output
+    # channels; from there on that transpose costs more than the hand-over saves (256 -> 256 on 4x4: 2.3 ms,
+    # against 1.6 side by side), and dw is computed in its own layout instead, in blocks of input channels whose
+    # pixel-major columns of every sample fit half the L2 (small maps only)
+    direct = K >= _DW_DIRECT_MIN_K
+    channels = min(-(-C // 4), (L2_BYTES // 2) // (4 * N * Ho * Wo * kh * kw))
+    if direct and (channels < 1 or N * K * R * Ho * Wo > _DIRECT_PAIR_MAX_MACS):
+        return None
     x, dout = np.ascontiguousarray(x), np.ascontiguousarray(dout)
     w2 = np.ascontiguousarray(weight).reshape(K, R)
     geometry = (kh, kw, sh, sw, ph, pw, dh, dw, Wo)
     blocks_of = _blocks_of(Ho, Wo, R)
-    dwT = np.empty((R, K), np.float32)
     if transposed:
         first = np.empty((N, K, Ho, Wo), np.float32)
         job = unfolded.forward_job(x, w2, None, first, blocks_of, geometry, _row_stride, _MERGE_BELOW)
     else:
         first = np.empty((N, C, H, W), np.float32)
         job = unfolded.input_grad_job(dout, w2, first, blocks_of, geometry, _MERGE_BELOW)
+    if direct:  # the first product in halves of the batch beside the blocks of dw, for balance
+        if job is not None:
+            job.parts = 2
+        grad = np.empty((K, R), np.float32)
+        if not unfolded.share(job, unfolded.weight_grad_direct_job(x, dout, grad, geometry, channels)):
+            return None
+        return first, grad.reshape(weight.shape)
+    dwT = np.empty((R, K), np.float32)
     if not unfolded.share(job, unfolded.weight_grad_job(x, dout, dwT, blocks_of, geometry, _row_stride)):
         return None
     grad = np.empty((K, R), np.float32)

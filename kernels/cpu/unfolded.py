@@ -40,7 +40,7 @@ from .shifted import _transpose
 __all__ = ["forward_job", "input_grad_job", "weight_grad_job", "share"]
 
 SERVED = 4  # this module's tasks, to the native workers' loop (serve.py)
-_FORWARD, _INPUT_GRAD, _WEIGHT_GRAD = 1, 2, 3
+_FORWARD, _INPUT_GRAD, _WEIGHT_GRAD, _WEIGHT_GRAD_DIRECT = 1, 2, 3, 4
 _FIELDS = 29  # task fields per product; products from field 2 on, then the shares' fields
 _SHARES_AT = 2 + 2 * _FIELDS
 
@@ -114,6 +114,41 @@ def _weight_grad_share(x, dout, dwT, table, t0, t1, geometry, cols, dT):
 
 
 @njit(cache=True, nogil=True)
+def _im2col_pixels(x, c0, c1, geometry, Ho, colsT):
+    """The columns of channels [c0, c1) of every sample, pixel-major: colsT[(n, ho, wo), (c - c0, i, j)]."""
+    kh, kw, sh, sw, ph, pw, dh, dw, Wo = geometry
+    N, C, H, W = x.shape
+    zero = np.float32(0.0)
+    for n in range(N):
+        for ho in range(Ho):
+            for wo in range(Wo):
+                row = colsT[(n * Ho + ho) * Wo + wo]
+                r = 0
+                for c in range(c0, c1):
+                    for i in range(kh):
+                        h = ho * sh - ph + i * dh
+                        for j in range(kw):
+                            w = wo * sw - pw + j * dw
+                            row[r] = x[n, c, h, w] if 0 <= h < H and 0 <= w < W else zero
+                            r += 1
+
+
+@njit(cache=True, nogil=True)
+def _weight_grad_direct_share(x, dout_wide, dw, table, t0, t1, geometry, colsT):
+    """Blocks [t0, t1) of input channels (rows c0, c1) of dw (K, R) = dout (K, N*P, samples side by side) @
+    cols^T, each block's columns of dw computed whole by one thread: no sum over threads, no transpose."""
+    kh, kw = geometry[0], geometry[1]
+    NP = dout_wide.shape[1]
+    Ho = NP // x.shape[0] // geometry[8]
+    A = dout_wide[None]
+    for t in range(t0, t1):
+        c0, c1 = table[t, 0], table[t, 1]
+        r0, r1 = c0 * kh * kw, c1 * kh * kw
+        _im2col_pixels(x, c0, c1, geometry, Ho, colsT)
+        gemm._gemm(A, colsT[None, :NP, :r1 - r0], dw[None, :, r0:r1], False)
+
+
+@njit(cache=True, nogil=True)
 def _run_share(kind, a, b, bias, has_bias, out, table, t0, t1, geometry, merge_below, first, second):
     """Blocks [t0, t1) of one product; every array 4-D (a 2-D one as (1, 1, rows, cols))."""
     if kind == _FORWARD:
@@ -122,6 +157,8 @@ def _run_share(kind, a, b, bias, has_bias, out, table, t0, t1, geometry, merge_b
         _input_grad_share(a, b[0, 0], out, table, t0, t1, geometry, merge_below, first, second)
     elif kind == _WEIGHT_GRAD:
         _weight_grad_share(a, b, out[0, 0], table, t0, t1, geometry, first, second)
+    elif kind == _WEIGHT_GRAD_DIRECT:
+        _weight_grad_direct_share(a, b[0, 0], out[0, 0], table, t0, t1, geometry, first)
 
 
 @njit(cache=True, nogil=True)
@@ -173,6 +210,10 @@ def _as4(a):
 class _Job:
     """One product to run: its kind, arrays (4-D), blocks, and the shape of each thread's two buffers."""
 
+    # parts: how many shares of samples (None: one per thread alone, one beside another job); 0: every block
+    # (of channels, not samples) a share of its own
+    parts = None
+
     def __init__(self, kind, a, b, out, bias, blocks, geometry, merge_below, first, second):
         self.kind, self.a, self.b, self.out = kind, a, _as4(b), _as4(out)
         self.has_bias = bias is not None
@@ -212,6 +253,21 @@ def weight_grad_job(x, dout, dwT, blocks_of, geometry, row_stride):
                 (widest, dout.shape[1]))
 
 
+def weight_grad_direct_job(x, dout, dw, geometry, channels):
+    """conv2d_weight_grad's product (one group) in its own layout: dw (K, R) = dout @ cols^T, blocks of
+    ``channels`` input channels, each a share of its own (for small maps: the pixel-major columns of every
+    sample of a block stay in the cache)."""
+    N, C = x.shape[0], x.shape[1]
+    K, NP = dout.shape[1], dout.shape[0] * dout.shape[2] * dout.shape[3]
+    wide = np.ascontiguousarray(dout.reshape(N, K, -1).transpose(1, 0, 2)).reshape(K, NP)  # samples side by side
+    taps = geometry[0] * geometry[1]
+    job = _Job(_WEIGHT_GRAD_DIRECT, x, wide, dw, None, lambda lo, hi: [(c, min(c + channels, C), 0, 0)
+                                                                      for c in range(0, C, channels)],
+               geometry, 0, (NP, channels * taps), (1, 1))
+    job.parts = 0
+    return job
+
+
 def _widest(blocks_of, N, Wo):
     return max([(n1 - n0) * (ho1 - ho0) * Wo for n0, n1, ho0, ho1 in blocks_of(0, N)] + [1])
 
@@ -235,8 +291,11 @@ def share(*jobs):
 
     tables, rows = [], []
     for p, job in enumerate(jobs):
-        parts = threads if len(jobs) == 1 else 1
+        parts = job.parts if job.parts is not None else (threads if len(jobs) == 1 else 1)
         blocks = []
+        if parts == 0:  # every block a share
+            blocks = list(job.blocks_of(0, N))
+            rows.extend((p, b, b + 1) for b in range(len(blocks)))
         for t in range(parts):
             lo, hi = N * t // parts, N * (t + 1) // parts
             start = len(blocks)
