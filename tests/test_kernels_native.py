@@ -51,6 +51,10 @@ def test_a_claimed_post_is_waited_for():
     assert native._finish(words, 7)  # the worker took part, and is done
 
 
+# the task row of _count_serve's workers (a worker reads the row its pool started with, for good)
+_COUNT_TASK = np.zeros(native._TASK, np.int64)
+
+
 @njit(nogil=True)
 def _count_serve(words, task):
     """A worker that adds 1 to the int64 at task[0] for each task it claims."""
@@ -67,7 +71,7 @@ def _count_serve(words, task):
 @needs_native
 def test_every_task_runs_once_by_the_worker_or_by_the_caller(monkeypatch):
     """A worker of its own, serving a task row of its own."""
-    task = np.zeros(native._TASK, np.int64)
+    task = _COUNT_TASK
     done_by_worker = np.zeros(1, np.int64)
     done_by_caller = [0]
     task[0] = done_by_worker.ctypes.data
@@ -90,7 +94,7 @@ def test_every_task_runs_once_by_the_worker_or_by_the_caller(monkeypatch):
 
 @needs_native
 def test_a_spinning_worker_parks_when_other_threads_need_the_cores():
-    task = np.zeros(native._TASK, np.int64)
+    task = _COUNT_TASK
     cell = np.zeros(1, np.int64)
     task[0] = cell.ctypes.data
     native.run(2, _count_serve, lambda: None, task)  # a worker (which may spin) ...
@@ -105,6 +109,8 @@ def test_a_spinning_worker_parks_when_other_threads_need_the_cores():
     assert worker.words[native._ASLEEP] == 1
     assert native.run(2, _count_serve, lambda: time.sleep(0.005), task) == 1  # a post wakes it again
     assert 2 <= cell[0] <= 3
+    with pytest.raises(ValueError, match="another task row"):  # a worker reads the row its pool started with
+        native.run(2, _count_serve, lambda: None, np.zeros(native._TASK, np.int64))
 
 
 def _product_args(rng):

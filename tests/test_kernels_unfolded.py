@@ -167,3 +167,30 @@ def test_one_thread_alone_computes_every_share_the_same(unfolded_only):
     job.out[...] = -1.0
     captured["own"]()  # the counter is past the last share: nothing left
     assert (job.out == -1.0).all()
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(cases(), st.sampled_from([5, 256]), st.booleans())
+def test_both_gradients_as_one_task_match_torch(unfolded_only, case, K, transposed):
+    """By hypothesis over geometries: a layer's two gradients as one native task (under 256 output channels dw
+    summed by one thread; from 256, in blocks of input channels beside halves of the batch), a convolution's or a
+    transposed convolution's, against torch."""
+    x_shape, _, k, s, p, d, _ = case
+    rng = np.random.default_rng(sum(x_shape) + K)
+    w = torch.tensor(rng.standard_normal((K, x_shape[1]) + k), dtype=torch.float32, requires_grad=True)
+    if transposed:  # a transposed convolution from K channels (the convolution's output) back to x's
+        x = torch.tensor(rng.standard_normal(x_shape), dtype=torch.float32)
+        x = torch.nn.functional.conv2d(x, w.detach(), None, s, p, d).detach().requires_grad_(True)
+        y = torch.nn.functional.conv_transpose2d(x, w, None, s, p, 0, 1, d)
+        assume(tuple(y.shape) == tuple(x_shape))  # maps back onto the convolution's input exactly
+    else:
+        x = torch.tensor(rng.standard_normal(x_shape), dtype=torch.float32, requires_grad=True)
+        y = torch.nn.functional.conv2d(x, w, None, s, p, d)
+    dout = torch.tensor(rng.standard_normal(tuple(y.shape)), dtype=torch.float32)
+    y.backward(dout)
+    args = (x.detach().numpy(), w.detach().numpy(), dout.numpy(), s, p, d, 1)
+    unfolded_only.clear()
+    dx, dw = (conv.conv_transpose2d_backward if transposed else conv.conv2d_backward)(*args)
+    assert unfolded_only == ["share"]
+    assert_close(dx, x.grad.numpy(), rtol=1e-4, atol=1e-4, msg="input grad")
+    assert_close(dw, w.grad.numpy(), rtol=1e-4, atol=1e-4, msg="weight grad")

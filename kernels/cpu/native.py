@@ -258,6 +258,7 @@ class Worker:
         self.seq = 0
         row = numba.typeof(self.words)
         serve.compile((row, row))  # here, not in the thread: a worker compiling its loop would claim nothing
+        self.task = task  # the row the thread reads, for good: every later post must fill this very row
         self.thread = threading.Thread(target=serve, args=(self.words, task), name=name, daemon=True)
         self.thread.start()
 
@@ -314,6 +315,9 @@ def run(threads, serve, own, task):
         i = len(pool) + 1
         pool.append(Worker(f"scratchseg-native-{i}", i, threads, serve, task))
     used = pool[:threads - 1]
+    if any(worker.task is not task for worker in used):
+        raise ValueError("native.run: this serve function's workers read another task row (the one their pool "
+                         "started with); pass that row")
     for worker in used:
         worker.placement.place(worker.thread.native_id)
         worker.seq += 1
