@@ -10,7 +10,9 @@ native worker serves. Here the same work runs as a native task:
 
 * **Shares handed out.** A product's shares are the split's contiguous
   sample ranges, one per thread; a pair of products (both gradients of a
-  layer) are two shares, each product over the whole batch. An atomic
+  layer) are two shares, each product over the whole batch (from 256 output
+  channels: the first product in halves of the batch, the weight gradient in
+  blocks of input channels, each block a share). An atomic
   counter hands them out: the caller takes the first at once, the worker
   the next as soon as it is awake, and whoever finishes first takes what is
   left (a worker still waking up takes nothing, and nobody waits for it).
@@ -21,8 +23,11 @@ native worker serves. Here the same work runs as a native task:
   too, then folds each block back (``im2col._col2im_block``) into its own
   samples' planes. The weight gradient is dw^T = cols @ dout^T, dout copied
   pixel-major per block, summed over the blocks in order by the one thread
-  that runs the product, then transposed. Either way each number is computed
-  by one thread in a fixed order: the same from run to run.
+  that runs the product, then transposed; from 256 output channels (where
+  that transpose costs too much) dw = dout @ cols^T in its own layout, each
+  block of input channels' columns unfolded pixel-major over every sample.
+  Either way each number is computed by one thread in a fixed order: the
+  same from run to run.
 
 Float32, one group, the own GEMM on this CPU, and (input gradient) blocks of
 whole samples; elsewhere ``conv.py`` runs the products as before.
@@ -37,7 +42,7 @@ from . import gemm, native, runtime
 from .im2col import _col2im_block, _im2col_block
 from .shifted import _transpose
 
-__all__ = ["forward_job", "input_grad_job", "weight_grad_job", "share"]
+__all__ = ["forward_job", "input_grad_job", "weight_grad_job", "weight_grad_direct_job", "share"]
 
 SERVED = 4  # this module's tasks, to the native workers' loop (serve.py)
 _FORWARD, _INPUT_GRAD, _WEIGHT_GRAD, _WEIGHT_GRAD_DIRECT = 1, 2, 3, 4
