@@ -152,7 +152,8 @@ def test_cpu_kernels_reject_bad_workspaces(rng):
 # ---------------------------------------------------------- the kernel table
 def test_cpu_kernel_docstrings():
     modules = [importlib.import_module(f"kernels.cpu.{name}")
-               for name in ("_common", "im2col", "conv", "winograd", "taps", "normalization", "pooling", "activation")]
+               for name in ("_common", "im2col", "conv", "winograd", "taps", "normalization", "pooling", "activation",
+                            "optimizer")]
     results = [doctest.testmod(m, optionflags=doctest.NORMALIZE_WHITESPACE) for m in modules]
     assert sum(r.attempted for r in results) >= 5 and sum(r.failed for r in results) == 0
 
