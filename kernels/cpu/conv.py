@@ -132,6 +132,29 @@ def _blocks_of(Ho, Wo, rows):
     return lambda n_lo, n_hi: _blocks(n_lo, n_hi, Ho, Wo, rows, 4)
 
 
+def _path(product, C, K, H, W, geometry, groups, dtype):
+    """Which kernel takes ``product`` ("forward", "input_grad" or "weight_grad") of a convolution from C to K
+    channels, H x W to Ho x Wo (``geometry``: what ``_geometry`` returns): "shifted", "winograd", "taps" (much
+    padding to skip) or "unfolded" (im2col and a GEMM per block, here)."""
+    kh, kw, sh, sw, ph, pw, dh, dw, Ho, Wo = geometry
+    if product == "input_grad":  # (unit stride: the convolution of dout with the flipped, transposed kernel,
+        qh, qw = dh * (kh - 1) - ph, dw * (kw - 1) - pw  # padded by d*(k-1) - p, the "full" correlation)
+        if shifted.shifted_applies(K, C, Ho, Wo, H, W, kh, kw, sh, sw, qh, qw, dh, dw, groups, dtype):
+            return "shifted"
+        if qh >= 0 and qw >= 0 and winograd._winograd_applies(K, C, kh, kw, sh, sw, dh, dw, groups, H, W):
+            return "winograd"
+    else:
+        if shifted.shifted_applies(C, K, H, W, Ho, Wo, kh, kw, sh, sw, ph, pw, dh, dw, groups, dtype):
+            return "shifted"
+        thresholds = ((winograd._WINOGRAD_GRAD_MIN_CHANNELS, winograd._WINOGRAD_GRAD_MIN_CHANNEL_TILES)
+                      if product == "weight_grad" else ())
+        if winograd._winograd_applies(C, K, kh, kw, sh, sw, dh, dw, groups, Ho, Wo, *thresholds):
+            return "winograd"
+    if taps._taps_apply(C, K, H, W, Ho, Wo, kh, kw, sh, sw, ph, pw, dh, dw, groups):
+        return "taps"
+    return "unfolded"
+
+
 def _geometry(x_shape, w_shape, stride, padding, dilation):
     sh, sw = _pair(stride, "stride")
     ph, pw = _pair(padding, "padding")
@@ -157,19 +180,21 @@ def conv2d_forward(x, weight, bias=None, stride=1, padding=0, dilation=1, groups
     """
     N, C, H, W = x.shape
     K, Cg = weight.shape[0], weight.shape[1]
-    kh, kw, sh, sw, ph, pw, dh, dw, Ho, Wo = _geometry(x.shape, weight.shape, stride, padding, dilation)
+    geometry = _geometry(x.shape, weight.shape, stride, padding, dilation)
+    kh, kw, sh, sw, ph, pw, dh, dw, Ho, Wo = geometry
     Kg = K // groups
     given = np.result_type(x.dtype, weight.dtype)
     dtype = _working_dtype(given)  # float16 runs in float32
     x = np.ascontiguousarray(x, dtype=dtype)
     y = _check_out(out, (N, K, Ho, Wo), dtype, "conv2d_forward")
-    if shifted.shifted_applies(C, K, H, W, Ho, Wo, kh, kw, sh, sw, ph, pw, dh, dw, groups, dtype):
+    path = _path("forward", C, K, H, W, geometry, groups, dtype)
+    if path == "shifted":
         shifted.shifted_conv(x, weight, bias, ph, pw, dh, dw, y)
         return y if given == dtype else y.astype(given)
-    if winograd._winograd_applies(C, K, kh, kw, sh, sw, dh, dw, groups, Ho, Wo):
+    if path == "winograd":
         winograd._winograd_conv(x, np.asarray(weight, dtype=dtype), bias, ph, pw, dh, dw, y)
         return y if given == dtype else y.astype(given)
-    if taps._taps_apply(C, K, H, W, Ho, Wo, kh, kw, sh, sw, ph, pw, dh, dw, groups):  # much padding to skip
+    if path == "taps":
         taps.taps_forward(x, np.asarray(weight, dtype=dtype), bias, ph, pw, dh, dw, y)
         return y if given == dtype else y.astype(given)
     w2 = np.ascontiguousarray(weight, dtype=dtype).reshape(K, Cg * kh * kw)  # (K, Cg*kh*kw)
@@ -196,9 +221,9 @@ def conv2d_forward(x, weight, bias=None, stride=1, padding=0, dilation=1, groups
                 y3[n0:n1, :, ho0 * Wo:ho1 * Wo] += b2
 
     macs = N * K * R * Ho * Wo
-    geometry = (kh, kw, sh, sw, ph, pw, dh, dw, Wo)
     if not (_native(groups, macs, dtype) and unfolded.share(
-            unfolded.forward_job(x, w2, bias, y, _blocks_of(Ho, Wo, R), geometry, _row_stride, _MERGE_BELOW))):
+            unfolded.forward_job(x, w2, bias, y, _blocks_of(Ho, Wo, R), geometry[:8] + (Wo,), _row_stride,
+                                 _MERGE_BELOW))):
         _run(N, part, macs)
     return y if given == dtype else y.astype(given)
 
@@ -216,7 +241,8 @@ def conv2d_input_grad(dout, weight, x_shape, stride=1, padding=0, dilation=1, gr
     """
     N, C, H, W = (int(s) for s in x_shape)
     K, Cg = weight.shape[0], weight.shape[1]
-    kh, kw, sh, sw, ph, pw, dh, dw, Ho, Wo = _geometry(x_shape, weight.shape, stride, padding, dilation)
+    geometry = _geometry(x_shape, weight.shape, stride, padding, dilation)
+    kh, kw, sh, sw, ph, pw, dh, dw, Ho, Wo = geometry
     if dout.shape != (N, K, Ho, Wo):
         raise ValueError(f"conv2d_input_grad: dout has shape {dout.shape}, expected {(N, K, Ho, Wo)}")
     Kg = K // groups
@@ -226,14 +252,15 @@ def conv2d_input_grad(dout, weight, x_shape, stride=1, padding=0, dilation=1, gr
     # unit stride: dx is the convolution of dout with the flipped, transposed kernel,
     # padded by d*(k-1) - p (the "full" correlation), which Winograd's tiles can compute
     qh, qw = dh * (kh - 1) - ph, dw * (kw - 1) - pw
-    if shifted.shifted_applies(K, C, Ho, Wo, H, W, kh, kw, sh, sw, qh, qw, dh, dw, groups, dtype):
+    path = _path("input_grad", C, K, H, W, geometry, groups, dtype)
+    if path == "shifted":
         shifted.shifted_conv(np.ascontiguousarray(dout, dtype=dtype), weight, None, qh, qw, dh, dw, dx, True)
         return dx if given == dtype else dx.astype(given)
-    if qh >= 0 and qw >= 0 and winograd._winograd_applies(K, C, kh, kw, sh, sw, dh, dw, groups, H, W):
+    if path == "winograd":
         flipped = np.asarray(weight, dtype=dtype).transpose(1, 0, 2, 3)[:, :, ::-1, ::-1]  # (C, K, kh, kw)
         winograd._winograd_conv(np.ascontiguousarray(dout, dtype=dtype), flipped, None, qh, qw, dh, dw, dx)
         return dx if given == dtype else dx.astype(given)
-    if taps._taps_apply(C, K, H, W, Ho, Wo, kh, kw, sh, sw, ph, pw, dh, dw, groups):
+    if path == "taps":
         taps.taps_input_grad(np.asarray(dout, dtype=dtype), np.asarray(weight, dtype=dtype), ph, pw, dh, dw, dx)
         return dx if given == dtype else dx.astype(given)
     dout3 = np.ascontiguousarray(dout, dtype=dtype).reshape(N, K, Ho * Wo)  # (N, K, Ho*Wo)
@@ -254,10 +281,9 @@ def conv2d_input_grad(dout, weight, x_shape, stride=1, padding=0, dilation=1, gr
                 _col2im_block(dcols, g * Cg, Cg, n0, n1, ho0, ho1, kh, kw, sh, sw, ph, pw, dh, dw, Wo, dx, True, True)
 
     macs = N * K * R * Ho * Wo
-    geometry = (kh, kw, sh, sw, ph, pw, dh, dw, Wo)
     if not (_native(groups, macs, dtype) and unfolded.share(
-            unfolded.input_grad_job(dout3.reshape(N, K, Ho, Wo), wT, dx, _blocks_of(Ho, Wo, R), geometry,
-                                    _MERGE_BELOW))):
+            unfolded.input_grad_job(dout3.reshape(N, K, Ho, Wo), wT, dx, _blocks_of(Ho, Wo, R),
+                                    geometry[:8] + (Wo,), _MERGE_BELOW))):
         dx[...] = 0
         _run(N, part, macs)
     return dx if given == dtype else dx.astype(given)
@@ -324,20 +350,21 @@ def conv2d_weight_grad(x, dout, weight_shape, stride=1, padding=0, dilation=1, g
     """
     N, C, H, W = x.shape
     K, Cg = int(weight_shape[0]), int(weight_shape[1])
-    kh, kw, sh, sw, ph, pw, dh, dw, Ho, Wo = _geometry(x.shape, weight_shape, stride, padding, dilation)
+    geometry = _geometry(x.shape, weight_shape, stride, padding, dilation)
+    kh, kw, sh, sw, ph, pw, dh, dw, Ho, Wo = geometry
     if dout.shape != (N, K, Ho, Wo):
         raise ValueError(f"conv2d_weight_grad: dout has shape {dout.shape}, expected {(N, K, Ho, Wo)}")
     Kg = K // groups
     given = np.result_type(x.dtype, dout.dtype)
     dtype = _working_dtype(given)
     x = np.ascontiguousarray(x, dtype=dtype)
-    if shifted.shifted_applies(C, K, H, W, Ho, Wo, kh, kw, sh, sw, ph, pw, dh, dw, groups, dtype):
+    path = _path("weight_grad", C, K, H, W, geometry, groups, dtype)
+    if path == "shifted":
         return shifted.shifted_weight_grad(x, dout, kh, kw, ph, pw, dh, dw)
-    if winograd._winograd_applies(C, K, kh, kw, sh, sw, dh, dw, groups, Ho, Wo,
-                                  winograd._WINOGRAD_GRAD_MIN_CHANNELS, winograd._WINOGRAD_GRAD_MIN_CHANNEL_TILES):
+    if path == "winograd":
         dwt = winograd._winograd_weight_grad(x, np.ascontiguousarray(dout, dtype=dtype), ph, pw, dh, dw)
         return dwt if given == dtype else dwt.astype(given)
-    if taps._taps_apply(C, K, H, W, Ho, Wo, kh, kw, sh, sw, ph, pw, dh, dw, groups):
+    if path == "taps":
         dwt = taps.taps_weight_grad(x, np.asarray(dout, dtype=dtype), kh, kw, ph, pw, dh, dw)
         return dwt if given == dtype else dwt.astype(given)
     dout3 = np.ascontiguousarray(dout, dtype=dtype).reshape(N, K, Ho * Wo)  # (N, K, Ho*Wo)
@@ -381,11 +408,10 @@ def _shifted_backward(x, weight, dout, stride, padding, dilation, groups):
     dtype = np.result_type(x.dtype, weight.dtype, dout.dtype)
     N, C, H, W = x.shape
     K = weight.shape[0]
-    kh, kw, sh, sw, ph, pw, dh, dw, Ho, Wo = _geometry(x.shape, weight.shape, stride, padding, dilation)
-    qh, qw = dh * (kh - 1) - ph, dw * (kw - 1) - pw
-    if dout.shape != (N, K, Ho, Wo) or not (
-            shifted.shifted_applies(C, K, H, W, Ho, Wo, kh, kw, sh, sw, ph, pw, dh, dw, groups, dtype)
-            and shifted.shifted_applies(K, C, Ho, Wo, H, W, kh, kw, sh, sw, qh, qw, dh, dw, groups, dtype)):
+    geometry = _geometry(x.shape, weight.shape, stride, padding, dilation)
+    kh, kw, sh, sw, ph, pw, dh, dw, Ho, Wo = geometry
+    if dout.shape != (N, K, Ho, Wo) or not all(_path(product, C, K, H, W, geometry, groups, dtype) == "shifted"
+                                               for product in ("input_grad", "weight_grad")):
         return None
     dx = np.empty((N, C, H, W), np.float32)
     grad = shifted.shifted_backward(np.ascontiguousarray(x), weight, dout, ph, pw, dh, dw, dx)
@@ -479,21 +505,11 @@ def _unfolded_pair(x, weight, dout, stride, padding, dilation, groups, transpose
     K = weight.shape[0]
     if groups != 1 or not all(a.dtype == np.float32 for a in (x, weight, dout)):
         return None
-    kh, kw, sh, sw, ph, pw, dh, dw, Ho, Wo = _geometry(x.shape, weight.shape, stride, padding, dilation)
+    geo = _geometry(x.shape, weight.shape, stride, padding, dilation)
+    kh, kw, sh, sw, ph, pw, dh, dw, Ho, Wo = geo
     dtype = np.dtype(np.float32)
-    qh, qw = dh * (kh - 1) - ph, dw * (kw - 1) - pw
-    other_paths = (shifted.shifted_applies(C, K, H, W, Ho, Wo, kh, kw, sh, sw, ph, pw, dh, dw, 1, dtype)
-                   or winograd._winograd_applies(C, K, kh, kw, sh, sw, dh, dw, 1, Ho, Wo,
-                                                 winograd._WINOGRAD_GRAD_MIN_CHANNELS,
-                                                 winograd._WINOGRAD_GRAD_MIN_CHANNEL_TILES)
-                   or taps._taps_apply(C, K, H, W, Ho, Wo, kh, kw, sh, sw, ph, pw, dh, dw, 1))
-    if transposed:  # the forward of x
-        other_paths = other_paths or winograd._winograd_applies(C, K, kh, kw, sh, sw, dh, dw, 1, Ho, Wo)
-    else:
-        other_paths = other_paths or shifted.shifted_applies(K, C, Ho, Wo, H, W, kh, kw, sh, sw, qh, qw, dh, dw, 1,
-                                                             dtype) or (
-            qh >= 0 and qw >= 0 and winograd._winograd_applies(K, C, kh, kw, sh, sw, dh, dw, 1, H, W))
-    if other_paths:
+    if any(_path(product, C, K, H, W, geo, 1, dtype) != "unfolded"
+           for product in ("forward" if transposed else "input_grad", "weight_grad")):
         return None
     R = C * kh * kw
     # dw: as dw^T (R, K) summed over the samples by one thread, then transposed, under _DW_DIRECT_MIN_K output
