@@ -292,7 +292,7 @@ def share(*jobs):
     threads = runtime._workers(N if len(jobs) == 1 else 2)
     if threads < 2 or not _suits(*(arr for job in jobs for arr in (job.a, job.b, job.out))):
         return False
-    from .runtime import workspace
+    workspace = runtime.workspace
 
     tables, rows = [], []
     for p, job in enumerate(jobs):
